@@ -6,6 +6,7 @@
     + GzipFormatError                  a blob is not (valid) gzip, or is truncated
     + TarFormatError                   a tar stream is malformed
     + ErofsFormatError                 an EROFS image is malformed
+  x OutputError (OSError)              an output file could not be written
   x SourceIOError (OSError, errno EIO) a byte source could not deliver its bytes
 """
 
@@ -36,6 +37,13 @@ class TarFormatError(InvalidInput):
 
 class ErofsFormatError(InvalidInput):
     """An EROFS image is malformed (bad magic, checksum, inode or directory)."""
+
+
+class OutputError(HybridErofsError, OSError):
+    """An output file could not be written (nothing partial is left behind)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "output error"
 
 
 class SourceIOError(HybridErofsError, OSError):

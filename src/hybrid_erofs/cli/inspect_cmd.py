@@ -1,7 +1,83 @@
-"""Placeholder command module."""
+"""`hybrid-erofs inspect` (zinfo summary) and `hybrid-erofs read` (debug read of layer data)."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+from ..device import open_layer
+from ..gzindex.format import load_index
+from .options import SizeType, human
+
+
+@click.command("inspect")
+@click.argument("zinfo", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--checkpoints", "show_all", is_flag=True, help="List every checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(zinfo: Path, show_all: bool, as_json: bool) -> None:
+    """Show a zinfo file: version, span, checkpoints, sizes.
+
+    \b
+    Example:
+        hybrid-erofs inspect layer.zinfo --checkpoints
+    """
+    index = load_index(zinfo)
+    cps = index.checkpoints
+    info: dict[str, object] = {
+        "file": str(zinfo),
+        "version": index.version,
+        "span": index.span,
+        "checkpoints": len(cps),
+        "file_size": zinfo.stat().st_size,
+        "last_in_offset": cps[-1].in_offset,
+        "last_out_offset": cps[-1].out_offset,
+        "unaligned": sum(1 for cp in cps if cp.bits),
+    }
+    if show_all or as_json:
+        info["list"] = [{"in": cp.in_offset, "out": cp.out_offset, "bits": cp.bits} for cp in cps]
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{zinfo}: zinfo v{index.version}, {len(cps)} checkpoints, span {human(index.span)}, "
+               f"{human(int(info['file_size']))}")  # type: ignore[call-overload]
+    click.echo(f"  last checkpoint: compressed {cps[-1].in_offset}, uncompressed {cps[-1].out_offset}; "
+               f"{info['unaligned']} start mid-byte")
+    if show_all:
+        click.echo(f"  {'#':>6} {'in':>14} {'out':>14} bits")
+        for number, cp in enumerate(cps):
+            click.echo(f"  {number:>6} {cp.in_offset:>14} {cp.out_offset:>14} {cp.bits:>4}")
+
+
+@click.command("read")
+@click.argument("layer")
+@click.option("--zinfo", type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoints of a gzip LAYER.")
+@click.option("--offset", type=SizeType(), default=0, help="Uncompressed offset [default: 0].")
+@click.option("--length", type=SizeType(), default=None, help="Bytes to read [default: to the end].")
+def read(layer: str, zinfo: Path | None, offset: int, length: int | None) -> None:
+    """Debug read: write layer data bytes OFFSET..OFFSET+LENGTH of LAYER to stdout.
+
+    \b
+    Example:
+        hybrid-erofs read layer.tar.gz --zinfo layer.zinfo --offset 1MiB --length 512 | xxd
+    """
+    source = open_layer(layer, zinfo=zinfo)
+    try:
+        if offset > source.size:
+            raise click.BadParameter(f"{offset} is past the end of the layer data ({source.size})",
+                                     param_hint="--offset")
+        end = source.size if length is None else min(source.size, offset + length)
+        out = sys.stdout.buffer
+        while offset < end:
+            n = min(1 << 20, end - offset)
+            out.write(source.pread(n, offset))
+            offset += n
+        out.flush()
+    finally:
+        source.close()
+
+
+COMMANDS: list[click.Command] = [inspect, read]

@@ -1,0 +1,42 @@
+"""The one place byte-source stacks are assembled (CLI and tests share it).
+
+open_layer(): a local layer file -> its uncompressed layer data (FileSource, or GzipSource
+over a FileSource with the layer's zinfo).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import InvalidInput
+from .gzindex.build import detect_format
+from .gzindex.format import load_index
+from .gzindex.source import GzipSource
+from .source import ByteSource, FileSource
+
+
+def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | None = None,
+               size: int | None = None, cache_bytes: int = 64 << 20) -> ByteSource:
+    """Open a local layer as uncompressed layer data.
+
+    A plain tar is read directly; a gzip layer needs its zinfo. `size` (the layer data size,
+    when known from elsewhere) saves decoding the last span once to learn it.
+    """
+    blob = FileSource(path)
+    try:
+        kind = detect_format(blob.pread(min(512, blob.size), 0))
+        if kind == "tar":
+            return blob
+        if kind != "gzip":
+            raise InvalidInput(f"{path}: {kind} file, not a gzip or tar layer")
+        if zinfo is None:
+            raise InvalidInput(f"{path}: gzip layer: give its zinfo (--zinfo FILE)")
+        index = load_index(zinfo, blob_size=blob.size)
+        return GzipSource(blob, index, size=size, cache_bytes=cache_bytes)
+    except BaseException:
+        blob.close()
+        raise
+
+
+__all__ = ["open_layer", "Path"]

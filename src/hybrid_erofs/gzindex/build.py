@@ -1,0 +1,272 @@
+"""Checkpoint builder: one streaming pass over a gzip blob with inflate(Z_BLOCK).
+
+Emits zran/SOCI checkpoints, hands every uncompressed byte to an optional sink (the EROFS
+meta builder), and records blob size, layer size and the blob's sha256.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from ..errors import GzipFormatError
+from .format import WINDOW_SIZE, Checkpoint, GzipIndex
+from .inflate import Z_BLOCK, Z_BUF_ERROR, Z_OK, Z_STREAM_END, load_engine, new_stream
+
+DEFAULT_SPAN = 4 << 20
+INPUT_SIZE = 1 << 20
+OUTPUT_SIZE = 1 << 20
+
+Sink = Callable[[memoryview], None]
+Progress = Callable[[int], None]
+
+_MAGICS: tuple[tuple[bytes, str], ...] = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"BZh", "bzip2"),
+    (b"\x04\x22\x4d\x18", "lz4"),
+    (b"\x89LZO", "lzo"),
+)
+
+
+def detect_format(head: bytes) -> str:
+    """Name the container of a blob from its first bytes: gzip, zstd, xz, bzip2, lz4, lzo,
+    tar (uncompressed, ustar magic at 257), empty, or unknown."""
+    if not head:
+        return "empty"
+    for magic, name in _MAGICS:
+        if head.startswith(magic):
+            return name
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    return "unknown"
+
+
+class Reader(Protocol):
+    def readinto(self, buffer: memoryview) -> int | None: ...
+
+
+class _IterReader:
+    """readinto() over an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._pending = memoryview(b"")
+
+    def readinto(self, buffer: memoryview) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk).cast("B")
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    """What one indexing pass learned about a blob."""
+
+    index: GzipIndex
+    blob_size: int
+    layer_size: int
+    blob_sha256: str
+    members: int
+    elapsed_s: float
+    engine: str
+
+
+def build_index(
+    stream: BinaryIO | Reader | Iterable[bytes],
+    *,
+    span: int = DEFAULT_SPAN,
+    every_member: bool = False,
+    sink: Sink | None = None,
+    engine: str = "auto",
+    progress: Progress | None = None,
+    name: str = "<stream>",
+) -> BuildResult:
+    """Index a gzip blob in one pass.
+
+    Args:
+        stream: a binary file (anything with `readinto`) or an iterable of byte chunks.
+        span: a checkpoint is taken at the first block end more than `span` uncompressed
+            bytes after the previous one (zran/SOCI rule); default 4 MiB.
+        every_member: also take one at every gzip member start (erofs-utils' rule).
+        sink: receives the uncompressed bytes in order, in chunks of up to 1 MiB; the
+            memoryview is valid only during the call.
+        engine: "auto" (zlib-ng when importable, else system zlib), "zlib-ng" or "zlib".
+        progress: called with the number of blob bytes read so far, after each read.
+        name: how errors name the blob.
+
+    Raises:
+        GzipFormatError: not gzip (the detected format is named), corrupt, truncated,
+            or trailing garbage after the last member.
+    """
+    if span < 1:
+        raise ValueError(f"'span' must be >= 1 (got {span})")
+    reader: Reader = stream if hasattr(stream, "readinto") else _IterReader(stream)  # type: ignore[arg-type,assignment]
+    return _Builder(reader, span=span, every_member=every_member, sink=sink, engine=engine,
+                    progress=progress, name=name).run()
+
+
+class _Builder:
+    def __init__(self, reader: Reader, *, span: int, every_member: bool, sink: Sink | None,
+                 engine: str, progress: Progress | None, name: str) -> None:
+        self.reader, self.span, self.every_member = reader, span, every_member
+        self.sink, self.progress, self.name = sink, progress, name
+        self.lib = load_engine(engine)
+        self.inbuf = ctypes.create_string_buffer(INPUT_SIZE)
+        self.inview = memoryview(self.inbuf).cast("B")
+        self.in_addr = ctypes.addressof(self.inbuf)
+        self.in_fill = 0  # valid bytes in inbuf
+        self.blob_read = 0
+        self.eof = False
+        self.hasher = hashlib.sha256()
+
+    def _fill(self, strm: ctypes.Structure, want: int) -> None:
+        """Make at least `want` unconsumed input bytes available unless the blob ends first."""
+        avail = int(strm.avail_in)  # type: ignore[attr-defined]
+        if avail >= want or self.eof:
+            return
+        start = self.in_fill - avail
+        if avail:
+            self.inview[:avail] = self.inview[start : self.in_fill]
+        fill = avail
+        while fill < want and not self.eof:
+            n = self.reader.readinto(self.inview[fill:])
+            if not n:
+                self.eof = True
+                break
+            self.hasher.update(self.inview[fill : fill + n])
+            fill += n
+            self.blob_read += n
+            if self.progress is not None:
+                self.progress(self.blob_read)
+        self.in_fill = fill
+        strm.next_in = self.in_addr  # type: ignore[attr-defined]
+        strm.avail_in = fill  # type: ignore[attr-defined]
+
+    def run(self) -> BuildResult:
+        started = time.perf_counter()
+        strm = new_stream()
+        ref = ctypes.byref(strm)
+        self._fill(strm, 512)
+        head = bytes(self.inview[: min(self.in_fill, 512)])
+        kind = detect_format(head)
+        if kind != "gzip":
+            raise GzipFormatError(_not_gzip_message(self.name, kind))
+        if self.lib.init(ref) != Z_OK:
+            raise MemoryError("inflateInit2 failed")
+        try:
+            return self._loop(strm, ref, started)
+        finally:
+            self.lib.end(ref)
+
+    def _loop(self, strm: ctypes.Structure, ref: object, started: float) -> BuildResult:
+        lib, span, sink = self.lib, self.span, self.sink
+        out_total = WINDOW_SIZE + OUTPUT_SIZE
+        outbuf = ctypes.create_string_buffer(out_total)  # zeroed: the first window is all zeros
+        outview = memoryview(outbuf).cast("B")
+        out_addr = ctypes.addressof(outbuf)
+        pos = sink_from = WINDOW_SIZE
+        totout = last_out = 0
+        members = 0
+        force = False
+        checkpoints: list[Checkpoint] = []
+        inflate = lib.inflate
+        while True:
+            if strm.avail_in == 0:  # type: ignore[attr-defined]
+                self._fill(strm, 1)
+                if strm.avail_in == 0:  # type: ignore[attr-defined]
+                    raise GzipFormatError(
+                        f"{self.name}: truncated gzip: the stream ends inside member {members + 1} "
+                        f"after {self.blob_read} compressed bytes ({totout} bytes decompressed)"
+                    )
+            if pos == out_total:
+                if sink is not None and pos > sink_from:
+                    sink(outview[sink_from:pos])
+                outview[:WINDOW_SIZE] = outview[pos - WINDOW_SIZE : pos]
+                pos = sink_from = WINDOW_SIZE
+            room = out_total - pos
+            strm.next_out = out_addr + pos  # type: ignore[attr-defined]
+            strm.avail_out = room  # type: ignore[attr-defined]
+            rc = inflate(ref, Z_BLOCK)
+            produced = room - strm.avail_out  # type: ignore[attr-defined]
+            pos += produced
+            totout += produced
+            if rc == Z_STREAM_END:
+                members += 1
+                if not self._next_member(strm, members, totout):
+                    break
+                lib.reset(ref)
+                force = self.every_member
+                continue
+            if rc != Z_OK and rc != Z_BUF_ERROR:
+                consumed = self.blob_read - strm.avail_in  # type: ignore[attr-defined]
+                msg = strm.msg.decode(errors="replace") if strm.msg else f"inflate error {rc}"  # type: ignore[attr-defined]
+                raise GzipFormatError(
+                    f"{self.name}: corrupt gzip data near compressed offset {consumed} "
+                    f"(uncompressed {totout}): {msg}"
+                )
+            data_type = strm.data_type  # type: ignore[attr-defined]
+            # zlib.h: bit 7 = stopped at a block end (or after the gzip header), bit 6 = in the
+            # last block, bits 0-2 = unused bits of the last input byte.
+            if data_type & 128 and not data_type & 64 and (
+                totout == 0 or totout - last_out > span or force
+            ):
+                consumed = self.blob_read - strm.avail_in  # type: ignore[attr-defined]
+                window = bytes(outview[pos - WINDOW_SIZE : pos])
+                checkpoints.append(Checkpoint(consumed, totout, data_type & 7, window))
+                last_out = totout
+                force = False
+        if sink is not None and pos > sink_from:
+            sink(outview[sink_from:pos])
+        elapsed = time.perf_counter() - started
+        index = GzipIndex(span=span, checkpoints=tuple(checkpoints))
+        return BuildResult(index, self.blob_read, totout, self.hasher.hexdigest(), members,
+                           elapsed, self.lib.name)
+
+    def _next_member(self, strm: ctypes.Structure, members: int, totout: int) -> bool:
+        """After a member's trailer: True if another member follows; False at a clean end.
+
+        Trailing zero bytes are accepted (gzip(1) and Python's gzip skip them too);
+        anything else after the last member is an error.
+        """
+        self._fill(strm, 2)
+        avail = int(strm.avail_in)  # type: ignore[attr-defined]
+        if avail == 0:
+            return False
+        start = self.in_fill - avail
+        if avail >= 2 and self.inview[start] == 0x1F and self.inview[start + 1] == 0x8B:
+            return True
+        offset = self.blob_read - avail
+        while True:
+            chunk = self.inview[self.in_fill - avail : self.in_fill]
+            if any(chunk):
+                raise GzipFormatError(
+                    f"{self.name}: trailing garbage after gzip member {members} at compressed "
+                    f"offset {offset} ({totout} bytes decompressed)"
+                )
+            strm.avail_in = 0  # type: ignore[attr-defined]
+            self._fill(strm, 1)
+            avail = int(strm.avail_in)  # type: ignore[attr-defined]
+            if avail == 0:
+                return False
+
+
+def _not_gzip_message(name: str, kind: str) -> str:
+    if kind == "empty":
+        return f"{name}: empty file, not a gzip layer"
+    if kind == "tar":
+        return f"{name}: uncompressed tar, not gzip (it needs no zinfo; use --meta only)"
+    if kind == "unknown":
+        return f"{name}: not a gzip file (no gzip magic 1f 8b at offset 0)"
+    return f"{name}: {kind}-compressed, not gzip; only gzip layers are supported"

@@ -1,0 +1,209 @@
+"""`index`: one pass over a local layer (gzip or plain tar) writes the zinfo and the EROFS meta.
+
+The gzip checkpoint builder hands every uncompressed byte to the meta builder; outputs are
+written atomically only after the whole pass succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import GzipFormatError, InvalidInput, OutputError
+from .gzindex.build import DEFAULT_SPAN, build_index, detect_format
+from .gzindex.format import dump_index
+from .outfile import check_writable, write_atomic
+
+READ_SIZE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class IndexReport:
+    """What `index_layer` did; `asdict()` is the `--json` output."""
+
+    layer: str
+    format: str  # "gzip" or "tar"
+    blob_size: int
+    blob_sha256: str
+    layer_size: int
+    checkpoints: int
+    span: int
+    members: int
+    zinfo: str | None
+    zinfo_size: int
+    meta: str | None
+    meta_size: int
+    entries: int
+    elapsed_s: float
+    engine: str
+
+    @property
+    def mb_per_s(self) -> float:
+        """Uncompressed MB (10^6 bytes) per second."""
+        return self.layer_size / 1e6 / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["mb_per_s"] = round(self.mb_per_s, 1)
+        data["elapsed_s"] = round(self.elapsed_s, 3)
+        return data
+
+
+class _PeekReader:
+    """readinto() that first serves bytes already read for format detection."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self._head = memoryview(head)
+        self._stream = stream
+
+    def readinto(self, buffer: memoryview) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        return self._stream.readinto(buffer) or 0  # type: ignore[attr-defined]
+
+
+def _open_input(layer: str) -> tuple[BinaryIO, int | None]:
+    if layer == "-":
+        return sys.stdin.buffer, None
+    path = Path(layer)
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"{layer}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise InvalidInput(f"{layer}: is a directory, not a layer file") from exc
+    except OSError as exc:
+        raise InvalidInput(f"{layer}: cannot open: {exc.strerror}") from exc
+    size = os.fstat(handle.fileno()).st_size
+    return handle, size if path.is_file() else None
+
+
+def _read_head(stream: BinaryIO, size: int) -> bytes:
+    parts: list[bytes] = []
+    have = 0
+    while have < size:
+        chunk = stream.read(size - have)
+        if not chunk:
+            break
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
+
+
+def _same_file(a: str, b: Path) -> bool:
+    try:
+        return a != "-" and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def index_layer(
+    layer: str,
+    *,
+    zinfo: str | os.PathLike[str] | None,
+    meta: str | os.PathLike[str] | None,
+    span: int = DEFAULT_SPAN,
+    every_member: bool = False,
+    aufs: bool = False,
+    uuid: bytes | None = None,
+    build_time: int | None = None,
+    engine: str = "auto",
+    progress: Callable[[int], None] | None = None,
+) -> IndexReport:
+    """Index `layer` (a path, or "-" for stdin) in one pass.
+
+    Writes `zinfo` (SOCI zinfo v2; gzip input only) and/or `meta` (EROFS tar-index image),
+    each atomically, only once the whole input was read without error.
+    """
+    if zinfo is None and meta is None:
+        raise InvalidInput(f"{layer}: nothing to write: give -o ZINFO and/or --meta FILE")
+    outputs = [Path(p) for p in (zinfo, meta) if p is not None]
+    if len(outputs) == 2 and os.path.abspath(outputs[0]) == os.path.abspath(outputs[1]):
+        raise InvalidInput(f"{outputs[0]}: the zinfo and the meta cannot be the same file")
+    for out in outputs:
+        if _same_file(layer, out):
+            raise InvalidInput(f"{out}: is the input layer itself; refusing to overwrite it")
+        check_writable(out)
+
+    stream, _ = _open_input(layer)
+    try:
+        head = _read_head(stream, 512)
+        kind = detect_format(head)
+        builder = _meta_builder(aufs=aufs, uuid=uuid, build_time=build_time) if meta else None
+        sink = builder.feed if builder is not None else None
+        started = time.perf_counter()
+        if kind == "tar":
+            if zinfo is not None:
+                raise InvalidInput(
+                    f"{layer}: uncompressed tar: a zinfo is only for gzip layers; use --meta alone"
+                )
+            blob_size, digest = _pass_plain(head, stream, sink, progress)
+            layer_size, checkpoints, members, engine_name = blob_size, 0, 0, "none"
+            index_bytes = b""
+        else:
+            result = build_index(_PeekReader(head, stream), span=span, every_member=every_member,
+                                 sink=sink, engine=engine, progress=progress,
+                                 name="<stdin>" if layer == "-" else layer)
+            blob_size, digest, layer_size = result.blob_size, result.blob_sha256, result.layer_size
+            checkpoints, members, engine_name = len(result.index), result.members, result.engine
+            index_bytes = dump_index(result.index)
+        meta_bytes = builder.finish() if builder is not None else b""
+        elapsed = time.perf_counter() - started
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+    if zinfo is not None:
+        write_atomic(zinfo, index_bytes)
+    if meta is not None:
+        try:
+            write_atomic(meta, meta_bytes)
+        except OutputError:
+            if zinfo is not None:  # all or nothing: do not leave half the outputs
+                Path(zinfo).unlink(missing_ok=True)
+            raise
+    return IndexReport(
+        layer=layer, format=kind if kind == "tar" else "gzip", blob_size=blob_size,
+        blob_sha256=digest, layer_size=layer_size, checkpoints=checkpoints, span=span,
+        members=members, zinfo=None if zinfo is None else str(zinfo), zinfo_size=len(index_bytes),
+        meta=None if meta is None else str(meta), meta_size=len(meta_bytes),
+        entries=getattr(builder, "entries", 0), elapsed_s=elapsed, engine=engine_name,
+    )
+
+
+def _pass_plain(head: bytes, stream: BinaryIO, sink: Callable[[memoryview], None] | None,
+                progress: Callable[[int], None] | None) -> tuple[int, str]:
+    """Feed an uncompressed tar to the sink; return its size and sha256."""
+    hasher = hashlib.sha256(head)
+    total = len(head)
+    if sink is not None:
+        sink(memoryview(head))
+    while True:
+        chunk = stream.read(READ_SIZE)
+        if not chunk:
+            break
+        hasher.update(chunk)
+        total += len(chunk)
+        if sink is not None:
+            sink(memoryview(chunk))
+        if progress is not None:
+            progress(total)
+    return total, hasher.hexdigest()
+
+
+def _meta_builder(*, aufs: bool, uuid: bytes | None, build_time: int | None):  # type: ignore[no-untyped-def]
+    from .erofs.writer import MetaBuilder
+
+    return MetaBuilder(aufs=aufs, uuid=uuid, build_time=build_time)
+
+
+__all__ = ["IndexReport", "index_layer", "GzipFormatError"]

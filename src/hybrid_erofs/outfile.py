@@ -1,0 +1,56 @@
+"""Atomic output files: write under a temporary name in the target directory, fsync, rename.
+
+A failure or interruption leaves the old file or none, never a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import OutputError
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *, mode: int = 0o644) -> None:
+    """Write `data` to `path` atomically; raise OutputError naming the path on failure."""
+    path = Path(path)
+    directory = path.parent
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise OutputError(f"{path}: cannot write: {exc.strerror}") from exc
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Fail early, before long work, when `path` cannot be created later."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    directory = path.parent
+    if not directory.is_dir():
+        raise OutputError(f"{path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: directory {directory} is not writable")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
