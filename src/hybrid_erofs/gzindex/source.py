@@ -25,12 +25,14 @@ except ImportError:  # pragma: no cover - depends on the platform's wheels
         _codec = _stdlib_zlib
 
 CODEC_NAME: str = _codec.__name__
+_crc32 = _codec.crc32
 _CODEC_ERRORS: tuple[type[BaseException], ...] = (_codec.error, _stdlib_zlib.error)
 
 _UNKNOWN = 1 << 62
 FIRST_PIECE = 64 << 10
 MAX_PIECE = 1 << 20
 OUTPUT_CAP = 4 << 20
+MIN_OUTPUT = 64 << 10
 TRAILER_SIZE = 8  # RFC 1952: CRC32 and ISIZE after each member's deflate data
 
 
@@ -47,6 +49,9 @@ class _Span:
     piece: int = FIRST_PIECE
     pending: bytes = b""  # bytes fetched but not yet given to the decoder (member boundary)
     accounted: int = 0  # len(data) as last counted in the LRU's total
+    # CRC-32 of the current member's output so far, when decoding began at the member's
+    # start (checkpoint 0, or after a member boundary); None when it began mid-member.
+    crc: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -164,9 +169,15 @@ class GzipSource:
     def _start(self, span: _Span) -> None:
         cp = self._index.checkpoints[span.number]
         if cp.bits:
-            partial = self._fetch(1, cp.in_offset - 1)[0]
-            span.pending = primed_start(cp.bits, partial)
+            partial = self._fetch(1, cp.in_offset - 1)
+            if not partial:
+                raise SourceIOError(
+                    f"gzip blob: truncated: checkpoint {span.number} is at compressed offset "
+                    f"{cp.in_offset}, past the {self._inner.size}-byte blob"
+                )
+            span.pending = primed_start(cp.bits, partial[0])
         span.next_in = cp.in_offset
+        span.crc = 0 if cp.out_offset == 0 else None
         # A window of zeros at out=0 is harmless: nothing can refer back before the start.
         span.decoder = _codec.decompressobj(-15, zdict=cp.window)
 
@@ -213,9 +224,14 @@ class GzipSource:
                     span.next_in += len(data)
                     span.piece = min(span.piece * 2, MAX_PIECE)
                 span.pending = b""
-                out = span.decoder.decompress(data, OUTPUT_CAP)
+                # Inflate only about what the read needs: a cold read pays for the distance
+                # from its checkpoint, not for the rest of the span.
+                want = min(OUTPUT_CAP, max(need - len(span.data), MIN_OUTPUT))
+                out = span.decoder.decompress(data, want)
                 span.data += out
                 self.decoded_bytes += len(out)
+                if span.crc is not None:
+                    span.crc = _crc32(out, span.crc)
         except _CODEC_ERRORS as exc:
             span.decoder = None
             span.data.clear()
@@ -227,34 +243,56 @@ class GzipSource:
             self._finish(span)
 
     def _finish(self, span: _Span) -> None:
-        """Check a completed span against the next checkpoint's window; hand on the decoder."""
-        size = span.end - span.start
-        extra = bytes(span.data[size:])
-        del span.data[size:]
-        decoder, span.decoder = span.decoder, None
-        number = span.number + 1
-        if number >= len(self._starts):
-            return
-        window = self._index.checkpoints[number].window
-        have = bytes(span.data[-WINDOW_SIZE:])
-        if have != window[WINDOW_SIZE - len(have) :]:
-            span.data.clear()
-            raise SourceIOError(
-                f"gzip blob: decoded data does not match zinfo checkpoint {number} at "
-                f"uncompressed offset {span.end} (corrupt blob, or a zinfo of another blob)"
-            )
-        # Sequential reads: the decoder is positioned exactly at the next span's start, so
-        # seed that span with it instead of restarting from the checkpoint later.
-        with self._lock:
-            if number not in self._spans:
+        """Check a completed span against the next checkpoint's window and hand the live
+        decoder (and any bytes decoded past the end) on to the next span.
+
+        The caller holds `span.lock`; successor spans are locked here before they become
+        visible to other readers.
+        """
+        held: _Span | None = None
+        try:
+            while True:
+                size = span.end - span.start
+                extra = bytes(span.data[size:])
+                del span.data[size:]
+                decoder, span.decoder = span.decoder, None
+                number = span.number + 1
+                if number >= len(self._starts):
+                    if span.crc is not None and decoder is not None:
+                        self._check_last_member(span, decoder)
+                    return
+                window = self._index.checkpoints[number].window
+                have = bytes(span.data[-WINDOW_SIZE:])
+                if have != window[WINDOW_SIZE - len(have) :]:
+                    span.data.clear()
+                    raise SourceIOError(
+                        f"gzip blob: decoded data does not match zinfo checkpoint {number} at "
+                        f"uncompressed offset {span.end} (corrupt blob, or a zinfo of another blob)"
+                    )
+                # Sequential reads: the decoder sits exactly at the next span's start, so seed
+                # that span with it instead of restarting from its checkpoint later.
                 nxt = _Span(number, self._starts[number], self._span_end(number))
-                nxt.data += extra
-                nxt.decoder = decoder
-                nxt.next_in = span.next_in
-                nxt.piece = span.piece
-                nxt.pending = span.pending
-                span.pending = b""
-                self._spans[number] = nxt
+                nxt.lock.acquire()
+                with self._lock:
+                    if number in self._spans:
+                        nxt.lock.release()
+                        return
+                    nxt.data += extra
+                    nxt.decoder = decoder
+                    nxt.next_in = span.next_in
+                    nxt.piece = span.piece
+                    nxt.pending, span.pending = span.pending, b""
+                    nxt.crc = span.crc
+                    self._spans[number] = nxt
+                if held is not None:
+                    held.lock.release()
+                held = nxt
+                if not nxt.complete:
+                    return
+                span = nxt  # the overshoot covered the whole next span as well
+        finally:
+            if held is not None:
+                held.lock.release()
 
     def _next_member(self, span: _Span) -> bool:
         """Skip a member trailer and the next gzip header; False at the end of the blob."""
@@ -266,6 +304,7 @@ class GzipSource:
             if len(buf) >= TRAILER_SIZE and not any(buf[TRAILER_SIZE:]):
                 more = self._fetch(MAX_PIECE, span.next_in)
                 if not more:
+                    self._check_crc(span, buf)
                     return False  # trailer, then only zero padding: the end of the blob
             else:
                 more = self._fetch(FIRST_PIECE, span.next_in)
@@ -276,6 +315,7 @@ class GzipSource:
                     )
             span.next_in += len(more)
             buf += more
+        self._check_crc(span, buf)
         if header < 0:
             raise SourceIOError(
                 f"gzip blob: garbage instead of a gzip member header after uncompressed offset "
@@ -283,7 +323,43 @@ class GzipSource:
             )
         span.decoder = _codec.decompressobj(-15)
         span.pending = bytes(buf[header:])
+        span.crc = 0
         return True
+
+    def _check_last_member(self, span: _Span, decoder: Any) -> None:
+        """At the end of the layer data, read on to the member's trailer and check its CRC."""
+        span.decoder = decoder
+        try:
+            while not decoder.eof:
+                data = span.pending or decoder.unconsumed_tail
+                if not data:
+                    data = self._fetch(FIRST_PIECE, span.next_in)
+                    if not data:
+                        raise SourceIOError("gzip blob: truncated: no trailer after the layer data")
+                    span.next_in += len(data)
+                span.pending = b""
+                # Output past `size` (tar record padding when the size came from the meta)
+                # still counts for the member's CRC.
+                span.crc = _crc32(decoder.decompress(data, MIN_OUTPUT), span.crc)
+            buf = bytearray(decoder.unused_data)
+            if len(buf) < 4:
+                buf += self._fetch(4 - len(buf), span.next_in)
+            self._check_crc(span, buf)
+        except _CODEC_ERRORS as exc:
+            raise SourceIOError(f"gzip blob: corrupt deflate data at the end of the blob: {exc}") from exc
+        finally:
+            span.decoder = None
+
+    @staticmethod
+    def _check_crc(span: _Span, trailer: bytearray) -> None:
+        """Compare a whole member's CRC-32 with its trailer (RFC 1952 §2.3.1), when known."""
+        stored = int.from_bytes(trailer[:4], "little")
+        if span.crc is not None and span.crc != stored:
+            raise SourceIOError(
+                f"gzip blob: CRC-32 mismatch for the member ending at uncompressed offset "
+                f"{span.start + len(span.data)} (trailer {stored:08x}, data {span.crc:08x}): "
+                "corrupt blob"
+            )
 
     def _measure(self) -> int:
         """Decode the last span to its end to learn the uncompressed size."""
