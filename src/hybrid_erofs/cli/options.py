@@ -21,7 +21,7 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType):  # type: ignore[type-arg]
     name = "size"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
@@ -36,7 +36,7 @@ class SizeType(click.ParamType):
         return size
 
 
-class UuidType(click.ParamType):
+class UuidType(click.ParamType):  # type: ignore[type-arg]
     name = "uuid"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> bytes:

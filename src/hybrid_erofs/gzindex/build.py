@@ -112,7 +112,7 @@ def build_index(
     """
     if span < 1:
         raise ValueError(f"'span' must be >= 1 (got {span})")
-    reader: Reader = stream if hasattr(stream, "readinto") else _IterReader(stream)  # type: ignore[arg-type,assignment]
+    reader: Reader = stream if hasattr(stream, "readinto") else _IterReader(stream)  # type: ignore[assignment]
     return _Builder(reader, span=span, every_member=every_member, sink=sink, engine=engine,
                     progress=progress, name=name).run()
 
@@ -133,7 +133,7 @@ class _Builder:
 
     def _fill(self, strm: ctypes.Structure, want: int) -> None:
         """Make at least `want` unconsumed input bytes available unless the blob ends first."""
-        avail = int(strm.avail_in)  # type: ignore[attr-defined]
+        avail = int(strm.avail_in)
         if avail >= want or self.eof:
             return
         start = self.in_fill - avail
@@ -151,8 +151,8 @@ class _Builder:
             if self.progress is not None:
                 self.progress(self.blob_read)
         self.in_fill = fill
-        strm.next_in = self.in_addr  # type: ignore[attr-defined]
-        strm.avail_in = fill  # type: ignore[attr-defined]
+        strm.next_in = self.in_addr
+        strm.avail_in = fill
 
     def run(self) -> BuildResult:
         started = time.perf_counter()
@@ -183,9 +183,9 @@ class _Builder:
         checkpoints: list[Checkpoint] = []
         inflate = lib.inflate
         while True:
-            if strm.avail_in == 0:  # type: ignore[attr-defined]
+            if strm.avail_in == 0:
                 self._fill(strm, 1)
-                if strm.avail_in == 0:  # type: ignore[attr-defined]
+                if strm.avail_in == 0:
                     raise GzipFormatError(
                         f"{self.name}: truncated gzip: the stream ends inside member {members + 1} "
                         f"after {self.blob_read} compressed bytes ({totout} bytes decompressed)"
@@ -196,10 +196,10 @@ class _Builder:
                 outview[:WINDOW_SIZE] = outview[pos - WINDOW_SIZE : pos]
                 pos = sink_from = WINDOW_SIZE
             room = out_total - pos
-            strm.next_out = out_addr + pos  # type: ignore[attr-defined]
-            strm.avail_out = room  # type: ignore[attr-defined]
+            strm.next_out = out_addr + pos
+            strm.avail_out = room
             rc = inflate(ref, Z_BLOCK)
-            produced = room - strm.avail_out  # type: ignore[attr-defined]
+            produced = room - strm.avail_out
             pos += produced
             totout += produced
             if rc == Z_STREAM_END:
@@ -210,19 +210,19 @@ class _Builder:
                 force = self.every_member
                 continue
             if rc != Z_OK and rc != Z_BUF_ERROR:
-                consumed = self.blob_read - strm.avail_in  # type: ignore[attr-defined]
-                msg = strm.msg.decode(errors="replace") if strm.msg else f"inflate error {rc}"  # type: ignore[attr-defined]
+                consumed = self.blob_read - strm.avail_in
+                msg = strm.msg.decode(errors="replace") if strm.msg else f"inflate error {rc}"
                 raise GzipFormatError(
                     f"{self.name}: corrupt gzip data near compressed offset {consumed} "
                     f"(uncompressed {totout}): {msg}"
                 )
-            data_type = strm.data_type  # type: ignore[attr-defined]
+            data_type = strm.data_type
             # zlib.h: bit 7 = stopped at a block end (or after the gzip header), bit 6 = in the
             # last block, bits 0-2 = unused bits of the last input byte.
             if data_type & 128 and not data_type & 64 and (
                 totout == 0 or totout - last_out > span or force
             ):
-                consumed = self.blob_read - strm.avail_in  # type: ignore[attr-defined]
+                consumed = self.blob_read - strm.avail_in
                 window = bytes(outview[pos - WINDOW_SIZE : pos])
                 checkpoints.append(Checkpoint(consumed, totout, data_type & 7, window))
                 last_out = totout
@@ -230,6 +230,10 @@ class _Builder:
         if sink is not None and pos > sink_from:
             sink(outview[sink_from:pos])
         elapsed = time.perf_counter() - started
+        # A checkpoint at the very end (an empty last member under --every-member) has no data
+        # to resume into; erofs-utils never makes one since it stops at the end of the tar.
+        while len(checkpoints) > 1 and checkpoints[-1].out_offset >= totout:
+            checkpoints.pop()
         index = GzipIndex(span=span, checkpoints=tuple(checkpoints))
         return BuildResult(index, self.blob_read, totout, self.hasher.hexdigest(), members,
                            elapsed, self.lib.name)
@@ -241,7 +245,7 @@ class _Builder:
         anything else after the last member is an error.
         """
         self._fill(strm, 2)
-        avail = int(strm.avail_in)  # type: ignore[attr-defined]
+        avail = int(strm.avail_in)
         if avail == 0:
             return False
         start = self.in_fill - avail
@@ -255,9 +259,9 @@ class _Builder:
                     f"{self.name}: trailing garbage after gzip member {members} at compressed "
                     f"offset {offset} ({totout} bytes decompressed)"
                 )
-            strm.avail_in = 0  # type: ignore[attr-defined]
+            strm.avail_in = 0
             self._fill(strm, 1)
-            avail = int(strm.avail_in)  # type: ignore[attr-defined]
+            avail = int(strm.avail_in)
             if avail == 0:
                 return False
 

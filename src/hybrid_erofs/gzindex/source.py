@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import threading
 import zlib as _stdlib_zlib
+from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 from ..errors import SourceIOError
@@ -16,13 +18,24 @@ from ..source import ByteSource, check_range
 from .format import WINDOW_SIZE, GzipIndex
 from .prime import primed_start
 
-try:  # fastest first; all three honour zdict for raw inflate and release the GIL
-    from isal import isal_zlib as _codec
-except ImportError:  # pragma: no cover - depends on the platform's wheels
+
+def _load_codec() -> ModuleType:
+    """Fastest first; all three honour zdict for raw inflate and release the GIL."""
     try:
-        from zlib_ng import zlib_ng as _codec
-    except ImportError:
-        _codec = _stdlib_zlib
+        from isal import isal_zlib
+
+        return isal_zlib
+    except ImportError:  # pragma: no cover - depends on the platform's wheels
+        pass
+    try:
+        from zlib_ng import zlib_ng
+
+        return zlib_ng
+    except ImportError:  # pragma: no cover
+        return _stdlib_zlib
+
+
+_codec = _load_codec()
 
 CODEC_NAME: str = _codec.__name__
 _crc32 = _codec.crc32
@@ -49,6 +62,7 @@ class _Span:
     piece: int = FIRST_PIECE
     pending: bytes = b""  # bytes fetched but not yet given to the decoder (member boundary)
     accounted: int = 0  # len(data) as last counted in the LRU's total
+    boundary: int = 0  # where in `data` the current gzip member began (0: at or before start)
     # CRC-32 of the current member's output so far, when decoding began at the member's
     # start (checkpoint 0, or after a member boundary); None when it began mid-member.
     crc: int | None = None
@@ -120,7 +134,7 @@ class GzipSource:
         parts: list[bytes] = []
         end = offset + length
         while offset < end:
-            number = self._index.find(offset)
+            number = bisect_right(self._starts, offset) - 1
             span = self._span(number)
             take = min(end, span.end) - offset
             rel = offset - span.start
@@ -261,14 +275,7 @@ class GzipSource:
                     if span.crc is not None and decoder is not None:
                         self._check_last_member(span, decoder)
                     return
-                window = self._index.checkpoints[number].window
-                have = bytes(span.data[-WINDOW_SIZE:])
-                if have != window[WINDOW_SIZE - len(have) :]:
-                    span.data.clear()
-                    raise SourceIOError(
-                        f"gzip blob: decoded data does not match zinfo checkpoint {number} at "
-                        f"uncompressed offset {span.end} (corrupt blob, or a zinfo of another blob)"
-                    )
+                extra = self._check_window(span, number, decoder, extra)
                 # Sequential reads: the decoder sits exactly at the next span's start, so seed
                 # that span with it instead of restarting from its checkpoint later.
                 nxt = _Span(number, self._starts[number], self._span_end(number))
@@ -324,7 +331,37 @@ class GzipSource:
         span.decoder = _codec.decompressobj(-15)
         span.pending = bytes(buf[header:])
         span.crc = 0
+        span.boundary = len(span.data)
         return True
+
+    def _check_window(self, span: _Span, number: int, decoder: Any, extra: bytes) -> bytes:
+        """Compare the end of a completed span with checkpoint `number`'s window; return
+        `extra` (bytes decoded past the span), possibly grown by the probe below.
+
+        Only bytes of the current gzip member are compared: a window may hold anything
+        before a member start (erofs-utils leaves stale buffer bytes there).
+        """
+        size = span.end - span.start
+        valid = min(WINDOW_SIZE, size - span.boundary)
+        window = self._index.checkpoints[number].window
+        if span.data[size - valid :] == window[WINDOW_SIZE - valid :]:
+            return extra
+        # A checkpoint exactly at a member start carries no usable window (erofs' rule adds
+        # one there). If the decoder is at its member's end, that is what this is.
+        if not extra and not decoder.eof:
+            tail = span.pending or decoder.unconsumed_tail
+            if not tail:
+                tail = self._fetch(FIRST_PIECE, span.next_in)
+                span.next_in += len(tail)
+            span.pending = b""
+            extra = decoder.decompress(tail, 1)
+        if decoder.eof and not extra:
+            return extra
+        span.data.clear()
+        raise SourceIOError(
+            f"gzip blob: decoded data does not match zinfo checkpoint {number} at "
+            f"uncompressed offset {span.end} (corrupt blob, or a zinfo of another blob)"
+        )
 
     def _check_last_member(self, span: _Span, decoder: Any) -> None:
         """At the end of the layer data, read on to the member's trailer and check its CRC."""
@@ -340,7 +377,7 @@ class GzipSource:
                 span.pending = b""
                 # Output past `size` (tar record padding when the size came from the meta)
                 # still counts for the member's CRC.
-                span.crc = _crc32(decoder.decompress(data, MIN_OUTPUT), span.crc)
+                span.crc = _crc32(decoder.decompress(data, MIN_OUTPUT), span.crc or 0)
             buf = bytearray(decoder.unused_data)
             if len(buf) < 4:
                 buf += self._fetch(4 - len(buf), span.next_in)
