@@ -7,7 +7,6 @@ over a FileSource with the layer's zinfo).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from .errors import InvalidInput
 from .gzindex.build import detect_format
@@ -39,4 +38,4 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
         raise
 
 
-__all__ = ["open_layer", "Path"]
+__all__ = ["open_layer"]

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import GzipFormatError, InvalidInput, OutputError
+from .errors import InvalidInput, OutputError
 from .gzindex.build import DEFAULT_SPAN, build_index, detect_format
 from .gzindex.format import dump_index
 from .outfile import check_writable, write_atomic
@@ -206,4 +206,4 @@ def _meta_builder(*, aufs: bool, uuid: bytes | None, build_time: int | None):  #
     return MetaBuilder(aufs=aufs, uuid=uuid, build_time=build_time)
 
 
-__all__ = ["IndexReport", "index_layer", "GzipFormatError"]
+__all__ = ["IndexReport", "index_layer"]
