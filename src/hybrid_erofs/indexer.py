@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -135,11 +137,15 @@ def index_layer(
         check_writable(out)
 
     stream, _ = _open_input(layer)
+    worker: _SinkThread | None = None
     try:
         head = _read_head(stream, 512)
         kind = detect_format(head)
         builder = _meta_builder(aufs=aufs, uuid=uuid, build_time=build_time) if meta else None
-        sink = builder.feed if builder is not None else None
+        # The meta builder runs on its own thread: inflate releases the GIL, so parsing the
+        # tar overlaps decompression on a second core.
+        worker = _SinkThread(builder.feed) if builder is not None else None
+        sink = worker.feed if worker is not None else None
         started = time.perf_counter()
         if kind == "tar":
             if zinfo is not None:
@@ -156,9 +162,13 @@ def index_layer(
             blob_size, digest, layer_size = result.blob_size, result.blob_sha256, result.layer_size
             checkpoints, members, engine_name = len(result.index), result.members, result.engine
             index_bytes = dump_index(result.index)
+        if worker is not None:
+            worker.close()
         meta_bytes = builder.finish() if builder is not None else b""
         elapsed = time.perf_counter() - started
     finally:
+        if worker is not None:
+            worker.abort()
         if stream is not sys.stdin.buffer:
             stream.close()
 
@@ -178,6 +188,57 @@ def index_layer(
         meta=None if meta is None else str(meta), meta_size=len(meta_bytes),
         entries=getattr(builder, "entries", 0), elapsed_s=elapsed, engine=engine_name,
     )
+
+
+class _SinkThread:
+    """Feeds chunks to `consume` on a worker thread through a small bounded queue.
+
+    An exception in `consume` is raised again in the producer at its next `feed` or at
+    `close`, so a bad tar stops the pass early.
+    """
+
+    _STOP = object()
+
+    def __init__(self, consume: Callable[[memoryview], None], *, depth: int = 8) -> None:
+        self._consume = consume
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="meta-builder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if self._error is None:
+                try:
+                    self._consume(memoryview(item))  # type: ignore[arg-type]
+                except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def feed(self, chunk: memoryview) -> None:
+        self._raise()
+        self._queue.put(bytes(chunk))  # the builder reuses its buffer: copy
+
+    def close(self) -> None:
+        """Wait until every chunk was consumed; raise the consumer's error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(self._STOP)
+            self._thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        """Stop the thread without raising (cleanup after another error)."""
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(self._STOP)
+            self._thread.join()
 
 
 def _pass_plain(head: bytes, stream: BinaryIO, sink: Callable[[memoryview], None] | None,

@@ -182,15 +182,18 @@ class GzipSource:
 
     def _start(self, span: _Span) -> None:
         cp = self._index.checkpoints[span.number]
-        if cp.bits:
-            partial = self._fetch(1, cp.in_offset - 1)
-            if not partial:
-                raise SourceIOError(
-                    f"gzip blob: truncated: checkpoint {span.number} is at compressed offset "
-                    f"{cp.in_offset}, past the {self._inner.size}-byte blob"
-                )
-            span.pending = primed_start(cp.bits, partial[0])
-        span.next_in = cp.in_offset
+        # One fetch covers the checkpoint's partial byte (when it starts mid-byte) and the
+        # first piece of deflate data.
+        start = cp.in_offset - 1 if cp.bits else cp.in_offset
+        first = self._fetch(FIRST_PIECE, start)
+        if len(first) < (1 if cp.bits else 0) or start > self._inner.size:
+            raise SourceIOError(
+                f"gzip blob: truncated: checkpoint {span.number} is at compressed offset "
+                f"{cp.in_offset}, past the {self._inner.size}-byte blob"
+            )
+        span.pending = primed_start(cp.bits, first[0]) + first[1:] if cp.bits else first
+        span.next_in = start + len(first)
+        span.piece = FIRST_PIECE * 2
         span.crc = 0 if cp.out_offset == 0 else None
         # A window of zeros at out=0 is harmless: nothing can refer back before the start.
         span.decoder = _codec.decompressobj(-15, zdict=cp.window)

@@ -1,0 +1,114 @@
+"""MetaBuilder: uncompressed tar chunks in, EROFS tar-index meta image out (`mkfs.erofs --tar=i`).
+
+The indexer feeds it the same decompressed chunks as the checkpoint builder, in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+
+from hybrid_erofs.erofs.image import MAX_TAR_SIZE, ImageWriter
+from hybrid_erofs.erofs.tar import TarMember, TarParser
+from hybrid_erofs.erofs.tree import Tree
+from hybrid_erofs.errors import TarFormatError
+
+
+def _default_build_time() -> int:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            return int(epoch)
+        except ValueError:
+            raise ValueError(f"SOURCE_DATE_EPOCH: not an integer ({epoch!r})") from None
+    return int(time.time())
+
+
+class MetaBuilder:
+    """Build the meta image of a tar streamed through `feed()`; `finish()` returns it.
+
+    The image mounts as `meta || tar` (flat device table, erofs-tarindex.md §1.4).  Output is
+    a pure function of the tar and the options (children sorted, BFS inode order).
+
+    Args:
+        aufs: convert aufs whiteouts like `mkfs.erofs --aufs`.
+        uuid: 16 bytes for the superblock; None -> zeros (reproducible).
+        build_time: superblock epoch; None -> $SOURCE_DATE_EPOCH, else now.
+        root_uid / root_gid: root owner when the tar has no './' entry; None -> this process's.
+
+    Memory: metadata only (about a few hundred bytes per entry); file data is skipped.
+    Not thread-safe.
+    """
+
+    def __init__(self, *, aufs: bool = False, uuid: bytes | None = None,
+                 build_time: int | None = None, root_uid: int | None = None,
+                 root_gid: int | None = None) -> None:
+        if uuid is not None and len(uuid) != 16:
+            raise ValueError(f"'uuid' must be 16 bytes (got {len(uuid)})")
+        self._uuid = uuid if uuid is not None else bytes(16)
+        self._epoch = build_time if build_time is not None else _default_build_time()
+        if not 0 <= self._epoch < 1 << 64:
+            raise ValueError(f"'build_time' must be >= 0 (got {self._epoch})")
+        self._tree = Tree(
+            aufs=aufs,
+            root_uid=os.getuid() if root_uid is None else root_uid,
+            root_gid=os.getgid() if root_gid is None else root_gid,
+            root_mtime=self._epoch,
+        )
+        self._parser = TarParser(self._add)
+        self._inodes = 0
+        self._image: bytes | None = None
+
+    def _add(self, member: TarMember) -> None:
+        if member.data_offset + member.size > MAX_TAR_SIZE:
+            raise TarFormatError(
+                f"{member.name.decode('utf-8', 'backslashreplace')}: data ends past 2 TiB "
+                f"(offset {member.data_offset}, size {member.size}); 48-bit EROFS images "
+                "are not supported"
+            )
+        self._tree.add(member)
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        """Consume the next uncompressed tar bytes (a memoryview is not kept)."""
+        if self._image is not None:
+            raise ValueError("feed() after finish()")
+        self._parser.feed(chunk)
+
+    def finish(self) -> bytes:
+        """Signal EOF and return the meta image (a multiple of 512 bytes)."""
+        if self._image is None:
+            self._parser.close()
+            writer = ImageWriter(
+                self._tree.root, epoch=self._epoch, uuid=self._uuid,
+                volume_label=self._parser.volume_label, tar_size=self._parser.end_offset,
+            )
+            self._image = writer.build()
+            self._inodes = writer.inodes
+        return self._image
+
+    @property
+    def entries(self) -> int:
+        """Tar entries seen so far (extended headers not counted)."""
+        return self._parser.members
+
+    @property
+    def inodes(self) -> int:
+        """Inodes in the image (0 until finish())."""
+        return self._inodes
+
+    @property
+    def layer_size(self) -> int:
+        """Bytes of layer data (uncompressed tar) consumed so far."""
+        return self._parser.offset
+
+
+def build_meta(chunks: Iterable[bytes | bytearray | memoryview], *, aufs: bool = False,
+               uuid: bytes | None = None, build_time: int | None = None,
+               root_uid: int | None = None, root_gid: int | None = None) -> bytes:
+    """Convenience: feed every chunk of an uncompressed tar and return the meta image."""
+    builder = MetaBuilder(aufs=aufs, uuid=uuid, build_time=build_time, root_uid=root_uid,
+                          root_gid=root_gid)
+    for chunk in chunks:
+        builder.feed(chunk)
+    return builder.finish()

@@ -1,0 +1,149 @@
+"""Kernel view of our meta || tar equals the kernel view of mkfs.erofs --tar=i's, for every corpus tar.
+
+Also checked: fsck.erofs accepts our images and extracts every file from the tar device.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hybrid_erofs.erofs.writer import MetaBuilder
+from tests.conftest import _load_tool, ci_required
+from tests.mounting import concat, kernel_mount, losetup_entries, walk_tree
+
+pytestmark = [pytest.mark.integration, pytest.mark.root]
+
+CORPUS_NAMES = sorted(_load_tool("make_tar_corpus").corpus())
+BUILD_TIME = 1_700_000_000
+UUID = "00000000-0000-0000-0000-000000000000"
+MKFS, FSCK = "mkfs.erofs-oracle", "fsck.erofs-oracle"
+
+
+def _erofs_in_kernel() -> bool:
+    try:
+        if "erofs" in Path("/proc/filesystems").read_text():
+            return True
+    except OSError:
+        return False
+    subprocess.run(["modprobe", "erofs"], capture_output=True)
+    return "erofs" in Path("/proc/filesystems").read_text()
+
+
+@pytest.fixture(scope="module")
+def prerequisites() -> None:
+    if os.geteuid() != 0:
+        ci_required("kernel EROFS mounts need root")
+    for tool in (MKFS, FSCK):
+        if shutil.which(tool) is None:
+            ci_required(f"{tool} (erofs-utils 1.9 oracle) is not installed")
+    if not _erofs_in_kernel():
+        ci_required("the kernel has no erofs filesystem")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_loop_devices() -> Iterator[None]:
+    before = losetup_entries() if shutil.which("losetup") else []
+    yield
+    if shutil.which("losetup"):
+        assert losetup_entries() == before
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    outdir = tmp_path_factory.mktemp("tar-corpus")
+    _load_tool("make_tar_corpus").write_corpus(outdir)
+    return outdir
+
+
+def build_ours(tar: Path, out: Path, *, aufs: bool) -> MetaBuilder:
+    builder = MetaBuilder(aufs=aufs, build_time=BUILD_TIME)
+    with open(tar, "rb") as f:
+        while chunk := f.read(1 << 20):
+            builder.feed(memoryview(chunk))
+    out.write_bytes(builder.finish())
+    return builder
+
+
+def build_oracle(tar: Path, out: Path, *, aufs: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}  # it clamps mtimes
+    cmd = [MKFS, "--quiet", "--tar=i", "-T", str(BUILD_TIME), "--mkfs-time", "-U", UUID]
+    proc = subprocess.run([*cmd, *(["--aufs"] if aufs else []), str(out), str(tar)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, f"mkfs.erofs failed on {tar.name}: {proc.stderr}"
+
+
+def kernel_view(meta: Path, tar: Path, work: Path, *, via: str) -> dict[str, dict[str, Any]]:
+    device = concat(meta, tar, work / f"{meta.stem}.img")
+    try:
+        with kernel_mount(device, work / f"mnt-{meta.stem}", via=via) as mnt:
+            return walk_tree(mnt)
+    finally:
+        device.unlink()
+
+
+def assert_fsck_ok(meta: Path, tar: Path, work: Path) -> None:
+    proc = subprocess.run([FSCK, str(meta)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"fsck {meta.name}: {proc.stdout}{proc.stderr}"
+    extract = work / "extract"
+    proc = subprocess.run([FSCK, f"--device={tar}", f"--extract={extract}", str(meta)],
+                          capture_output=True, text=True)
+    shutil.rmtree(extract, ignore_errors=True)
+    assert proc.returncode == 0, f"fsck --extract {meta.name}: {proc.stdout}{proc.stderr}"
+
+
+def compare_with_oracle(tar: Path, work: Path, *, aufs: bool, via: str) -> int:
+    ours, oracle = work / "ours.erofs", work / "oracle.erofs"
+    build_ours(tar, ours, aufs=aufs)
+    build_oracle(tar, oracle, aufs=aufs)
+    assert_fsck_ok(ours, tar, work)
+    got = kernel_view(ours, tar, work, via=via)
+    want = kernel_view(oracle, tar, work, via=via)
+    differing = [p for p in sorted(set(got) | set(want)) if got.get(p) != want.get(p)]
+    assert not differing, "\n".join(
+        f"{p!r}:\n  ours   {got.get(p)}\n  oracle {want.get(p)}" for p in differing[:10])
+    return len(got)
+
+
+@pytest.mark.parametrize("via", ["file", "loop"])
+@pytest.mark.parametrize("aufs", [False, True], ids=["plain", "aufs"])
+@pytest.mark.parametrize("name", CORPUS_NAMES)
+def test_corpus_matches_oracle(prerequisites: None, corpus: Path, tmp_path: Path, name: str,
+                               aufs: bool, via: str) -> None:
+    assert compare_with_oracle(corpus / name, tmp_path, aufs=aufs, via=via) >= 1
+
+
+def test_same_meta_with_separate_tar_device(prerequisites: None, corpus: Path,
+                                            tmp_path: Path) -> None:
+    """The meta alone, file-backed, with the tar as `-o device=` (erofs-tarindex.md §1.4)."""
+    import ctypes
+
+    tar = corpus / "tarfile-pax.tar"
+    meta = tmp_path / "ours.erofs"
+    build_ours(tar, meta, aufs=False)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    rc = libc.mount(bytes(meta), bytes(mnt), b"erofs", 1, f"device={tar}".encode())
+    if rc != 0:
+        pytest.fail(f"mount with device= failed: {os.strerror(ctypes.get_errno())}")
+    try:
+        separate = walk_tree(mnt)
+    finally:
+        libc.umount2(bytes(mnt), 0)
+    assert separate == kernel_view(meta, tar, tmp_path, via="file")
+
+
+def test_real_rootfs_tar_matches_oracle(prerequisites: None, tmp_path: Path) -> None:
+    """A real root filesystem tar, e.g. debootstrap --variant=minbase + tar --xattrs."""
+    rootfs = os.environ.get("HYBRID_EROFS_ROOTFS_TAR")
+    if not rootfs:
+        pytest.skip("HYBRID_EROFS_ROOTFS_TAR is not set")
+    paths = compare_with_oracle(Path(rootfs), tmp_path, aufs=False, via="file")
+    assert paths > 100
