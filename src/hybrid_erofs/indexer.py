@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import InvalidInput, OutputError
+from .errors import InvalidInput, OutputError, TarFormatError
 from .gzindex.build import DEFAULT_SPAN, build_index, detect_format
 from .gzindex.format import dump_index
 from .outfile import check_writable, write_atomic
@@ -166,6 +166,8 @@ def index_layer(
             worker.close()
         meta_bytes = builder.finish() if builder is not None else b""
         elapsed = time.perf_counter() - started
+    except TarFormatError as exc:
+        raise TarFormatError(f"{'<stdin>' if layer == '-' else layer}: {exc}") from exc
     finally:
         if worker is not None:
             worker.abort()

@@ -131,3 +131,30 @@ def test_unwritable_directory_as_a_user(layer: Path, tmp_path: Path) -> None:
 def test_size_option_validation(layer: Path, tmp_path: Path) -> None:
     code, out = run("index", str(layer), "-o", str(tmp_path / "x.zinfo"), "--span", "4 parsecs")
     assert code == 2 and "not a size" in out
+
+
+def test_index_writes_the_meta_beside_the_zinfo_by_default(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("etc/hostname")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"demo\n"))
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(gzip.compress(raw.getvalue()))
+    code, out = run("index", str(layer), "-o", str(tmp_path / "layer.zinfo"), "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["meta"] == str(tmp_path / "m.erofs") and report["entries"] == 1
+    assert (tmp_path / "m.erofs").stat().st_size % 512 == 0
+    # A bad tar inside good gzip: one line naming the layer, the entry and the offset.
+    bad = bytearray(raw.getvalue())
+    bad[1024 + 148] ^= 0x7F  # garbage where the end-of-archive block should be
+    layer.write_bytes(gzip.compress(bytes(bad)))
+    (tmp_path / "m.erofs").unlink()
+    (tmp_path / "layer.zinfo").unlink()
+    code, out = run("index", str(layer), "-o", str(tmp_path / "layer.zinfo"))
+    assert code == 1 and f"{layer}: " in out and "checksum" in out and "offset 1024" in out
+    assert not (tmp_path / "m.erofs").exists() and not (tmp_path / "layer.zinfo").exists()
