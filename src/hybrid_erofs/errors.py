@@ -6,8 +6,14 @@
     + GzipFormatError                  a blob is not (valid) gzip, or is truncated
     + TarFormatError                   a tar stream is malformed
     + ErofsFormatError                 an EROFS image is malformed
+    + InvalidReference                 a "registry/repo:tag@digest" string is malformed
   x OutputError (OSError)              an output file could not be written
+  x RegistryError                      a registry answered, but not as required (status, digest,
+                                       media type, platform); `.transient` as for SourceIOError
+    + AuthError                        credentials missing or refused, token server failure
   x SourceIOError (OSError, errno EIO) a byte source could not deliver its bytes
+                                       (`.transient`, `.retry_after_s` from HTTP Retry-After)
+  x CacheError (OSError)               the on-disk chunk cache directory is unusable
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ class ErofsFormatError(InvalidInput):
     """An EROFS image is malformed (bad magic, checksum, inode or directory)."""
 
 
+class InvalidReference(InvalidInput):
+    """An image reference string does not follow the distribution grammar."""
+
+
 class OutputError(HybridErofsError, OSError):
     """An output file could not be written (nothing partial is left behind)."""
 
@@ -46,15 +56,34 @@ class OutputError(HybridErofsError, OSError):
         return str(self.args[0]) if self.args else "output error"
 
 
-class SourceIOError(HybridErofsError, OSError):
-    """I/O failure below the exporter; maps to EIO for NBD and FUSE.
+class RegistryError(HybridErofsError):
+    """A registry answered, but not as required (HTTP status, digest, media type, platform).
 
-    `transient` tells whether retrying the same read may succeed.
+    `transient` tells whether repeating the request may succeed (HTTP 408/429/5xx, resets).
     """
 
     def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class AuthError(RegistryError):
+    """Credentials are missing or were refused, or the token server failed."""
+
+
+class SourceIOError(HybridErofsError, OSError):
+    """I/O failure below the exporter; maps to EIO for NBD and FUSE.
+
+    `transient` tells whether retrying the same read may succeed; `retry_after_s` carries a
+    server's `Retry-After` (seconds) when it sent one.
+    """
+
+    def __init__(
+        self, message: str, *, transient: bool = False, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(errno.EIO, message)
         self.transient = transient
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         return str(self.strerror)
@@ -63,3 +92,13 @@ class SourceIOError(HybridErofsError, OSError):
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same request may succeed."""
     return bool(getattr(exc, "transient", False))
+
+
+class CacheError(HybridErofsError, OSError):
+    """The on-disk chunk cache cannot be opened (unwritable directory, bad permissions).
+
+    Raised when a cache is opened; failures to store a chunk later only log a warning.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "cache error"

@@ -1,0 +1,295 @@
+"""RegistryClient: fetch and verify manifests, choose a platform and a gzip layer, name blob URLs.
+
+One pooled httpx.Client per registry; RegistryBlobSource (sources/registry.py) reads blobs with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import httpx
+
+from ..errors import AuthError, RegistryError
+from .auth import RegistryAuth
+from .credentials import Credentials
+from .platform import Platform, descriptor_platform, host_platform, matches, parse_platform
+from .redact import install_log_redaction
+from .reference import Reference, parse_reference, validate_digest
+
+log = logging.getLogger(__name__)
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+# Explicit Accept list, indexes first: 2.8 answers 404 for OCI content without it and
+# down-converts Docker schema2 to schema1 (oci-registry.md §1.2).
+MANIFEST_ACCEPT = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+SCHEMA1_TYPES = frozenset({
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+})
+GZIP_LAYER_TYPES = frozenset({
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+})
+MAX_MANIFEST_SIZE = 32 << 20  # the spec asks registries to accept >= 4 MB; ggcr caps at 100 MiB
+USER_AGENT = "hybrid-erofs"
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A content descriptor (image-spec descriptor.md): what a blob is, its digest and size."""
+
+    media_type: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A verified manifest or index: media type, digest of the exact body, parsed JSON."""
+
+    media_type: str
+    digest: str
+    body: bytes = field(repr=False)
+    data: dict[str, object] = field(repr=False, compare=False)
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_TYPES
+
+
+def compute_digest(body: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+
+
+def parse_manifest(
+    body: bytes, content_type: str | None, *, subject: str, expected_digest: str | None = None
+) -> Manifest:
+    """Check a manifest body: digest (DS:173-177), media type vs Content-Type (DS:162-167),
+    no schema1. `expected_digest` is the digest reference or the index's child descriptor."""
+    if expected_digest is not None:
+        algorithm = expected_digest.partition(":")[0]
+        actual = compute_digest(body, algorithm)
+        if actual != expected_digest:
+            raise RegistryError(
+                f"{subject}: manifest digest mismatch: expected {expected_digest}, "
+                f"got {actual} ({len(body)} bytes)"
+            )
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        if ctype in SCHEMA1_TYPES:
+            data = {"schemaVersion": 1}
+        else:
+            raise RegistryError(f"{subject}: manifest is not JSON ({len(body)} bytes)") from exc
+    if not isinstance(data, dict):
+        raise RegistryError(f"{subject}: manifest is not a JSON object")
+    if ctype in SCHEMA1_TYPES or data.get("schemaVersion") == 1:
+        raise RegistryError(
+            f"{subject}: Docker schema1 manifests are deprecated and not supported; "
+            "push the image again with a current tool (OCI or Docker schema2)"
+        )
+    declared = data.get("mediaType")
+    if isinstance(declared, str) and ctype in INDEX_TYPES | MANIFEST_TYPES and declared != ctype:
+        raise RegistryError(
+            f"{subject}: mediaType {declared!r} does not match Content-Type {ctype!r}"
+        )
+    media_type = ctype if ctype in INDEX_TYPES | MANIFEST_TYPES else declared
+    if not isinstance(media_type, str) or media_type not in INDEX_TYPES | MANIFEST_TYPES:
+        # No usable type anywhere: recognise the shape (image-spec allows omitting mediaType).
+        media_type = OCI_INDEX if "manifests" in data else OCI_MANIFEST if "layers" in data else ""
+    if not media_type:
+        raise RegistryError(f"{subject}: unsupported manifest type {ctype or declared!r}")
+    return Manifest(media_type, expected_digest or compute_digest(body), body, data)
+
+
+def _descriptor(raw: object, subject: str) -> Descriptor:
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{subject}: descriptor is not a JSON object")
+    media_type, digest, size = raw.get("mediaType"), raw.get("digest"), raw.get("size")
+    if not isinstance(digest, str) or not isinstance(size, int) or size < 0:
+        raise RegistryError(f"{subject}: descriptor lacks a valid digest and size")
+    validate_digest(digest, subject=subject)
+    return Descriptor(media_type if isinstance(media_type, str) else "", digest, size)
+
+
+def select_manifest(index: Manifest, wanted: Platform, *, subject: str) -> Descriptor:
+    """The first index entry whose platform matches `wanted` (image-index.md)."""
+    entries = index.data.get("manifests")
+    if not isinstance(entries, list):
+        raise RegistryError(f"{subject}: index has no 'manifests' list")
+    offered: list[str] = []
+    for raw in entries:
+        if not isinstance(raw, dict):
+            continue
+        candidate = descriptor_platform(raw)
+        offered.append(str(candidate))
+        if matches(wanted, candidate) and raw.get("mediaType", OCI_MANIFEST) in MANIFEST_TYPES:
+            return _descriptor(raw, subject)
+    raise RegistryError(
+        f"{subject}: no manifest for platform {wanted} (index offers: "
+        f"{', '.join(offered) or 'nothing'})"
+    )
+
+
+def select_layer(
+    manifest: Manifest, *, layer: int | None = None, blob: str | None = None, subject: str
+) -> Descriptor:
+    """Choose a layer by position (negative counts from the end) or by blob digest; the only
+    layer when neither is given. Refuse anything but gzip layers."""
+    raw_layers = manifest.data.get("layers")
+    if not isinstance(raw_layers, list):
+        raise RegistryError(f"{subject}: manifest has no 'layers' list")
+    layers = [_descriptor(raw, subject) for raw in raw_layers]
+    count = len(layers)
+    if blob is not None:
+        validate_digest(blob, subject=subject)
+        found = [n for n, d in enumerate(layers) if d.digest == blob]
+        if not found:
+            raise RegistryError(f"{subject}: blob {blob} is not one of the image's {count} layers")
+        position = found[0]
+    elif layer is not None:
+        if not -count <= layer < count:
+            raise RegistryError(
+                f"{subject}: layer {layer} is out of range: the image has {count} layers"
+            )
+        position = layer % count
+    elif count == 1:
+        position = 0
+    else:
+        raise RegistryError(
+            f"{subject}: the image has {count} layers; choose one with layer=N or blob=DIGEST"
+        )
+    chosen = layers[position]
+    if chosen.media_type not in GZIP_LAYER_TYPES:
+        kind = (
+            "zstd-compressed" if "zstd" in chosen.media_type
+            else "uncompressed" if chosen.media_type.endswith(".tar") else "not a gzip tar"
+        )
+        raise RegistryError(
+            f"{subject}: layer {position} is {kind} (media type {chosen.media_type!r}); "
+            "only gzip layers are supported"
+        )
+    return chosen
+
+
+class RegistryClient:
+    """Talks to one repository of one registry over a single pooled httpx.Client. Thread-safe.
+
+    Args:
+        reference: image reference (string or Reference).
+        transport: httpx transport seam (tests pass httpx.MockTransport); default a pooled one.
+        auth: an httpx.Auth; default RegistryAuth(credentials) for the registry origin.
+        credentials: used by the default auth; default anonymous.
+        insecure: allow plain HTTP to a non-loopback registry (loopback hosts always use HTTP).
+        timeout_s: connect/read/write timeout per request.
+    """
+
+    def __init__(
+        self,
+        reference: Reference | str,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        auth: httpx.Auth | None = None,
+        credentials: Credentials | None = None,
+        insecure: bool = False,
+        timeout_s: float = 30.0,
+        max_connections: int = 16,
+    ) -> None:
+        install_log_redaction()  # httpx logs URLs; presigned query strings are credentials
+        self.reference = parse_reference(reference) if isinstance(reference, str) else reference
+        scheme = "http" if insecure else self.reference.scheme
+        self.base_url = f"{scheme}://{self.reference.api_host}"
+        self.auth = auth if auth is not None else RegistryAuth(self.base_url, credentials)
+        limits = httpx.Limits(max_connections=max_connections,
+                              max_keepalive_connections=max_connections)
+        self.http = httpx.Client(
+            transport=transport, auth=self.auth, timeout=httpx.Timeout(timeout_s),
+            limits=limits, follow_redirects=False, headers={"User-Agent": USER_AGENT},
+        )
+
+    def _url(self, kind: str, ref: str) -> httpx.URL:
+        return httpx.URL(f"{self.base_url}/v2/{self.reference.repository}/{kind}/{ref}")
+
+    def blob_url(self, digest: str) -> httpx.URL:
+        return self._url("blobs", digest)
+
+    def get_manifest(self, ref: str | None = None, *, expected_digest: str | None = None) -> Manifest:
+        """GET /v2/<name>/manifests/<ref> with the Accept list; verify it (see parse_manifest)."""
+        ref = ref or self.reference.manifest_ref
+        if expected_digest is None and ":" in ref:
+            expected_digest = ref
+        url = self._url("manifests", ref)
+        subject = f"GET {url}"
+        headers = {"Accept": ", ".join(MANIFEST_ACCEPT)}
+        try:
+            # Registries MAY redirect any request (DS:825); httpx drops Authorization when the
+            # origin changes, and RegistryAuth never adds it off the registry's origin.
+            with self.http.stream("GET", url, headers=headers, follow_redirects=True) as response:
+                _check_status(response, subject)
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_MANIFEST_SIZE:
+                        raise RegistryError(f"{subject}: manifest larger than {MAX_MANIFEST_SIZE} bytes")
+                content_type = response.headers.get("content-type")
+        except httpx.TransportError as exc:
+            raise RegistryError(f"{subject}: {type(exc).__name__}: {exc}", transient=True) from exc
+        return parse_manifest(bytes(body), content_type, subject=subject,
+                              expected_digest=expected_digest)
+
+    def resolve(self, platform: Platform | str | None = None) -> Manifest:
+        """The image manifest for `platform` (default: this host's), via the index if any."""
+        top = self.get_manifest()
+        if not top.is_index:
+            return top
+        wanted = parse_platform(platform) if isinstance(platform, str) else platform
+        wanted = wanted or host_platform()
+        child = select_manifest(top, wanted, subject=str(self.reference))
+        manifest = self.get_manifest(child.digest, expected_digest=child.digest)
+        if manifest.is_index:
+            raise RegistryError(f"{self.reference}@{child.digest}: nested indexes are not supported")
+        return manifest
+
+    def layer_descriptor(
+        self, *, layer: int | None = None, blob: str | None = None,
+        platform: Platform | str | None = None,
+    ) -> Descriptor:
+        """Resolve the reference to one gzip layer's descriptor (media type, digest, size)."""
+        manifest = self.resolve(platform)
+        return select_layer(manifest, layer=layer, blob=blob,
+                            subject=f"{self.reference.registry}/{self.reference.repository}"
+                                    f"@{manifest.digest}")
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _check_status(response: httpx.Response, subject: str) -> None:
+    status = response.status_code
+    if status == 200:
+        return
+    if status in (401, 403):
+        raise AuthError(f"{subject}: HTTP {status}: authentication required or access denied")
+    if status == 404:
+        raise RegistryError(f"{subject}: HTTP 404: manifest unknown")
+    raise RegistryError(f"{subject}: HTTP {status}",
+                        transient=status in (408, 429) or status >= 500)

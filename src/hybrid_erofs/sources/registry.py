@@ -1,0 +1,307 @@
+"""RegistryBlobSource: a ByteSource over one registry blob, read with HTTP Range requests.
+
+The bottom of the stack (RetrySource goes directly above it). Redirects are followed by hand:
+Range is kept, Authorization stays on the registry's origin (DS:825), the storage URL is cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+
+from ..errors import RegistryError, SourceIOError
+from ..oci.auth import origin
+from ..oci.client import Descriptor, RegistryClient
+from ..oci.credentials import resolve_credentials
+from ..oci.redact import redact
+from ..oci.reference import parse_reference
+from ..source import ByteSource, check_range
+
+log = logging.getLogger(__name__)
+
+# 408/429/5xx and the de-facto 499 (nginx) and 522 (Cloudflare) as in ggcr transport/retry.go.
+TRANSIENT_STATUS = frozenset({408, 429, 499, 500, 502, 503, 504, 522})
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+# An expired or refused presigned URL (S3/GCS answer 403, some 400/401): resolve again once
+# through the registry, as soci-snapshotter's refreshURL.
+_REFRESH_STATUS = frozenset({400, 401, 403})
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def public_url(url: httpx.URL) -> str:
+    """The URL without user info, query or fragment: presigned query strings are credentials."""
+    return str(url.copy_with(query=None, fragment=None, username=None, password=None))
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+class RegistryBlobSource:
+    """Random access to a registry blob by single-range GETs. Thread-safe.
+
+    `pread` sends `Range: bytes=a-b` and `Accept-Encoding: identity`; a 206 must carry the
+    matching Content-Range (total = descriptor size); a 200 (Range ignored, allowed since Range
+    is only a SHOULD, DS:196) is streamed and skipped up to the offset, with one warning.
+    Failures raise SourceIOError whose `.transient` is True for 408/429/5xx, resets and
+    timeouts, and `.retry_after_s` carries Retry-After. Messages never show query strings.
+
+    Args:
+        client: the RegistryClient of the blob's repository (its httpx.Client is shared).
+        descriptor: the blob's descriptor; `size` comes from it, no request is made here.
+        close_client: close `client` in `close()` (when this source is its only user).
+        max_redirects: redirect hops followed per request (default 10).
+    """
+
+    def __init__(
+        self, client: RegistryClient, descriptor: Descriptor, *, close_client: bool = False,
+        max_redirects: int = 10,
+    ) -> None:
+        self.client, self.descriptor = client, descriptor
+        self._close_client, self._max_redirects = close_client, max_redirects
+        self._blob_url = client.blob_url(descriptor.digest)
+        self._origin = origin(self._blob_url)
+        self._lock = threading.Lock()
+        self._storage_url: httpx.URL | None = None
+        self._warned_full_body = False
+        self.requests = 0  # upstream HTTP requests, redirect hops included (for tests)
+
+    @property
+    def size(self) -> int:
+        return self.descriptor.size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        check_range(self, length, offset)
+        if length == 0:
+            return b""
+        end = offset + length - 1
+        response, url = self._open(offset, end)
+        out = bytearray(length)
+        filled = 0
+        try:
+            skip = self._check_body(response, url, offset, end)
+            if skip:
+                self._warn_full_body(url)
+            for chunk in response.iter_bytes():
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    chunk, skip = chunk[dropped:], skip - dropped
+                take = min(len(chunk), length - filled)
+                out[filled : filled + take] = chunk[:take]
+                filled += take
+                if take < len(chunk) and response.status_code == 206:
+                    raise SourceIOError(f"GET {public_url(url)}: body longer than "
+                                        f"{length} bytes for bytes {offset}-{end}")
+                if filled == length and response.status_code == 200:
+                    break  # the rest of a full body is not needed; closing drops it
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc, url, offset, end) from exc
+        finally:
+            response.close()
+        if filled != length:
+            raise SourceIOError(
+                f"GET {public_url(url)}: body ended after {filled} of {length} bytes "
+                f"for bytes {offset}-{end}", transient=True)
+        return bytes(out)
+
+    def iter_range(self, offset: int = 0) -> Iterator[bytes]:
+        """Stream the blob from `offset` to its end with one Range GET, chunks as received."""
+        check_range(self, 0, offset)
+        if offset == self.size:
+            return
+        end = self.size - 1
+        response, url = self._open(offset, end)
+        try:
+            skip = self._check_body(response, url, offset, end)
+            for chunk in response.iter_bytes():  # as received: progress survives resets
+                if skip:
+                    dropped = min(skip, len(chunk))
+                    chunk, skip = chunk[dropped:], skip - dropped
+                if chunk:
+                    yield chunk
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc, url, offset, end) from exc
+        finally:
+            response.close()
+
+    def close(self) -> None:
+        if self._close_client:
+            self.client.close()
+
+    # -- requests --------------------------------------------------------------------------
+    def _open(self, offset: int, end: int) -> tuple[httpx.Response, httpx.URL]:
+        """Send the Range GET; return a 200/206 response (unread) and the URL that answered."""
+        headers = {"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"}
+        with self._lock:
+            cached = self._storage_url
+        url = cached or self._blob_url
+        response, final = self._send(url, headers, offset, end)
+        if cached is not None and response.status_code in _REFRESH_STATUS:
+            response.close()
+            log.debug("GET %s: HTTP %d from the cached storage URL; resolving it again",
+                      public_url(cached), response.status_code)
+            with self._lock:
+                if self._storage_url == cached:
+                    self._storage_url = None
+            response, final = self._send(self._blob_url, headers, offset, end)
+        status = response.status_code
+        if status in (200, 206):
+            if final != self._blob_url:
+                with self._lock:
+                    self._storage_url = final
+            return response, final
+        response.close()
+        message = f"GET {public_url(final)}: HTTP {status} for bytes {offset}-{end}"
+        if status == 416:
+            message += f" (blob size {self.size})"
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        raise SourceIOError(message, transient=status in TRANSIENT_STATUS,
+                            retry_after_s=retry_after)
+
+    def _send(
+        self, url: httpx.URL, headers: dict[str, str], offset: int, end: int
+    ) -> tuple[httpx.Response, httpx.URL]:
+        http = self.client.http
+        for _ in range(self._max_redirects + 1):
+            request = http.build_request("GET", url, headers=headers)
+            same_origin = origin(url) == self._origin
+            try:
+                with self._lock:
+                    self.requests += 1
+                if same_origin:
+                    response = http.send(request, stream=True)
+                else:  # DS:825: no Authorization off the registry's origin, whatever the auth
+                    response = http.send(request, stream=True, auth=None)
+            except httpx.TransportError as exc:
+                raise self._transport_error(exc, url, offset, end) from exc
+            except RegistryError as exc:  # token server trouble inside the auth flow
+                raise SourceIOError(f"GET {public_url(url)}: {exc}",
+                                    transient=exc.transient) from exc
+            location = response.headers.get("location")
+            if response.status_code not in _REDIRECT_STATUS or not location:
+                return response, url
+            response.close()
+            url = url.join(location)
+        raise SourceIOError(f"GET {public_url(self._blob_url)}: more than "
+                            f"{self._max_redirects} redirects for bytes {offset}-{end}")
+
+    def _check_body(self, response: httpx.Response, url: httpx.URL, offset: int, end: int) -> int:
+        """Validate a 200/206 answer; return how many leading body bytes to skip."""
+        subject = f"GET {public_url(url)}"
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise SourceIOError(f"{subject}: unexpected Content-Encoding {encoding!r} "
+                                f"for bytes {offset}-{end}")
+        if response.status_code == 200:
+            length = response.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) != self.size:
+                raise SourceIOError(f"{subject}: full body of {length} bytes, "
+                                    f"but the blob size is {self.size}")
+            return offset
+        value = response.headers.get("content-range", "")
+        match = _CONTENT_RANGE.fullmatch(value.strip())
+        # RFC 9110 §14.4: a 206 names the range it carries; it must be exactly what we asked.
+        if not match or (int(match[1]), int(match[2])) != (offset, end) or (
+            match[3] != "*" and int(match[3]) != self.size
+        ):
+            raise SourceIOError(f"{subject}: Content-Range {value!r} does not match "
+                                f"bytes {offset}-{end}/{self.size}")
+        return 0
+
+    def _warn_full_body(self, url: httpx.URL) -> None:
+        with self._lock:
+            warned, self._warned_full_body = self._warned_full_body, True
+        if not warned:
+            log.warning("GET %s: the server ignores Range (HTTP 200); every read streams the "
+                        "blob from its start", public_url(url))
+
+    def _transport_error(
+        self, exc: httpx.TransportError, url: httpx.URL, offset: int, end: int
+    ) -> SourceIOError:
+        # Connection errors, resets and timeouts may all heal (ggcr retry predicate).
+        detail = redact(str(exc))
+        return SourceIOError(f"GET {public_url(url)}: {type(exc).__name__} for bytes "
+                             f"{offset}-{end}: {detail}", transient=True)
+
+
+def iter_blob(
+    source: ByteSource, chunk_size: int = 1 << 20, *, verify: bool = True, attempts: int = 5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[bytes]:
+    """Yield the whole blob in order, for the index pass.
+
+    A RegistryBlobSource is streamed with one GET, resumed from the current offset after a
+    transient failure (up to `attempts` tries without progress); and, with `verify`, its
+    sha256/sha512 is checked against the descriptor at the end (DS:192). Any other ByteSource
+    is read with `pread` in `chunk_size` pieces.
+    """
+    if not isinstance(source, RegistryBlobSource):
+        for offset in range(0, source.size, chunk_size):
+            yield source.pread(min(chunk_size, source.size - offset), offset)
+        return
+    digest = source.descriptor.digest
+    hasher = hashlib.new(digest.partition(":")[0]) if verify else None
+    offset, failures = 0, 0
+    while offset < source.size:
+        try:
+            for chunk in source.iter_range(offset):
+                chunk = chunk[: source.size - offset]
+                if hasher is not None:
+                    hasher.update(chunk)
+                offset += len(chunk)
+                failures = 0
+                yield chunk
+            if offset < source.size:
+                raise SourceIOError(f"blob {digest}: stream ended at {offset} of "
+                                    f"{source.size} bytes", transient=True)
+        except SourceIOError as exc:
+            failures += 1
+            if not exc.transient or failures >= attempts:
+                raise
+            delay_s = exc.retry_after_s or min(5.0, 0.2 * 2 ** (failures - 1))
+            log.info("%s; resuming at offset %d in %.1f s", exc, offset, delay_s)
+            sleep(delay_s)
+    if hasher is not None and f"{digest.partition(':')[0]}:{hasher.hexdigest()}" != digest:
+        raise SourceIOError(f"blob {digest}: digest mismatch after reading {offset} bytes "
+                            f"(got {hasher.name}:{hasher.hexdigest()})")
+
+
+def open_registry_blob(
+    reference: str, *, layer: int | None = None, blob: str | None = None,
+    platform: str | None = None, username: str | None = None, password: str | None = None,
+    insecure: bool = False, transport: httpx.BaseTransport | None = None,
+    timeout_s: float = 30.0,
+) -> tuple[RegistryBlobSource, Descriptor]:
+    """Resolve `reference` to one gzip layer and open it as a RegistryBlobSource.
+
+    Credentials: explicit username/password, else the auth files (oci/credentials.py).
+    The returned source owns its RegistryClient (closed by `source.close()`).
+    """
+    ref = parse_reference(reference)
+    credentials = resolve_credentials(ref, username=username, password=password)
+    client = RegistryClient(ref, transport=transport, credentials=credentials,
+                            insecure=insecure, timeout_s=timeout_s)
+    try:
+        descriptor = client.layer_descriptor(layer=layer, blob=blob, platform=platform)
+    except BaseException:
+        client.close()
+        raise
+    return RegistryBlobSource(client, descriptor, close_client=True), descriptor
