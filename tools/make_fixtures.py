@@ -425,7 +425,7 @@ def _pipe(argv: list[str], data: bytes, magic: bytes) -> bytes:
 
 
 ORACLE_FILES = (
-    "small.tar.gz", "small.zinfo",
+    "small.files", "small.tar.gz", "small.zinfo",
     "compressible.tar.gz", "compressible.zinfo", "compressible.v1.zinfo",
     "multimember.tar.gz", "multimember.zinfo",
 )
@@ -455,13 +455,41 @@ def zinfo_v2_to_v1(v2: bytes) -> bytes:
     return v2[:12] + v2[12 + record:]
 
 
-def make_oracle_fixtures(dest: Path) -> dict[str, str]:
+PIN_FILE = "small.files"
+
+
+def pinned_files(dest: Path, *, reselect: bool) -> list[Path]:
+    """The real files of the committed layers, pinned in DEST/small.files ("sha256  path" lines).
+
+    /usr changes whenever a package is installed, so a fresh selection would drift; the pin
+    keeps regeneration byte-identical and fails loudly when a pinned file changed or vanished.
+    """
+    pin = dest / PIN_FILE
+    if reselect or not pin.exists():
+        files = select_files(1 << 20, salt="fixture")
+        pin.write_text("".join(
+            f"{'-' * 64 if p.is_symlink() else _sha256(p)}  {p}\n" for p in files))
+        return files
+    files, changed = [], []
+    for line in pin.read_text().splitlines():
+        digest, path = line.split("  ", 1)
+        file = Path(path)
+        files.append(file)
+        if not file.is_symlink() and (not file.is_file() or _sha256(file) != digest):
+            changed.append(path)
+    if changed:
+        raise SystemExit(f"{pin}: {len(changed)} pinned files changed or vanished on this machine "
+                         f"(first: {changed[0]}); rerun with --reselect to pick new ones")
+    return files
+
+
+def make_oracle_fixtures(dest: Path, *, reselect: bool = False) -> dict[str, str]:
     """Regenerate fixtures/gzip/ (layers + mkfs.erofs-oracle zinfo files); return name -> sha256."""
     dest.mkdir(parents=True, exist_ok=True)
     work = dest / ".work"
     work.mkdir(exist_ok=True)
     try:
-        small_files = select_files(1 << 20, salt="fixture")
+        small_files = pinned_files(dest, reselect=reselect)
         # small: ~1 MiB of real files; at erofs' fixed 4 MiB span that is one checkpoint.
         write_tar(work / "small.tar", small_files)
         run_gzip("gzip", work / "small.tar", dest / "small.tar.gz")
@@ -504,10 +532,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="small sizes (unit-test mode)")
     parser.add_argument("--oracle", action="store_true",
                         help="regenerate the committed fixtures/gzip/ files with mkfs.erofs-oracle")
+    parser.add_argument("--reselect", action="store_true",
+                        help="with --oracle: pick new real files instead of fixtures/gzip/small.files")
     args = parser.parse_args(argv)
     if args.oracle:
         dest = args.outdir or Path(__file__).resolve().parent.parent / "fixtures" / "gzip"
-        for name, digest in make_oracle_fixtures(dest).items():
+        for name, digest in make_oracle_fixtures(dest, reselect=args.reselect).items():
             print(f"{digest}  {name}  {(dest / name).stat().st_size}")
         return 0
     if args.outdir is None:

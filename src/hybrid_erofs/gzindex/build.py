@@ -15,7 +15,7 @@ from typing import BinaryIO, Protocol
 
 from ..errors import GzipFormatError
 from .format import WINDOW_SIZE, Checkpoint, GzipIndex
-from .inflate import Z_BLOCK, Z_BUF_ERROR, Z_OK, Z_STREAM_END, load_engine, new_stream
+from .inflate import Z_BLOCK, Z_BUF_ERROR, Z_NO_FLUSH, Z_OK, Z_STREAM_END, load_engine, new_stream
 
 DEFAULT_SPAN = 4 << 20
 INPUT_SIZE = 1 << 20
@@ -196,9 +196,19 @@ class _Builder:
                 outview[:WINDOW_SIZE] = outview[pos - WINDOW_SIZE : pos]
                 pos = sink_from = WINDOW_SIZE
             room = out_total - pos
+            # Only the first block end past last_out + span can become a checkpoint, so
+            # inflate freely (Z_NO_FLUSH, up to 1 MiB a call) until that threshold and stop
+            # at each block end (Z_BLOCK) only beyond it: ~30x fewer calls than Z_BLOCK
+            # everywhere, and the same checkpoints.
+            free = last_out + span - totout
+            if totout == 0 or force or free <= 0:
+                flush = Z_BLOCK
+            else:
+                flush = Z_NO_FLUSH
+                room = min(room, free)
             strm.next_out = out_addr + pos
             strm.avail_out = room
-            rc = inflate(ref, Z_BLOCK)
+            rc = inflate(ref, flush)
             produced = room - strm.avail_out
             pos += produced
             totout += produced
@@ -216,6 +226,8 @@ class _Builder:
                     f"{self.name}: corrupt gzip data near compressed offset {consumed} "
                     f"(uncompressed {totout}): {msg}"
                 )
+            if flush != Z_BLOCK:
+                continue
             data_type = strm.data_type
             # zlib.h: bit 7 = stopped at a block end (or after the gzip header), bit 6 = in the
             # last block, bits 0-2 = unused bits of the last input byte.

@@ -11,6 +11,7 @@ import ctypes.util
 from collections.abc import Callable
 from typing import Any
 
+Z_NO_FLUSH = 0
 Z_OK = 0
 Z_STREAM_END = 1
 Z_NEED_DICT = 2
