@@ -1,18 +1,20 @@
 """The one place byte-source stacks are assembled (CLI and tests share it).
 
 open_layer(): a local layer file -> its uncompressed layer data (FileSource, or GzipSource
-over a FileSource with the layer's zinfo).
+over a FileSource with the layer's zinfo). open_device(): meta || layer data, checked.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .errors import InvalidInput
 from .gzindex.build import detect_format
 from .gzindex.format import load_index
 from .gzindex.source import GzipSource
 from .source import ByteSource, FileSource
+from .sources.concat import open_disk
 
 
 def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | None = None,
@@ -38,4 +40,24 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
         raise
 
 
-__all__ = ["open_layer"]
+def open_device(layer: str, *, meta: Path, zinfo: Path | None = None) -> ByteSource:
+    """Open the device the kernel mounts: the meta image followed by the layer's data.
+
+    `meta` is checked against the layer (device table, sizes) before anything is served;
+    closing the result closes both files.
+    """
+    meta_source = FileSource(meta)
+    try:
+        layer_source = open_layer(layer, zinfo=zinfo)
+    except BaseException:
+        meta_source.close()
+        raise
+    try:
+        return open_disk(meta_source, layer_source, name=str(meta))
+    except BaseException:
+        layer_source.close()
+        meta_source.close()
+        raise
+
+
+__all__ = ["open_device", "open_layer"]
