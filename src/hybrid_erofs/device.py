@@ -9,12 +9,29 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .erofs.reader import ErofsImage
 from .errors import InvalidInput
 from .gzindex.build import detect_format
 from .gzindex.format import load_index
 from .gzindex.source import GzipSource
 from .source import ByteSource, FileSource
 from .sources.concat import open_disk
+
+
+def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
+               zinfo: str | os.PathLike[str] | None = None) -> ErofsImage:
+    """The meta image for reading without a mount, with LAYER (uncompressed through
+    open_layer) as its device 1 when given."""
+    meta_source = FileSource(meta)
+    devices: list[ByteSource] = []
+    try:
+        if layer is not None:
+            devices.append(open_layer(layer, zinfo=zinfo))
+        return ErofsImage(meta_source, devices=devices)
+    except BaseException:
+        for source in (meta_source, *devices):
+            source.close()
+        raise
 
 
 def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | None = None,
@@ -60,4 +77,4 @@ def open_device(layer: str, *, meta: Path, zinfo: Path | None = None) -> ByteSou
         raise
 
 
-__all__ = ["open_device", "open_layer"]
+__all__ = ["open_device", "open_image", "open_layer"]

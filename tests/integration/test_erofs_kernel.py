@@ -144,6 +144,6 @@ def test_real_rootfs_tar_matches_oracle(prerequisites: None, tmp_path: Path) -> 
     """A real root filesystem tar, e.g. debootstrap --variant=minbase + tar --xattrs."""
     rootfs = os.environ.get("HYBRID_EROFS_ROOTFS_TAR")
     if not rootfs:
-        pytest.skip("HYBRID_EROFS_ROOTFS_TAR is not set")
+        ci_required("HYBRID_EROFS_ROOTFS_TAR is not set (a tar of a real root filesystem)")
     paths = compare_with_oracle(Path(rootfs), tmp_path, aufs=False, via="file")
     assert paths > 100

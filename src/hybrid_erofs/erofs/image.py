@@ -9,6 +9,7 @@ import bisect
 import stat
 import struct
 
+from hybrid_erofs.erofs.crc32c import crc32c
 from hybrid_erofs.erofs.tree import Node, split_xattr_name
 from hybrid_erofs.errors import TarFormatError
 
@@ -35,27 +36,6 @@ _XATTR_HEADER = bytes(12)   # h_name_filter = 0 (compat XATTR_FILTER clear), no 
 
 _FILE_TYPES = {stat.S_IFREG: 1, stat.S_IFDIR: 2, stat.S_IFCHR: 3, stat.S_IFBLK: 4,
                stat.S_IFIFO: 5, stat.S_IFSOCK: 6, stat.S_IFLNK: 7}
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1  # reflected Castagnoli
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes | bytearray, seed: int = 0xFFFFFFFF) -> int:
-    """EROFS superblock crc: crc32c update from `seed` with NO final xor (§1.3)."""
-    crc, table = seed, _CRC_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc
 
 
 def xattr_body(xattrs: dict[bytes, bytes]) -> bytes:
