@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from hybrid_erofs.errors import SourceIOError
 from hybrid_erofs.source import MemorySource, check_range
@@ -45,4 +46,17 @@ class FlakySource(CountingSource):
             self.calls.append((length, offset))
             raise SourceIOError(f"flaky: read of {length} at {offset} failed",
                                 transient=self.transient)
+        return super().pread(length, offset)
+
+
+class SlowSource(CountingSource):
+    """Takes `delay_s` per read (time.sleep releases the GIL), so concurrent readers overlap."""
+
+    def __init__(self, data: bytes, *, delay_s: float) -> None:
+        super().__init__(data)
+        self.delay_s = delay_s
+
+    def pread(self, length: int, offset: int) -> bytes:
+        check_range(self, length, offset)
+        time.sleep(self.delay_s)
         return super().pread(length, offset)

@@ -1,0 +1,270 @@
+"""ChunkStore: one blob's cached chunks on disk, a sparse `data` file plus an `index` of checksums.
+
+Below ChunkCacheSource. Chosen over one file per chunk: faster warm hits (15-52 vs 24-69 µs per
+4 KiB, tools/bench_chunkcache.py), no open() per hit, one rename to evict a blob."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import cast
+
+from ..errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+def _load_crc32() -> Callable[[bytes | memoryview], int]:
+    """isal or zlib-ng (PCLMUL, about 17 µs per MiB) before stdlib zlib (about 150 µs per MiB)."""
+    try:
+        from isal import isal_zlib
+
+        return cast(Callable[[bytes | memoryview], int], isal_zlib.crc32)
+    except ImportError:  # pragma: no cover - depends on the platform's wheels
+        pass
+    try:
+        from zlib_ng import zlib_ng
+
+        return cast(Callable[[bytes | memoryview], int], zlib_ng.crc32)
+    except ImportError:  # pragma: no cover
+        return zlib.crc32
+
+
+_crc32 = _load_crc32()
+
+FORMAT_DIR = "chunks-v1"  # bump when the layout changes, so old and new never mix
+_MAGIC = b"HECHUNK1"
+_HEADER = struct.Struct("<8sQQ")  # magic, blob size, chunk size
+_HEADER_SIZE = 64  # room for future fields; records start here
+_RECORD = struct.Struct("<II")  # crc32 of the chunk's bytes, check of (chunk number, crc32)
+# OCI image-spec descriptor.md digest grammar; the encoded part is restricted further so that a
+# digest can never name a path outside the cache (no '/', no '..').
+_DIGEST = re.compile(r"([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)")
+FILE_MODE = 0o600  # private registries' bytes stay private to the user who pulled them
+DIR_MODE = 0o700
+
+
+def blob_dir(cache_dir: Path, key: str) -> Path:
+    """Directory of blob `key` ("sha256:<hex>") inside `cache_dir`."""
+    match = _DIGEST.fullmatch(key)
+    if match is None:
+        raise InvalidInput(f"{key!r}: not a blob digest (expected 'sha256:<hex>')")
+    return cache_dir / FORMAT_DIR / match.group(1) / match.group(2)
+
+
+def _check(number: int, crc: int) -> int:
+    """Self-check of a record; odd by construction, so an all-zero record is never valid."""
+    return zlib.crc32(struct.pack("<QI", number, crc)) | 1
+
+
+def read_header(index_fd: int) -> tuple[int, int] | None:
+    """(blob size, chunk size) from an index file, or None when the header is not ours."""
+    raw = os.pread(index_fd, _HEADER.size, 0)
+    if len(raw) != _HEADER.size:
+        return None
+    magic, size, chunk_size = _HEADER.unpack(raw)
+    if magic != _MAGIC or chunk_size < 1:
+        return None
+    return size, chunk_size
+
+
+def count_records(index_fd: int, chunk_count: int) -> int:
+    """How many chunks an index marks present (records only; data is checked on read)."""
+    raw = os.pread(index_fd, chunk_count * _RECORD.size, _HEADER_SIZE)
+    present = 0
+    for number, (crc, check) in enumerate(_RECORD.iter_unpack(raw[: len(raw) // 8 * 8])):
+        present += check == _check(number, crc)
+    return present
+
+
+class ChunkStore:
+    """One blob's chunks in `directory`: `data` (chunk N at N * chunk_size, sparse), `index`.
+
+    `index` is a 64-byte header (magic, blob size, chunk size) and one 8-byte record per chunk:
+    the chunk's crc32 and a check over (chunk number, crc32). Crash-safety rule: a run of chunks
+    is written to `data` and fdatasync'ed before its records are written, and every read is
+    verified against the recorded crc32. So a chunk whose write was interrupted, a hole, a torn
+    or zeroed record, a truncated file or bit rot all read as "absent", never as zeros; the
+    index itself needs no fsync (a lost record only costs a refetch).
+
+    Two lock files: `open.lock` is held shared (flock) while the store is open, so eviction,
+    which needs it exclusively, never removes a blob in use; `fetch.lock` takes POSIX byte-range
+    locks, byte N standing for chunk N, so two processes never fetch the same chunk at once.
+    POSIX locks belong to the process: threads must not lock overlapping ranges (the caller
+    deduplicates in-process), and two stores of one blob in one process do not exclude each
+    other (a duplicate fetch, never wrong data).
+
+    Thread-safe for reads and for writes of disjoint chunks (pread/pwrite on shared fds).
+    """
+
+    def __init__(self, directory: Path, *, size: int, chunk_size: int) -> None:
+        self.directory = directory
+        self.size = size
+        self._open_fd = self._lock_open(directory)
+        try:
+            self._index_fd, self.chunk_size = self._open_index(directory, size, chunk_size)
+            self._data_fd = os.open(directory / "data", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                    FILE_MODE)
+            self._fetch_fd = os.open(directory / "fetch.lock",
+                                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        except BaseException:
+            os.close(self._open_fd)
+            raise
+        self.chunk_count = -(-size // self.chunk_size)
+        self._crcs: dict[int, int] = {}  # records already seen valid; records never change
+
+    @staticmethod
+    def _lock_open(directory: Path) -> int:
+        """Open and flock(LOCK_SH) `open.lock`, retrying if eviction removed the directory."""
+        while True:
+            directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            fd = os.open(directory / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         FILE_MODE)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            # Eviction renames the directory away while holding LOCK_EX: if it did so between
+            # our open and our lock, our lock is on a file that no longer has this name.
+            try:
+                if os.stat(directory / "open.lock").st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    @staticmethod
+    def _open_index(directory: Path, size: int, chunk_size: int) -> tuple[int, int]:
+        """Open `index`, creating it or replacing a foreign/mismatched one; returns its chunk size."""
+        path = directory / "index"
+        replace = False
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+        else:
+            header = read_header(fd)
+            if header is not None and header[0] == size:
+                # A store created with another chunk size stays usable: adopt its size.
+                return fd, header[1]
+            log.warning("%s: index header %s does not match blob size %d; starting afresh",
+                        path, header, size)
+            os.close(fd)
+            replace = True
+        tmp = directory / f".index.{os.getpid()}.{time.monotonic_ns()}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        try:
+            os.pwrite(fd, _HEADER.pack(_MAGIC, size, chunk_size).ljust(_HEADER_SIZE, b"\0"), 0)
+            os.fsync(fd)
+            if replace:
+                os.replace(tmp, path)  # a racing replacer may win; either header is right
+                with contextlib.suppress(OSError):
+                    os.truncate(directory / "data", 0)  # old bytes may follow another geometry
+            else:
+                try:
+                    os.link(tmp, path)  # create-if-absent, atomically
+                except FileExistsError:
+                    os.close(fd)
+                    fd = -1
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if fd >= 0:
+                os.close(fd)
+            raise
+        if fd < 0:  # another process created it first: use theirs
+            return ChunkStore._open_index(directory, size, chunk_size)
+        return fd, chunk_size
+
+    def chunk_length(self, number: int) -> int:
+        """Bytes in chunk `number` (the last chunk may be short)."""
+        return min(self.chunk_size, self.size - number * self.chunk_size)
+
+    def records(self, first: int, count: int) -> list[int | None]:
+        """crc32 of chunks first..first+count-1 as recorded on disk now (None: absent)."""
+        raw = os.pread(self._index_fd, count * _RECORD.size, _HEADER_SIZE + first * _RECORD.size)
+        crcs: list[int | None] = [None] * count
+        for k, (crc, check) in enumerate(_RECORD.iter_unpack(raw[: len(raw) // 8 * 8])):
+            if check == _check(first + k, crc):
+                crcs[k] = crc
+        return crcs
+
+    def has(self, number: int) -> bool:
+        """True when chunk `number` is recorded present (its bytes are verified on read)."""
+        return number in self._crcs or self.records(number, 1)[0] is not None
+
+    def read(self, number: int, *, fresh: bool = False) -> bytes | None:
+        """Chunk `number`'s verified bytes, or None when absent, short or corrupt.
+
+        `fresh` ignores what this store remembers and reads the record again (another
+        process may have stored the chunk).
+        """
+        crc = None if fresh else self._crcs.get(number)
+        if crc is None:
+            crc = self.records(number, 1)[0]
+            if crc is None:
+                return None
+        length = self.chunk_length(number)
+        data = os.pread(self._data_fd, length, number * self.chunk_size)
+        if len(data) != length or _crc32(data) != crc:
+            log.warning("%s: chunk %d (%d bytes) fails its crc32 check; refetching",
+                     self.directory, number, length)
+            self._crcs.pop(number, None)
+            return None
+        self._crcs[number] = crc
+        return data
+
+    def write(self, first: int, data: bytes) -> None:
+        """Store whole chunks first.. from `data`: bytes, fdatasync, then the records."""
+        offset = first * self.chunk_size
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self._data_fd, view[done:], offset + done)
+        os.fdatasync(self._data_fd)
+        records = []
+        crcs = {}
+        for k in range(0, len(data), self.chunk_size):
+            number = first + k // self.chunk_size
+            crcs[number] = crc = _crc32(view[k : k + self.chunk_size])
+            records.append(_RECORD.pack(crc, _check(number, crc)))
+        os.pwrite(self._index_fd, b"".join(records), _HEADER_SIZE + first * _RECORD.size)
+        self._crcs.update(crcs)
+
+    @contextlib.contextmanager
+    def locked(self, first: int, count: int) -> Iterator[None]:
+        """Hold the cross-process fetch lock of chunks first..first+count-1."""
+        while True:
+            try:
+                fcntl.lockf(self._fetch_fd, fcntl.LOCK_EX, count, first)
+                break
+            except OSError as exc:
+                # The kernel sees POSIX locks per process, so threads of one process can look
+                # like a deadlock cycle to it; the cycle is not real, so wait and try again.
+                if exc.errno != errno.EDEADLK:
+                    raise
+                time.sleep(0.001)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fetch_fd, fcntl.LOCK_UN, count, first)
+
+    def touch(self) -> None:
+        """Mark the blob as used now (eviction is least-recently-used by this time)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.directory / "index")
+
+    def disk_bytes(self) -> int:
+        """Bytes this blob occupies on disk (allocated blocks, so holes are free)."""
+        return sum(os.fstat(fd).st_blocks * 512 for fd in (self._data_fd, self._index_fd))
+
+    def close(self) -> None:
+        for fd in (self._data_fd, self._index_fd, self._fetch_fd, self._open_fd):
+            os.close(fd)
