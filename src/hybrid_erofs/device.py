@@ -6,16 +6,21 @@ over a FileSource with the layer's zinfo). open_device(): meta || layer data, ch
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from .erofs.reader import ErofsImage
-from .errors import InvalidInput
+from .errors import IndexFormatError, InvalidInput
 from .gzindex.build import detect_format
-from .gzindex.format import load_index
+from .gzindex.format import parse_index
+from .gzindex.sidecar import load_sidecar, sidecar_path
 from .gzindex.source import GzipSource
 from .source import ByteSource, FileSource
 from .sources.concat import open_disk
+from .sources.verify import VerifiedSource
+
+log = logging.getLogger("hybrid_erofs.device")
 
 
 def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
@@ -38,8 +43,7 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
                size: int | None = None, cache_bytes: int = 64 << 20) -> ByteSource:
     """Open a local layer as uncompressed layer data.
 
-    A plain tar is read directly; a gzip layer needs its zinfo. `size` (the layer data size,
-    when known from elsewhere) saves decoding the last span once to learn it.
+    A plain tar is read directly; a gzip layer needs its zinfo (see `open_gzip_layer`).
     """
     blob = FileSource(path)
     try:
@@ -50,11 +54,51 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
             raise InvalidInput(f"{path}: {kind} file, not a gzip or tar layer")
         if zinfo is None:
             raise InvalidInput(f"{path}: gzip layer: give its zinfo (--zinfo FILE)")
-        index = load_index(zinfo, blob_size=blob.size)
-        return GzipSource(blob, index, size=size, cache_bytes=cache_bytes)
+        return open_gzip_layer(blob, zinfo=zinfo, name=str(path), size=size,
+                               cache_bytes=cache_bytes)
     except BaseException:
         blob.close()
         raise
+
+
+def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: str,
+                    blob_digest: str | None = None, size: int | None = None,
+                    cache_bytes: int = 64 << 20) -> GzipSource:
+    """Layer data of a gzip `blob` through its zinfo.
+
+    With the zinfo's sidecar (`layer.zinfo.json`, written by `index`), a blob of another size
+    or digest than the one indexed is refused here, every span is verified against its
+    sha256 before it is decoded (VerifiedSource), and the layer size needs no I/O. Without
+    it (a zinfo from erofs-utils or SOCI) reads are not verified: a warning says so.
+    """
+    zinfo_bytes = _read_zinfo(zinfo)
+    index = parse_index(zinfo_bytes, name=str(zinfo), blob_size=blob.size)
+    side_path = sidecar_path(zinfo)
+    inner: ByteSource = blob
+    if side_path.exists():
+        sidecar = load_sidecar(side_path, zinfo_bytes=zinfo_bytes)
+        if sidecar.blob_size != blob.size or (blob_digest and blob_digest != sidecar.blob_digest):
+            actual = f"{blob_digest} " if blob_digest else ""
+            raise InvalidInput(
+                f"{name}: not the layer {zinfo} was built for: that was {sidecar.blob_digest} "
+                f"({sidecar.blob_size} bytes), this is {actual}({blob.size} bytes)"
+            )
+        inner = VerifiedSource(blob, sidecar.spans, name=name)
+        size = sidecar.layer_size if size is None else size
+    else:
+        log.warning("%s: no %s beside the zinfo: spans are not verified", name, side_path.name)
+    return GzipSource(inner, index, size=size, cache_bytes=cache_bytes)
+
+
+def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:
+    try:
+        return Path(zinfo).read_bytes()
+    except FileNotFoundError as exc:
+        raise IndexFormatError(f"{zinfo}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise IndexFormatError(f"{zinfo}: is a directory, not a zinfo file") from exc
+    except OSError as exc:
+        raise IndexFormatError(f"{zinfo}: cannot read: {exc.strerror}") from exc
 
 
 def open_device(layer: str, *, meta: Path, zinfo: Path | None = None) -> ByteSource:
@@ -77,4 +121,4 @@ def open_device(layer: str, *, meta: Path, zinfo: Path | None = None) -> ByteSou
         raise
 
 
-__all__ = ["open_device", "open_image", "open_layer"]
+__all__ = ["open_device", "open_gzip_layer", "open_image", "open_layer"]

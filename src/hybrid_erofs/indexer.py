@@ -20,6 +20,7 @@ from typing import BinaryIO
 from .errors import InvalidInput, OutputError, TarFormatError
 from .gzindex.build import DEFAULT_SPAN, build_index, detect_format
 from .gzindex.format import dump_index
+from .gzindex.sidecar import Sidecar, dump_sidecar, sidecar_path
 from .outfile import check_writable, write_atomic
 
 READ_SIZE = 1 << 20
@@ -138,6 +139,7 @@ def index_layer(
 
     stream, _ = _open_input(layer)
     worker: _SinkThread | None = None
+    sidecar: Sidecar | None = None
     try:
         head = _read_head(stream, 512)
         kind = detect_format(head)
@@ -162,6 +164,12 @@ def index_layer(
             blob_size, digest, layer_size = result.blob_size, result.blob_sha256, result.layer_size
             checkpoints, members, engine_name = len(result.index), result.members, result.engine
             index_bytes = dump_index(result.index)
+            sidecar = Sidecar(
+                blob_digest=f"sha256:{digest}", blob_size=blob_size, layer_size=layer_size,
+                span=span, checkpoints=checkpoints,
+                zinfo_sha256=hashlib.sha256(index_bytes).hexdigest(),
+                spans=result.span_digests, tool=f"hybrid-erofs {_version()}",
+            )
         if worker is not None:
             worker.close()
         meta_bytes = builder.finish() if builder is not None else b""
@@ -174,15 +182,20 @@ def index_layer(
         if stream is not sys.stdin.buffer:
             stream.close()
 
-    if zinfo is not None:
-        write_atomic(zinfo, index_bytes)
-    if meta is not None:
-        try:
+    written: list[Path] = []
+    try:
+        if zinfo is not None:
+            assert sidecar is not None  # a zinfo is only made from gzip input
+            write_atomic(zinfo, index_bytes)
+            written.append(Path(zinfo))
+            write_atomic(sidecar_path(zinfo), dump_sidecar(sidecar))
+            written.append(sidecar_path(zinfo))
+        if meta is not None:
             write_atomic(meta, meta_bytes)
-        except OutputError:
-            if zinfo is not None:  # all or nothing: do not leave half the outputs
-                Path(zinfo).unlink(missing_ok=True)
-            raise
+    except OutputError:
+        for path in written:  # all or nothing: do not leave half the outputs
+            path.unlink(missing_ok=True)
+        raise
     return IndexReport(
         layer=layer, format=kind if kind == "tar" else "gzip", blob_size=blob_size,
         blob_sha256=digest, layer_size=layer_size, checkpoints=checkpoints, span=span,
@@ -261,6 +274,15 @@ def _pass_plain(head: bytes, stream: BinaryIO, sink: Callable[[memoryview], None
         if progress is not None:
             progress(total)
     return total, hasher.hexdigest()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hybrid-erofs")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
 
 
 def _meta_builder(*, aufs: bool, uuid: bytes | None, build_time: int | None):  # type: ignore[no-untyped-def]

@@ -7,15 +7,16 @@ meta builder), and records blob size, layer size and the blob's sha256.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from ..errors import GzipFormatError
 from .format import WINDOW_SIZE, Checkpoint, GzipIndex
 from .inflate import Z_BLOCK, Z_BUF_ERROR, Z_NO_FLUSH, Z_OK, Z_STREAM_END, load_engine, new_stream
+from .spans import SpanDigest, SpanHasher
 
 DEFAULT_SPAN = 4 << 20
 INPUT_SIZE = 1 << 20
@@ -78,6 +79,7 @@ class BuildResult:
     blob_size: int
     layer_size: int
     blob_sha256: str
+    span_digests: tuple[SpanDigest, ...]  # sha256 of each span's compressed bytes (spans.py)
     members: int
     elapsed_s: float
     engine: str
@@ -123,13 +125,27 @@ class _Builder:
         self.reader, self.span, self.every_member = reader, span, every_member
         self.sink, self.progress, self.name = sink, progress, name
         self.lib = load_engine(engine)
-        self.inbuf = ctypes.create_string_buffer(INPUT_SIZE)
-        self.inview = memoryview(self.inbuf).cast("B")
-        self.in_addr = ctypes.addressof(self.inbuf)
-        self.in_fill = 0  # valid bytes in inbuf
+        # Two input buffers used in turn: while inflate reads one, a hashing thread digests
+        # the bytes already consumed from the other (hashlib releases the GIL), so the blob
+        # sha256 and the span digests cost no time on the inflate thread.
+        self.buffers = [ctypes.create_string_buffer(INPUT_SIZE) for _ in range(2)]
+        self.pending: list[Future[None] | None] = [None, None]
+        self.current = 0
+        self.inview = memoryview(self.buffers[0]).cast("B")
+        self.in_addr = ctypes.addressof(self.buffers[0])
+        self.in_fill = 0  # valid bytes in the current buffer
+        self.retired = 0  # bytes at its start already handed to the hasher
         self.blob_read = 0
         self.eof = False
-        self.hasher = hashlib.sha256()
+        self.spans = SpanHasher()
+        self.hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-hash")
+
+    def _retire(self, end: int) -> None:
+        """Hand current-buffer bytes [retired, end) to the hashing thread."""
+        if end > self.retired:
+            job = self.hashing.submit(self.spans.feed, self.inview[self.retired : end])
+            self.pending[self.current] = job
+            self.retired = end
 
     def _fill(self, strm: ctypes.Structure, want: int) -> None:
         """Make at least `want` unconsumed input bytes available unless the blob ends first."""
@@ -137,15 +153,24 @@ class _Builder:
         if avail >= want or self.eof:
             return
         start = self.in_fill - avail
+        self._retire(start)
+        old = self.inview
+        self.current ^= 1
+        job = self.pending[self.current]
+        if job is not None:
+            job.result()  # the hasher is done with this buffer: it may be overwritten
+            self.pending[self.current] = None
+        self.inview = memoryview(self.buffers[self.current]).cast("B")
+        self.in_addr = ctypes.addressof(self.buffers[self.current])
         if avail:
-            self.inview[:avail] = self.inview[start : self.in_fill]
+            self.inview[:avail] = old[start : self.in_fill]
+        self.retired = 0
         fill = avail
         while fill < want and not self.eof:
             n = self.reader.readinto(self.inview[fill:])
             if not n:
                 self.eof = True
                 break
-            self.hasher.update(self.inview[fill : fill + n])
             fill += n
             self.blob_read += n
             if self.progress is not None:
@@ -153,6 +178,15 @@ class _Builder:
         self.in_fill = fill
         strm.next_in = self.in_addr
         strm.avail_in = fill
+
+    def _hash_results(self) -> tuple[str, tuple[SpanDigest, ...]]:
+        """Hash the rest of the blob; return its sha256 and the span digests."""
+        self._retire(self.in_fill)
+        self.hashing.shutdown(wait=True)
+        for job in self.pending:
+            if job is not None:
+                job.result()
+        return self.spans.blob.hexdigest(), tuple(self.spans.finish())
 
     def run(self) -> BuildResult:
         started = time.perf_counter()
@@ -169,6 +203,7 @@ class _Builder:
             return self._loop(strm, ref, started)
         finally:
             self.lib.end(ref)
+            self.hashing.shutdown(wait=True, cancel_futures=True)
 
     def _loop(self, strm: ctypes.Structure, ref: object, started: float) -> BuildResult:
         lib, span, sink = self.lib, self.span, self.sink
@@ -237,6 +272,8 @@ class _Builder:
                 consumed = self.blob_read - strm.avail_in
                 window = bytes(outview[pos - WINDOW_SIZE : pos])
                 checkpoints.append(Checkpoint(consumed, totout, data_type & 7, window))
+                if len(checkpoints) > 1:
+                    self.hashing.submit(self.spans.cut, consumed, data_type & 7)
                 last_out = totout
                 force = False
         if sink is not None and pos > sink_from:
@@ -246,8 +283,9 @@ class _Builder:
         # to resume into; erofs-utils never makes one since it stops at the end of the tar.
         while len(checkpoints) > 1 and checkpoints[-1].out_offset >= totout:
             checkpoints.pop()
+        blob_sha256, digests = self._hash_results()
         index = GzipIndex(span=span, checkpoints=tuple(checkpoints))
-        return BuildResult(index, self.blob_read, totout, self.hasher.hexdigest(), members,
+        return BuildResult(index, self.blob_read, totout, blob_sha256, digests, members,
                            elapsed, self.lib.name)
 
     def _next_member(self, strm: ctypes.Structure, members: int, totout: int) -> bool:

@@ -1,0 +1,110 @@
+"""VerifiedSource: checks compressed blob bytes against the span digests of the zinfo sidecar
+before anything above (GzipSource) decodes them. Sits above ChunkCacheSource.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from ..errors import SourceIOError
+from ..gzindex.spans import SpanDigest
+from ..source import ByteSource, check_range
+
+log = logging.getLogger("hybrid_erofs.verify")
+
+
+class VerifiedSource:
+    """A ByteSource whose reads return only bytes that passed their span's sha256.
+
+    A read fetches every span it touches whole (a span is one checkpoint's compressed bytes,
+    about span/ratio), verifies it, and keeps the last `cache_spans` verified spans, since
+    GzipSource reads a span in growing pieces. A mismatch raises SourceIOError (not
+    transient) and logs the span: never unverified bytes.
+
+    Args:
+        inner: the blob (usually the chunk cache); owned, closed by `close()`.
+        spans: the sidecar's digests, covering [0, inner.size) in order.
+        name: how messages name the blob (a digest or a path).
+        cache_spans: verified spans kept in memory (default 8).
+
+    Thread-safe; concurrent readers of one span wait for a single fetch.
+    """
+
+    def __init__(self, inner: ByteSource, spans: Sequence[SpanDigest], *, name: str = "blob",
+                 cache_spans: int = 8) -> None:
+        if cache_spans < 1:
+            raise ValueError(f"'cache_spans' must be >= 1 (got {cache_spans})")
+        end = spans[-1].offset + spans[-1].length if spans else 0
+        if end != inner.size:
+            raise SourceIOError(
+                f"{name}: span digests cover {end} bytes but the blob has {inner.size}"
+            )
+        self._inner = inner
+        self._spans = list(spans)
+        self._starts = [s.offset for s in spans]
+        self._name = name
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_spans = cache_spans
+        self._lock = threading.Lock()
+        self._span_locks = [threading.Lock() for _ in spans]
+        self.verified_spans = 0  # statistics: spans fetched and checked
+
+    @property
+    def size(self) -> int:
+        return self._inner.size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        check_range(self, length, offset)
+        if length == 0:
+            return b""
+        parts: list[bytes] = []
+        end = offset + length
+        # Neighbouring spans may share a byte; the later span serves it.
+        number = bisect_right(self._starts, offset) - 1
+        while offset < end:
+            span = self._spans[number]
+            data = self._verified(number)
+            stop = min(end, span.offset + span.length)
+            parts.append(data[offset - span.offset : stop - span.offset])
+            offset = stop
+            number += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _verified(self, number: int) -> bytes:
+        with self._lock:
+            data = self._cache.get(number)
+            if data is not None:
+                self._cache.move_to_end(number)
+                return data
+        with self._span_locks[number]:
+            with self._lock:
+                data = self._cache.get(number)
+            if data is not None:
+                return data
+            span = self._spans[number]
+            data = self._inner.pread(span.length, span.offset)
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != span.sha256:
+                log.error("%s: span %d (bytes %d-%d) has sha256 %s, expected %s", self._name,
+                          number, span.offset, span.offset + span.length - 1, digest, span.sha256)
+                raise SourceIOError(
+                    f"{self._name}: span {number} (compressed bytes {span.offset}-"
+                    f"{span.offset + span.length - 1}) failed verification: sha256 {digest[:12]}... "
+                    f"instead of {span.sha256[:12]}... (corrupt or tampered blob)"
+                )
+            self.verified_spans += 1
+            with self._lock:
+                self._cache[number] = data
+                while len(self._cache) > self._cache_spans:
+                    self._cache.popitem(last=False)
+            return data
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
+        self._inner.close()

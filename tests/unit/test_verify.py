@@ -1,0 +1,157 @@
+"""Span digests: computed in the index pass, written beside the zinfo, checked before decoding."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from hybrid_erofs.device import open_layer
+from hybrid_erofs.errors import IndexFormatError, InvalidInput, SourceIOError
+from hybrid_erofs.gzindex.build import build_index
+from hybrid_erofs.gzindex.sidecar import load_sidecar, sidecar_path
+from hybrid_erofs.gzindex.spans import SpanDigest, SpanHasher
+from hybrid_erofs.indexer import index_layer
+from hybrid_erofs.source import MemorySource
+from hybrid_erofs.sources.verify import VerifiedSource
+
+from ..doubles import CountingSource
+from .test_gzip_source import mixed
+
+DATA = mixed(21, 4 << 20)
+
+
+def spans_of(blob: bytes, cuts: list[tuple[int, int]]) -> list[SpanDigest]:
+    hasher = SpanHasher()
+    for cut in cuts:
+        hasher.cut(*cut)
+    hasher.feed(blob)
+    return hasher.finish()
+
+
+@pytest.mark.parametrize("pieces", [1, 7, 1000])
+def test_span_hasher_extents_and_digests(pieces: int) -> None:
+    blob = random.Random(1).randbytes(100_000)
+    cuts = [(1000, 3), (1000, 0), (50_000, 0), (50_001, 5)]
+    hasher = SpanHasher()
+    step = -(-len(blob) // pieces)
+    queue = list(cuts)
+    for offset in range(0, len(blob), step):
+        while queue and queue[0][0] > offset:  # cuts arrive before their bytes, or exactly at them
+            hasher.cut(*queue.pop(0))
+        hasher.feed(blob[offset : offset + step])
+    for cut in queue:
+        hasher.cut(*cut)
+    spans = hasher.finish()
+    assert [(s.offset, s.length) for s in spans] == [
+        (0, 1000), (999, 1), (1000, 49_000), (50_000, 1), (50_000, 50_000)]
+    for span in spans:
+        assert span.sha256 == hashlib.sha256(blob[span.offset : span.offset + span.length]).hexdigest()
+    assert hasher.blob.hexdigest() == hashlib.sha256(blob).hexdigest()
+
+
+def test_builder_digests_cover_the_blob() -> None:
+    blob = gzip.compress(DATA)
+    result = build_index(io.BytesIO(blob), span=256 << 10)
+    spans = result.span_digests
+    assert len(spans) == len(result.index) > 5
+    assert spans[0].offset == 0 and spans[-1].offset + spans[-1].length == len(blob)
+    for cp, span in zip(result.index.checkpoints[1:], spans[1:], strict=True):
+        assert span.offset == cp.in_offset - (1 if cp.bits else 0)
+    for span in spans:
+        assert span.sha256 == hashlib.sha256(blob[span.offset : span.offset + span.length]).hexdigest()
+
+
+def test_verified_source_reads_and_caches() -> None:
+    blob = random.Random(2).randbytes(300_000)
+    inner = CountingSource(blob)
+    source = VerifiedSource(inner, spans_of(blob, [(100_000, 3), (200_000, 0)]), cache_spans=2)
+    rng = random.Random(3)
+    for _ in range(200):
+        offset = rng.randrange(len(blob))
+        length = min(rng.randrange(1, 150_000), len(blob) - offset)
+        assert source.pread(length, offset) == blob[offset : offset + length]
+    calls = len(inner.calls)
+    source.pread(10, 150_000)
+    source.pread(10, 150_010)
+    assert len(inner.calls) <= calls + 1  # a span is fetched and checked once while cached
+
+
+def test_tampered_bytes_are_eio_never_data() -> None:
+    blob = random.Random(4).randbytes(300_000)
+    spans = spans_of(blob, [(100_000, 0), (200_000, 0)])
+    bad = bytearray(blob)
+    bad[150_000] ^= 1
+    source = VerifiedSource(MemorySource(bytes(bad)), spans)
+    assert source.pread(100, 10) == blob[10:110]  # other spans still read
+    with pytest.raises(SourceIOError, match="span 1 .* failed verification"):
+        source.pread(1, 199_999)
+    with pytest.raises(SourceIOError):
+        source.pread(200_000, 0)
+
+
+@pytest.fixture()
+def indexed(tmp_path: Path) -> tuple[Path, Path]:
+    layer = tmp_path / "layer.tar.gz"
+    # Random runs give stored blocks: a flipped byte there decodes "fine" without digests.
+    layer.write_bytes(gzip.compress(DATA, 6))
+    zinfo = tmp_path / "layer.zinfo"
+    index_layer(str(layer), zinfo=zinfo, meta=None, span=256 << 10)
+    return layer, zinfo
+
+
+def test_index_writes_the_sidecar(indexed: tuple[Path, Path]) -> None:
+    layer, zinfo = indexed
+    side = load_sidecar(sidecar_path(zinfo), zinfo_bytes=zinfo.read_bytes())
+    assert side.blob_digest == "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest()
+    assert side.blob_size == layer.stat().st_size and side.layer_size == len(DATA)
+    assert side.checkpoints == len(side.spans)
+
+
+def test_open_layer_verifies_and_knows_the_size(indexed: tuple[Path, Path]) -> None:
+    layer, zinfo = indexed
+    source = open_layer(layer, zinfo=zinfo)
+    assert source.size == len(DATA)
+    assert source.pread(4096, 3_000_000) == DATA[3_000_000:3_004_096]
+    source.close()
+    # Corrupt one byte inside a stored block: the digests catch what inflate cannot.
+    blob = bytearray(layer.read_bytes())
+    stored = _stored_block_byte(bytes(blob))
+    blob[stored] ^= 0x20
+    layer.write_bytes(bytes(blob))
+    source = open_layer(layer, zinfo=zinfo)
+    with pytest.raises(SourceIOError, match="failed verification"):
+        for offset in range(0, len(DATA), 1 << 20):
+            source.pread(min(1 << 20, len(DATA) - offset), offset)
+    source.close()
+
+
+def _stored_block_byte(blob: bytes) -> int:
+    """An offset inside a stored block: random layer bytes appear verbatim in the blob."""
+    rng_run = max(range(0, len(DATA) - 4096, 4096),
+                  key=lambda o: len(set(DATA[o : o + 4096])))  # the most random 4 KiB
+    probe = DATA[rng_run + 1000 : rng_run + 1032]
+    position = blob.find(probe)
+    assert position > 0, "no stored block found"
+    return position + 5
+
+
+def test_wrong_layer_or_wrong_sidecar_is_refused(indexed: tuple[Path, Path], tmp_path: Path) -> None:
+    layer, zinfo = indexed
+    other = tmp_path / "other.tar.gz"
+    other.write_bytes(gzip.compress(DATA[:-1000], 6))
+    with pytest.raises(InvalidInput, match=r"not the layer .* was built for: that was sha256:"):
+        open_layer(other, zinfo=zinfo)
+    side = json.loads(sidecar_path(zinfo).read_text())
+    side["zinfo_sha256"] = "0" * 64
+    sidecar_path(zinfo).write_text(json.dumps(side))
+    with pytest.raises(IndexFormatError, match="belongs to another zinfo"):
+        open_layer(layer, zinfo=zinfo)
+    sidecar_path(zinfo).write_text("{not json")
+    with pytest.raises(IndexFormatError, match="not a readable JSON sidecar"):
+        open_layer(layer, zinfo=zinfo)
