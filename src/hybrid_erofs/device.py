@@ -1,14 +1,21 @@
 """The one place byte-source stacks are assembled (CLI and tests share it).
 
-open_layer(): a local layer file -> its uncompressed layer data (FileSource, or GzipSource
-over a FileSource with the layer's zinfo). open_device(): meta || layer data, checked.
+open_layer(): a local layer file or a registry reference -> its uncompressed layer data:
+  local .tar:    FileSource
+  local .tar.gz: FileSource -> VerifiedSource -> GzipSource
+  registry:      RegistryBlobSource -> RetrySource -> ChunkCacheSource -> VerifiedSource
+                 -> GzipSource
+open_device(): meta || layer data, checked against each other.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from .erofs.reader import ErofsImage
 from .errors import IndexFormatError, InvalidInput
@@ -17,21 +24,69 @@ from .gzindex.format import parse_index
 from .gzindex.sidecar import load_sidecar, sidecar_path
 from .gzindex.source import GzipSource
 from .source import ByteSource, FileSource
+from .sources.chunkcache import ChunkCacheSource
 from .sources.concat import open_disk
+from .sources.registry import open_registry_blob
+from .sources.retry import RetrySource
 from .sources.verify import VerifiedSource
 
 log = logging.getLogger("hybrid_erofs.device")
 
 
+@dataclass(frozen=True, slots=True)
+class RegistryOptions:
+    """How to reach a layer in a registry. `password` is used in memory only: never logged,
+    never written to a state file (a remount reads it again from its source)."""
+
+    platform: str | None = None
+    layer: int | None = None
+    blob: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    insecure: bool = False
+    cache_dir: Path | None = None
+    cache_max_bytes: int | None = None
+    transport: httpx.BaseTransport | None = field(default=None, repr=False, compare=False)
+
+
+_LAYER_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".gz")
+
+
+def is_local(source: str) -> bool:
+    """A layer argument names a local file when such a file exists, it is "-", or it looks
+    like a path (absolute, ./ or ../, or a layer file suffix); otherwise it is a reference."""
+    return (source == "-" or os.path.exists(source) or source.startswith(("/", "./", "../", "~"))
+            or source.endswith(_LAYER_SUFFIXES))
+
+
+def open_registry_layer_blob(reference: str, options: RegistryOptions) -> tuple[ByteSource, str]:
+    """The compressed blob of a registry layer, as the stack below GzipSource:
+    RegistryBlobSource -> RetrySource -> ChunkCacheSource. Returns it and the blob digest."""
+    blob, descriptor = open_registry_blob(
+        reference, layer=options.layer, blob=options.blob, platform=options.platform,
+        username=options.username, password=options.password, insecure=options.insecure,
+        transport=options.transport,
+    )
+    try:
+        retried = RetrySource(blob)
+        cached = ChunkCacheSource(retried, key=descriptor.digest, cache_dir=options.cache_dir,
+                                  max_bytes=options.cache_max_bytes)
+    except BaseException:
+        blob.close()
+        raise
+    return cached, descriptor.digest
+
+
 def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
-               zinfo: str | os.PathLike[str] | None = None) -> ErofsImage:
+               zinfo: str | os.PathLike[str] | None = None,
+               registry: RegistryOptions | None = None) -> ErofsImage:
     """The meta image for reading without a mount, with LAYER (uncompressed through
     open_layer) as its device 1 when given."""
     meta_source = FileSource(meta)
     devices: list[ByteSource] = []
     try:
         if layer is not None:
-            devices.append(open_layer(layer, zinfo=zinfo))
+            devices.append(open_layer(layer, zinfo=zinfo, registry=registry))
         return ErofsImage(meta_source, devices=devices)
     except BaseException:
         for source in (meta_source, *devices):
@@ -40,11 +95,23 @@ def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
 
 
 def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | None = None,
-               size: int | None = None, cache_bytes: int = 64 << 20) -> ByteSource:
-    """Open a local layer as uncompressed layer data.
+               size: int | None = None, cache_bytes: int = 64 << 20,
+               registry: RegistryOptions | None = None) -> ByteSource:
+    """Open a layer as uncompressed layer data: a local file, or a registry reference when
+    no such file exists.
 
     A plain tar is read directly; a gzip layer needs its zinfo (see `open_gzip_layer`).
     """
+    if not is_local(str(path)):
+        if zinfo is None:
+            raise InvalidInput(f"{path}: a registry layer needs its zinfo (--zinfo FILE)")
+        remote, digest = open_registry_layer_blob(str(path), registry or RegistryOptions())
+        try:
+            return open_gzip_layer(remote, zinfo=zinfo, name=str(path), blob_digest=digest,
+                                   size=size, cache_bytes=cache_bytes)
+        except BaseException:
+            remote.close()
+            raise
     blob = FileSource(path)
     try:
         kind = detect_format(blob.pread(min(512, blob.size), 0))
@@ -101,7 +168,8 @@ def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:
         raise IndexFormatError(f"{zinfo}: cannot read: {exc.strerror}") from exc
 
 
-def open_device(layer: str, *, meta: Path, zinfo: Path | None = None) -> ByteSource:
+def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
+                registry: RegistryOptions | None = None) -> ByteSource:
     """Open the device the kernel mounts: the meta image followed by the layer's data.
 
     `meta` is checked against the layer (device table, sizes) before anything is served;
@@ -109,7 +177,7 @@ def open_device(layer: str, *, meta: Path, zinfo: Path | None = None) -> ByteSou
     """
     meta_source = FileSource(meta)
     try:
-        layer_source = open_layer(layer, zinfo=zinfo)
+        layer_source = open_layer(layer, zinfo=zinfo, registry=registry)
     except BaseException:
         meta_source.close()
         raise
@@ -121,4 +189,12 @@ def open_device(layer: str, *, meta: Path, zinfo: Path | None = None) -> ByteSou
         raise
 
 
-__all__ = ["open_device", "open_gzip_layer", "open_image", "open_layer"]
+__all__ = [
+    "RegistryOptions",
+    "is_local",
+    "open_device",
+    "open_gzip_layer",
+    "open_image",
+    "open_layer",
+    "open_registry_layer_blob",
+]

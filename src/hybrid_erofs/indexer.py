@@ -7,21 +7,24 @@ written atomically only after the whole pass succeeded.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from .errors import InvalidInput, OutputError, TarFormatError
+from .device import RegistryOptions, is_local
+from .errors import InvalidInput, OutputError, SourceIOError, TarFormatError
 from .gzindex.build import DEFAULT_SPAN, build_index, detect_format
 from .gzindex.format import dump_index
 from .gzindex.sidecar import Sidecar, dump_sidecar, sidecar_path
 from .outfile import check_writable, write_atomic
+from .sources.registry import iter_blob, open_registry_blob
 
 READ_SIZE = 1 << 20
 
@@ -74,6 +77,51 @@ class _PeekReader:
         return self._stream.readinto(buffer) or 0  # type: ignore[attr-defined]
 
 
+class _ChunkStream(io.RawIOBase):
+    """A readable binary stream over an iterator of byte chunks (a registry blob download)."""
+
+    def __init__(self, chunks: Iterator[bytes], on_close: Callable[[], None]) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._pending = memoryview(b"")
+        self._on_close = on_close
+
+    def close(self) -> None:
+        if not self.closed:
+            self._on_close()
+        super().close()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = memoryview(chunk)
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), len(self._pending))
+        view[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def _open_remote(reference: str, registry: RegistryOptions) -> tuple[BinaryIO, str, int]:
+    """Stream a registry layer once (no copy on disk); its digest is checked by the caller
+    against the sha256 the index pass computes anyway."""
+    blob, descriptor = open_registry_blob(
+        reference, layer=registry.layer, blob=registry.blob, platform=registry.platform,
+        username=registry.username, password=registry.password, insecure=registry.insecure,
+        transport=registry.transport,
+    )
+    if not descriptor.digest.startswith("sha256:"):
+        blob.close()
+        raise InvalidInput(f"{reference}: layer digest {descriptor.digest} is not sha256")
+    stream = io.BufferedReader(_ChunkStream(iter_blob(blob, verify=False), blob.close), READ_SIZE)
+    return stream, descriptor.digest, descriptor.size
+
+
 def _open_input(layer: str) -> tuple[BinaryIO, int | None]:
     if layer == "-":
         return sys.stdin.buffer, None
@@ -121,8 +169,9 @@ def index_layer(
     build_time: int | None = None,
     engine: str = "auto",
     progress: Callable[[int], None] | None = None,
+    registry: RegistryOptions | None = None,
 ) -> IndexReport:
-    """Index `layer` (a path, or "-" for stdin) in one pass.
+    """Index `layer` (a path, "-" for stdin, or a registry reference) in one pass.
 
     Writes `zinfo` (SOCI zinfo v2; gzip input only) and/or `meta` (EROFS tar-index image),
     each atomically, only once the whole input was read without error.
@@ -133,11 +182,15 @@ def index_layer(
     if len(outputs) == 2 and os.path.abspath(outputs[0]) == os.path.abspath(outputs[1]):
         raise InvalidInput(f"{outputs[0]}: the zinfo and the meta cannot be the same file")
     for out in outputs:
-        if _same_file(layer, out):
+        if is_local(layer) and _same_file(layer, out):
             raise InvalidInput(f"{out}: is the input layer itself; refusing to overwrite it")
         check_writable(out)
 
-    stream, _ = _open_input(layer)
+    expected_digest: str | None = None
+    if is_local(layer):
+        stream, _ = _open_input(layer)
+    else:
+        stream, expected_digest, _ = _open_remote(layer, registry or RegistryOptions())
     worker: _SinkThread | None = None
     sidecar: Sidecar | None = None
     try:
@@ -162,6 +215,11 @@ def index_layer(
                                  sink=sink, engine=engine, progress=progress,
                                  name="<stdin>" if layer == "-" else layer)
             blob_size, digest, layer_size = result.blob_size, result.blob_sha256, result.layer_size
+            if expected_digest is not None and expected_digest != f"sha256:{digest}":
+                raise SourceIOError(
+                    f"{layer}: blob digest mismatch: the registry named {expected_digest}, "
+                    f"the bytes received hash to sha256:{digest}"
+                )
             checkpoints, members, engine_name = len(result.index), result.members, result.engine
             index_bytes = dump_index(result.index)
             sidecar = Sidecar(

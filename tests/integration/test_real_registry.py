@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -18,24 +17,9 @@ from hybrid_erofs.oci.credentials import Credentials, resolve_credentials
 from hybrid_erofs.oci.reference import parse_reference
 from hybrid_erofs.sources.registry import RegistryBlobSource, iter_blob, open_registry_blob
 from hybrid_erofs.sources.retry import RetrySource
-from tests.conftest import ci_required
-from tests.registry_rig import USER, Rig, missing_prerequisites
+from tests.registry_rig import USER, Rig
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    missing = missing_prerequisites()
-    if missing:
-        ci_required(f"real-registry tests need: {', '.join(missing)} "
-                    "(apt-get install docker-registry skopeo apache2-utils)")
-    rig = Rig(tmp_path_factory.mktemp("registry-rig"))
-    try:
-        rig.start()
-        yield rig
-    finally:
-        rig.stop()
 
 
 def _check_random_reads(source: RegistryBlobSource | RetrySource, blob: bytes,

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 
+from ..device import RegistryOptions, is_local
 from ..gzindex.build import DEFAULT_SPAN
 from ..indexer import index_layer
-from .options import Progress, SizeType, UuidType, human
+from .options import Progress, SizeType, UuidType, human, registry_options
 
 
 @click.command("index")
@@ -35,10 +36,13 @@ from .options import Progress, SizeType, UuidType, human
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress line on stderr [default: when stderr is a terminal].")
+@registry_options
 def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span: int,
           every_member: bool, aufs: bool, uuid: bytes | None, build_time: int | None,
-          engine: str, as_json: bool, progress: bool | None) -> None:
-    """Index LAYER (a .tar.gz, a plain .tar, or - for stdin) in one pass.
+          engine: str, as_json: bool, progress: bool | None, registry: RegistryOptions) -> None:
+    """Index LAYER (a .tar.gz, a plain .tar, - for stdin, or a registry reference) in one pass.
+
+    A registry layer is streamed once (nothing is stored on disk) and its digest checked.
 
     \b
     Examples:
@@ -46,18 +50,19 @@ def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span
         hybrid-erofs index layer.tar.gz -o layer.zinfo --meta m.erofs --span 1MiB
         curl -sL "$BLOB_URL" | hybrid-erofs index - -o layer.zinfo --meta m.erofs
         hybrid-erofs index layer.tar --meta m.erofs                 # plain tar: meta only
+        hybrid-erofs index ghcr.io/acme/app:1.0 --layer -1 -o app.zinfo --meta app.erofs
     """
     if no_meta:
         if meta is not None:
             raise click.UsageError("--meta and --no-meta contradict each other")
     elif meta is None and zinfo is not None:
         meta = zinfo.parent / "m.erofs"
-    total = os.path.getsize(layer) if layer != "-" and os.path.isfile(layer) else None
+    total = os.path.getsize(layer) if is_local(layer) and os.path.isfile(layer) else None
     bar = Progress("indexing", total, enabled=progress)
     try:
         report = index_layer(layer, zinfo=zinfo, meta=meta, span=span, every_member=every_member,
                              aufs=aufs, uuid=uuid, build_time=build_time, engine=engine,
-                             progress=bar)
+                             progress=bar, registry=registry)
     finally:
         bar.done()
     if as_json:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import time
 import uuid as uuidlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
+
+from ..device import RegistryOptions
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
@@ -92,3 +98,45 @@ class Progress:
         if self._shown:
             sys.stderr.write("\r\x1b[2K")
             sys.stderr.flush()
+
+
+def registry_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the options that reach a layer in a registry; the command receives `registry`
+    (a RegistryOptions). The password comes from stdin only, never from argv."""
+    options = [
+        click.option("--platform", metavar="OS/ARCH[/VARIANT]",
+                     help="Platform to pick from a multi-platform image [default: this host's]."),
+        click.option("--layer", "layer_index", type=int, metavar="N",
+                     help="Layer by position in the manifest (0 first, -1 last)."),
+        click.option("--blob", metavar="sha256:HEX", help="Layer by blob digest."),
+        click.option("--username", help="Registry user (else auth.json / docker config)."),
+        click.option("--password-stdin", is_flag=True,
+                     help="Read the registry password (or token) from stdin."),
+        click.option("--insecure", is_flag=True,
+                     help="Allow plain HTTP to a registry that is not on localhost."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Blob chunk cache [default: /var/cache/hybrid-erofs for root, "
+                          "else $XDG_CACHE_HOME/hybrid-erofs]."),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, platform: str | None, layer_index: int | None, blob: str | None,
+                username: str | None, password_stdin: bool, insecure: bool,
+                cache_dir: Path | None, **kwargs: Any) -> Any:
+        password = None
+        if password_stdin:
+            if username is None:
+                raise click.UsageError("--password-stdin needs --username")
+            password = sys.stdin.readline().rstrip("\r\n")
+            if not password:
+                raise click.UsageError("--password-stdin: nothing on stdin")
+        if layer_index is not None and blob is not None:
+            raise click.UsageError("--layer and --blob contradict each other: give one")
+        kwargs["registry"] = RegistryOptions(
+            platform=platform, layer=layer_index, blob=blob, username=username,
+            password=password, insecure=insecure, cache_dir=cache_dir)
+        return func(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
