@@ -5,6 +5,7 @@ A failure or interruption leaves the old file or none, never a partial one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -50,7 +51,5 @@ def check_writable(path: str | os.PathLike[str]) -> None:
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
