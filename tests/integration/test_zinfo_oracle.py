@@ -51,7 +51,7 @@ def test_same_checkpoints_as_mkfs_erofs(layers: dict[str, Path], tmp_path: Path,
     # its ring buffer keeps stale bytes the new member cannot refer to: compare the part of
     # each window that lies inside the checkpoint's own member.
     starts = member_starts(layer.read_bytes())
-    for number, (a, b) in enumerate(zip(ours.checkpoints, theirs.checkpoints)):
+    for number, (a, b) in enumerate(zip(ours.checkpoints, theirs.checkpoints, strict=True)):
         if number == 0:
             continue
         member_start = max(m for m in starts if m <= a.out_offset)

@@ -37,7 +37,7 @@ def test_builder_output_and_stream(layers: dict[str, Path], name: str) -> None:
     cps = result.index.checkpoints
     assert cps[0].out_offset == 0
     assert cps[0].window == bytes(WINDOW_SIZE)
-    for prev, cp in zip(cps, cps[1:]):
+    for prev, cp in zip(cps, cps[1:], strict=False):
         assert cp.out_offset - prev.out_offset > SPAN or cp.out_offset == prev.out_offset
         # Every window is the 32 KiB of layer data before its checkpoint.
         start = max(0, cp.out_offset - WINDOW_SIZE)
