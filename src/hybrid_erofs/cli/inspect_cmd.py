@@ -10,6 +10,7 @@ import click
 
 from ..device import open_layer
 from ..gzindex.format import load_index
+from ..gzindex.sidecar import load_sidecar, sidecar_path
 from .options import SizeType, human
 
 
@@ -36,6 +37,12 @@ def inspect(zinfo: Path, show_all: bool, as_json: bool) -> None:
         "last_out_offset": cps[-1].out_offset,
         "unaligned": sum(1 for cp in cps if cp.bits),
     }
+    side = sidecar_path(zinfo)
+    if side.exists():
+        sidecar = load_sidecar(side, zinfo_bytes=zinfo.read_bytes())
+        info["sidecar"] = {"file": str(side), "blob_digest": sidecar.blob_digest,
+                           "blob_size": sidecar.blob_size, "layer_size": sidecar.layer_size,
+                           "span_digests": len(sidecar.spans), "tool": sidecar.tool}
     if show_all or as_json:
         info["list"] = [{"in": cp.in_offset, "out": cp.out_offset, "bits": cp.bits} for cp in cps]
     if as_json:
@@ -45,6 +52,13 @@ def inspect(zinfo: Path, show_all: bool, as_json: bool) -> None:
                f"{human(int(info['file_size']))}")  # type: ignore[call-overload]
     click.echo(f"  last checkpoint: compressed {cps[-1].in_offset}, uncompressed {cps[-1].out_offset}; "
                f"{info['unaligned']} start mid-byte")
+    if "sidecar" in info:
+        side_info: dict[str, object] = info["sidecar"]  # type: ignore[assignment]
+        click.echo(f"  built for {side_info['blob_digest']} ({side_info['blob_size']} bytes, "
+                   f"{side_info['layer_size']} bytes of layer data); "
+                   f"{side_info['span_digests']} span digests in {side_info['file']}")
+    else:
+        click.echo(f"  no {side.name}: reads through this zinfo are not verified")
     if show_all:
         click.echo(f"  {'#':>6} {'in':>14} {'out':>14} bits")
         for number, cp in enumerate(cps):
