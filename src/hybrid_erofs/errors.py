@@ -14,6 +14,8 @@
   x SourceIOError (OSError, errno EIO) a byte source could not deliver its bytes
                                        (`.transient`, `.retry_after_s` from HTTP Retry-After)
   x CacheError (OSError)               the on-disk chunk cache directory is unusable
+  x MountError (OSError)               mount/umount failed (mountpoint, kernel, daemon, state)
+    + MountBusy                        the mount is in use; `.pids` name who uses it
 """
 
 from __future__ import annotations
@@ -102,3 +104,18 @@ class CacheError(HybridErofsError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "cache error"
+
+
+class MountError(HybridErofsError, OSError):
+    """A mount, umount or reattach failed; nothing of the attempt is left behind."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "mount error"
+
+
+class MountBusy(MountError):
+    """The mount is in use; `pids` lists the processes holding it (may be empty)."""
+
+    def __init__(self, message: str, *, pids: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.pids = pids

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import click
 
-from ..device import open_device
+from ..device import RegistryOptions, open_device
 from ..errors import InvalidInput
 from ..source import ByteSource
+from .options import registry_options
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,9 @@ def _looks_like_reference(text: str) -> bool:
 
 
 def _check_layer(layer: str) -> None:
-    if os.path.exists(layer):
+    """A missing local file gets its own message instead of a registry lookup of its name."""
+    if os.path.exists(layer) or _looks_like_reference(layer):
         return
-    if _looks_like_reference(layer):
-        raise InvalidInput(f"{layer}: registry references are not supported yet; "
-                           f"give a local layer file")
     raise InvalidInput(f"{layer}: no such layer file")
 
 
@@ -121,13 +120,14 @@ def _say(text: str) -> None:
               help="Name of the device file inside the --fuse directory.")
 @click.option("--allow-other", is_flag=True,
               help="--fuse: let other users read the file (needs user_allow_other for non-root).")
+@registry_options
 def serve(layer: str, meta: Path, zinfo: Path | None, socket_path: Path | None,
           listen: str | None, listen_any: bool, fuse_dir: Path | None, name: str | None,
-          file_name: str, allow_other: bool) -> None:
+          file_name: str, allow_other: bool, registry: RegistryOptions) -> None:
     """Serve SOURCE's device (META followed by the uncompressed layer) until SIGTERM/SIGINT.
 
-    SOURCE is a local layer file (.tar.gz with --zinfo, or a plain .tar). Registry references
-    are not supported yet. Give one of --socket, --listen or --fuse; without any, NBD is served
+    SOURCE is a local layer file (.tar.gz with --zinfo, or a plain .tar) or a registry
+    reference (with --zinfo; --layer/--blob/--platform pick the layer). Give one of --socket, --listen or --fuse; without any, NBD is served
     on $XDG_RUNTIME_DIR/hybrid-erofs/NAME.sock (root without XDG_RUNTIME_DIR:
     /run/hybrid-erofs/NAME.sock).
 
@@ -137,6 +137,7 @@ def serve(layer: str, meta: Path, zinfo: Path | None, socket_path: Path | None,
           nbdinfo 'nbd+unix:///?socket=/run/l.sock'
           nbdfuse /mnt/dev/disk.img --unix /run/l.sock &   # then mount the file as below
         hybrid-erofs serve --meta m.erofs --zinfo layer.zinfo layer.tar.gz --listen 127.0.0.1:10809
+        hybrid-erofs serve --meta m.erofs --zinfo layer.zinfo registry.example/app:1 --layer -1
         hybrid-erofs serve --meta m.erofs --zinfo layer.zinfo layer.tar.gz --fuse /run/l
           mount -t erofs -o ro /run/l/disk.img /mnt        # util-linux: via a loop device
           umount /mnt                                       # before stopping the server
@@ -150,7 +151,7 @@ def serve(layer: str, meta: Path, zinfo: Path | None, socket_path: Path | None,
     name = name or _export_name(layer)
     address = parse_listen(listen, allow_any=listen_any) if listen is not None else None
     _check_layer(layer)
-    device = open_device(layer, meta=meta, zinfo=zinfo)
+    device = open_device(layer, meta=meta, zinfo=zinfo, registry=registry)
     with contextlib.closing(device):
         if fuse_dir is not None:
             _serve_fuse(device, fuse_dir, file_name=file_name, allow_other=allow_other)

@@ -1,0 +1,142 @@
+"""`hybrid-erofs mount`, `umount` and `status`: thin wrappers over hybrid_erofs.mount."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..device import RegistryOptions
+from ..mount import VIAS, mount_layer, mount_statuses, run_mount, status_json, unmount
+from ..mount import reattach as reattach_mount
+from .options import human, registry_options
+
+
+@click.command("mount")
+@click.argument("arguments", metavar="REF MOUNTPOINT", nargs=-1, required=True)
+@click.option("--meta", type=click.Path(dir_okay=False, path_type=Path),
+              help="The layer's EROFS meta image (from `hybrid-erofs index --meta`).")
+@click.option("--zinfo", type=click.Path(dir_okay=False, path_type=Path),
+              help="The layer's gzip checkpoints (from `hybrid-erofs index -o`).")
+@click.option("--via", type=click.Choice(VIAS), default="auto", show_default=True,
+              help="auto: kernel NBD when /dev/nbd* exists, else a FUSE file mounted with "
+                   "mount(2) (a loop device when the kernel lacks file-backed EROFS).")
+@click.option("--foreground", is_flag=True,
+              help="Serve in this process until SIGTERM (systemd Type=simple/notify).")
+@click.option("--reattach", is_flag=True,
+              help="Restore MOUNTPOINT after its daemon died: umount what is left and mount "
+                   "again from its state record (`mount --reattach MOUNTPOINT`, no REF).")
+@click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the mount to answer.")
+@click.option("--_daemon-ready-fd", "ready_fd", type=int, hidden=True)
+@registry_options
+def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
+          via: str, foreground: bool, reattach: bool, timeout_s: float, ready_fd: int | None,
+          registry: RegistryOptions) -> None:
+    """Mount layer REF (a registry reference or a local .tar.gz) read-only on MOUNTPOINT.
+
+    Returns once the mount answers; a daemon keeps serving it (log and state under
+    /run/hybrid-erofs, or $XDG_RUNTIME_DIR/hybrid-erofs when not root). Only the bytes that
+    reads need are fetched. Needs root.
+
+    \b
+    Examples:
+        hybrid-erofs mount --meta m.erofs --zinfo layer.zinfo layer.tar.gz /mnt/layer
+        hybrid-erofs mount --meta m.erofs --zinfo layer.zinfo \\
+            registry.example.com/app:1.2 /mnt/app --layer -1
+        echo "$TOKEN" | hybrid-erofs mount --username ci --password-stdin \\
+            --meta m.erofs --zinfo layer.zinfo registry.example.com/app:1.2 /mnt/app
+        hybrid-erofs status
+        hybrid-erofs umount /mnt/app
+        hybrid-erofs mount --reattach /mnt/app     # after its daemon died
+    """
+    if reattach:
+        if len(arguments) != 1:
+            raise click.UsageError("--reattach takes only MOUNTPOINT (the rest is recorded)")
+        again = reattach_mount(arguments[0], password=registry.password, timeout_s=timeout_s)
+        click.echo(f"reattached {again.source} on {again.mountpoint} "
+                   f"(via {again.transport}, daemon pid {again.daemon_pid})")
+        return
+    if len(arguments) != 2:
+        raise click.UsageError("expected REF MOUNTPOINT (or --reattach MOUNTPOINT)")
+    source, mountpoint = arguments
+    if meta is None:
+        raise click.UsageError("missing --meta FILE (the layer's meta image)")
+    if ready_fd is not None or foreground:
+        _detach_stdin()
+        run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via,
+                  ready_fd=ready_fd)
+        return
+    record = mount_layer(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
+                         via=via, timeout_s=timeout_s)
+    assert record is not None
+    click.echo(f"mounted {record.source} on {record.mountpoint} (via {record.transport}, "
+               f"daemon pid {record.daemon_pid}, log {record.log_file})")
+
+
+def _detach_stdin() -> None:
+    """The password (if any) was read already: a daemon must not hold the caller's terminal."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, sys.stdin.fileno())
+    os.close(devnull)
+
+
+@click.command("umount")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("-l", "--lazy", is_flag=True,
+              help="Detach now even if busy; the daemon serves open files until closed.")
+def umount(mountpoint: Path, lazy: bool) -> None:
+    """Unmount MOUNTPOINT: EROFS, then the FUSE file / loop / NBD device, then the daemon.
+
+    A busy mount is left alone (the processes using it are named) unless --lazy. The
+    leftovers of a daemon that died are cleaned up.
+
+    \b
+    Examples:
+        hybrid-erofs umount /mnt/layer
+        hybrid-erofs umount --lazy /mnt/layer
+    """
+    click.echo(unmount(mountpoint, lazy=lazy))
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--prune", is_flag=True, help="Clean up mounts whose daemon died.")
+def status(as_json: bool, prune: bool) -> None:
+    """List hybrid-erofs mounts: source, transport, daemon, bytes fetched, cache hit rate.
+
+    \b
+    Examples:
+        hybrid-erofs status
+        hybrid-erofs status --json | jq '.[].stats.bytes_fetched'
+        hybrid-erofs status --prune
+    """
+    statuses = mount_statuses(prune=prune)
+    if as_json:
+        click.echo(status_json(statuses))
+        return
+    if not statuses:
+        click.echo("no hybrid-erofs mounts")
+        return
+    for entry in statuses:
+        stats = entry.stats
+        rate = stats.get("hit_rate")
+        fresh = time.time() - stats.get("updated", 0) < 10
+        state = entry.state + (" (cleaned)" if prune and entry.state == "stale" else "")
+        click.echo(f"{entry.record.mountpoint}: {state}, via {entry.record.transport}, "
+                   f"daemon {entry.record.daemon_pid}, up {entry.uptime_s:.0f}s")
+        click.echo(f"  source  {entry.record.source}")
+        if stats:
+            click.echo(f"  fetched {human(stats.get('bytes_fetched', 0))}, served "
+                       f"{human(stats.get('bytes_served', 0))} in {stats.get('reads', 0)} "
+                       f"reads, {stats.get('errors', 0)} errors, cache hit rate "
+                       f"{'n/a' if rate is None else f'{100 * rate:.0f}%'}"
+                       f"{'' if fresh or entry.state == 'stale' else ' (stats not current)'}")
+        if entry.state == "stale" and not prune:
+            click.echo("  daemon died: `hybrid-erofs umount` or `status --prune` cleans up")
+
+
+COMMANDS: list[click.Command] = [mount, umount, status]

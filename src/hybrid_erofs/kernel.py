@@ -1,0 +1,285 @@
+"""Kernel calls behind `hybrid-erofs mount`: mount(2)/umount2(2) through ctypes, read-only loop
+devices (LOOP_CONFIGURE), the mount table and the processes that use a mount.
+
+Root only; nothing here knows about byte sources or state records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MountBusy, MountError
+
+MS_RDONLY = 1
+MNT_DETACH = 2
+# linux/loop.h
+_LOOP_CLR_FD = 0x4C01
+_LOOP_CONFIGURE = 0x4C0A
+_LOOP_CTL_GET_FREE = 0x4C82
+_LO_FLAGS_READ_ONLY = 1
+_LO_FLAGS_AUTOCLEAR = 4
+# struct loop_info64: 5 x u64, 4 x u32 (lo_flags is the 4th), file name[64], crypt name[64],
+# key[32], 2 x u64 init = 232 bytes; struct loop_config = fd, block_size, info, 8 x u64.
+_LOOP_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
+_LOOP_CONFIG_RESERVED = 64
+
+_libc: ctypes.CDLL | None = None
+
+
+def _get_libc() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                ctypes.c_ulong, ctypes.c_void_p]
+        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return _libc
+
+
+class KernelMountError(MountError):
+    """mount(2) or umount2(2) refused; `.errno` carries the kernel's answer."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+def mount_erofs(device: str | os.PathLike[str], mountpoint: str | os.PathLike[str]) -> None:
+    """mount(2) `device` (a regular file or a block device) read-only as EROFS.
+
+    A regular file takes the kernel's file-backed EROFS path (6.12+, EROFS_FS_BACKED_BY_FILE);
+    a kernel without it answers ENOTBLK (or EINVAL), which the caller turns into a loop device.
+    """
+    libc = _get_libc()
+    if libc.mount(os.fsencode(device), os.fsencode(mountpoint), b"erofs", MS_RDONLY, None) == 0:
+        return
+    err = ctypes.get_errno()
+    raise KernelMountError(err, f"{mountpoint}: mount -t erofs {device}: {os.strerror(err)}"
+                                f"{_dmesg_hint(err)}")
+
+
+def _dmesg_hint(err: int) -> str:
+    return " (the kernel log says why: dmesg | grep -i erofs)" if err == errno.EINVAL else ""
+
+
+def umount(mountpoint: str | os.PathLike[str], *, lazy: bool = False) -> bool:
+    """umount2(2); True when something was unmounted, False when nothing was mounted there.
+
+    Raises MountBusy on EBUSY (only without `lazy`); other failures raise MountError.
+    """
+    libc = _get_libc()
+    if libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):  # not a mount point (any more)
+        return False
+    if err == errno.EBUSY:
+        raise MountBusy(f"{mountpoint}: busy")
+    raise KernelMountError(err, f"{mountpoint}: umount: {os.strerror(err)}")
+
+
+# -- mount table --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """Undo the octal escapes of /proc/self/mountinfo (space, tab, newline, backslash)."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def mount_table() -> list[MountEntry]:
+    entries: list[MountEntry] = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            dash = fields.index("-")
+            entries.append(MountEntry(_unescape(fields[4]), fields[dash + 1],
+                                      _unescape(fields[dash + 2])))
+    return entries
+
+
+def mounted_at(path: str | os.PathLike[str]) -> MountEntry | None:
+    """The topmost mount on `path`, or None."""
+    target = os.fspath(path)
+    found = None
+    for entry in mount_table():
+        if entry.mountpoint == target:
+            found = entry
+    return found
+
+
+# -- loop devices -------------------------------------------------------------------------------
+
+def attach_loop(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """A read-only, autoclear loop device over `path` with 512-byte sectors: (/dev/loopN, fd).
+
+    Autoclear frees the device when its last opener goes away, so a crash cannot leak it. The
+    returned fd keeps it alive: mount the device, then close the fd (closing it first would
+    clear the device at once).
+    """
+    backing = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        os.close(backing)
+        raise MountError(f"/dev/loop-control: {exc.strerror} (modprobe loop)") from exc
+    try:
+        for _ in range(20):  # another process may grab the free device between the two calls
+            number = fcntl.ioctl(control, _LOOP_CTL_GET_FREE)
+            name = f"/dev/loop{number}"
+            loop = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                info = _LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0,
+                                         _LO_FLAGS_READ_ONLY | _LO_FLAGS_AUTOCLEAR,
+                                         os.fsencode(path)[:63], b"", b"", 0, 0)
+                config = struct.pack("=II", backing, 512) + info + bytes(_LOOP_CONFIG_RESERVED)
+                fcntl.ioctl(loop, _LOOP_CONFIGURE, config)
+                return name, loop
+            except OSError as exc:
+                os.close(loop)
+                if exc.errno == errno.EBUSY:
+                    continue
+                raise MountError(f"{name}: cannot attach {path}: {exc.strerror}") from exc
+        raise MountError(f"{path}: no free loop device")
+    finally:
+        os.close(control)
+        os.close(backing)
+
+
+def loop_backing_file(device: str) -> str | None:
+    """The file behind /dev/loopN, or None when the device is free."""
+    knob = Path("/sys/block") / Path(device).name / "loop" / "backing_file"
+    try:
+        return knob.read_text().strip()
+    except OSError:
+        return None
+
+
+def detach_loop(device: str, *, backing: str | None = None, timeout_s: float = 2.0) -> None:
+    """Free a loop device (if still attached to `backing`, when given); autoclear usually did.
+
+    Autoclear runs asynchronously after the last close: wait a little before clearing by hand.
+    """
+    deadline = time.monotonic() + timeout_s
+    while (current := loop_backing_file(device)) is not None:
+        if backing is not None and current != backing:
+            return  # reused by someone else already: not ours
+        if time.monotonic() > deadline:
+            try:
+                fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return
+            try:
+                fcntl.ioctl(fd, _LOOP_CLR_FD)
+            except OSError as exc:
+                raise MountError(f"{device}: cannot detach: {exc.strerror}") from exc
+            finally:
+                os.close(fd)
+            return
+        time.sleep(0.05)
+
+
+def loops_backed_by(path: str) -> list[str]:
+    """Loop devices whose backing file is `path`."""
+    found: list[str] = []
+    with contextlib.suppress(OSError):
+        for knob in Path("/sys/block").glob("loop*/loop/backing_file"):
+            if knob.read_text().strip() == path:
+                found.append("/dev/" + knob.parent.parent.name)
+    return found
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks after boot): tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after the last ")".
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
+def process_alive(pid: int, start_time: int | None) -> bool:
+    """True when `pid` runs and is the same process (same start time) and not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return False
+    return start_time is None or int(fields[19]) == start_time
+
+
+def users_of(mountpoint: str) -> dict[int, str]:
+    """pid -> command name of every process with a cwd, root, open file or mapping under
+    `mountpoint` (why an umount is EBUSY)."""
+    prefix = mountpoint.rstrip("/") + "/"
+
+    def inside(target: str) -> bool:
+        return target == mountpoint or target.startswith(prefix)
+
+    found: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        pid = int(proc.name)
+        hit = False
+        with contextlib.suppress(OSError):
+            for link in ("cwd", "root"):
+                with contextlib.suppress(OSError):
+                    if inside(os.readlink(proc / link)):
+                        hit = True
+            if not hit:
+                for fd in (proc / "fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if inside(os.readlink(fd)):
+                            hit = True
+                            break
+            if not hit:
+                with open(proc / "maps") as maps:
+                    hit = any(inside(line.split(maxsplit=5)[-1].strip())
+                              for line in maps if "/" in line)
+        if hit:
+            try:
+                found[pid] = (proc / "comm").read_text().strip()
+            except OSError:
+                found[pid] = "?"
+    return found
+
+
+__all__ = [
+    "KernelMountError",
+    "MountEntry",
+    "attach_loop",
+    "detach_loop",
+    "loop_backing_file",
+    "loops_backed_by",
+    "mount_erofs",
+    "mount_table",
+    "mounted_at",
+    "process_alive",
+    "process_start_time",
+    "umount",
+    "users_of",
+]

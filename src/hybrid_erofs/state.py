@@ -1,0 +1,191 @@
+"""State records of `hybrid-erofs mount`: one JSON per mount (no secrets), the daemon's stats
+file beside it, its log, and its FUSE directory, all under the runtime directory.
+
+Layout: RUNTIME/mounts/ID.json, ID.stats.json, ID.log; RUNTIME/fuse/ID/disk.img.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import MountError
+from .outfile import write_atomic
+
+RECORD_VERSION = 1
+RUNTIME_ENV = "HYBRID_EROFS_RUNTIME_DIR"  # tests and unusual hosts point it elsewhere
+
+
+def runtime_dir() -> Path:
+    """$HYBRID_EROFS_RUNTIME_DIR, /run/hybrid-erofs for root (also inside a login session, so
+    systemd units and shells agree), else $XDG_RUNTIME_DIR/hybrid-erofs."""
+    override = os.environ.get(RUNTIME_ENV)
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return Path("/run/hybrid-erofs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if not xdg:
+        raise MountError("no runtime directory: $XDG_RUNTIME_DIR is not set")
+    return Path(xdg) / "hybrid-erofs"
+
+
+def mount_id(mountpoint: str | os.PathLike[str]) -> str:
+    """A file name for a mountpoint: readable, and unique through a hash of the full path."""
+    path = os.fspath(mountpoint)
+    readable = re.sub(r"[^A-Za-z0-9_.]+", "-", path)[-40:].strip("-") or "root"
+    return f"{readable}-{hashlib.sha256(os.fsencode(path)).hexdigest()[:8]}"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    """The non-secret registry options of a mount; a password is never recorded, only where it
+    came from (`password_from`: "stdin" means a reattach must be given it again)."""
+
+    platform: str | None = None
+    layer: int | None = None
+    blob: str | None = None
+    username: str | None = None
+    insecure: bool = False
+    cache_dir: str | None = None
+    password_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MountRecord:
+    """What `umount`, `status` and `mount --reattach` need to know about one mount."""
+
+    mountpoint: str
+    source: str
+    meta: str
+    zinfo: str | None
+    via: str  # what was asked: auto, fuse, loop or nbd
+    transport: str  # what runs: "fuse" (file-backed mount(2)), "loop" (FUSE file + loop), "nbd"
+    daemon_pid: int
+    daemon_start_time: int | None
+    log_file: str
+    created: float
+    fuse_dir: str | None = None
+    disk_path: str | None = None
+    loop_device: str | None = None
+    nbd_device: str | None = None
+    nbd_socket: str | None = None
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    version: int = RECORD_VERSION
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, name: str) -> MountRecord:
+        try:
+            raw: dict[str, Any] = json.loads(data)
+            known = {f.name for f in fields(cls)}
+            values = {k: v for k, v in raw.items() if k in known}
+            values["registry"] = RegistrySettings(**values.get("registry", {}))
+            return cls(**values)
+        except (ValueError, TypeError) as exc:
+            raise MountError(f"{name}: unreadable state record: {exc}") from exc
+
+    def with_changes(self, **changes: Any) -> MountRecord:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class StatePaths:
+    """Where the files of one mount live."""
+
+    root: Path
+    id: str
+
+    @classmethod
+    def for_mountpoint(cls, mountpoint: str | os.PathLike[str], *,
+                       root: Path | None = None) -> StatePaths:
+        return cls(root if root is not None else runtime_dir(), mount_id(mountpoint))
+
+    @property
+    def record(self) -> Path:
+        return self.root / "mounts" / f"{self.id}.json"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "mounts" / f"{self.id}.stats.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "mounts" / f"{self.id}.log"
+
+    @property
+    def fuse_dir(self) -> Path:
+        return self.root / "fuse" / self.id
+
+    @property
+    def nbd_socket(self) -> Path:
+        return self.root / "nbd" / f"{self.id}.sock"
+
+    def prepare(self) -> None:
+        for directory in (self.root, self.record.parent):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def save(self, record: MountRecord) -> None:
+        self.prepare()
+        write_atomic(self.record, record.to_json(), mode=0o600)
+
+    def load(self) -> MountRecord | None:
+        try:
+            data = self.record.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise MountError(f"{self.record}: cannot read: {exc.strerror}") from exc
+        return MountRecord.from_json(data, name=str(self.record))
+
+    def save_stats(self, stats: dict[str, Any]) -> None:
+        write_atomic(self.stats, (json.dumps(stats, sort_keys=True) + "\n").encode(), mode=0o600)
+
+    def load_stats(self) -> dict[str, Any]:
+        try:
+            loaded: dict[str, Any] = json.loads(self.stats.read_bytes())
+            return loaded
+        except (OSError, ValueError):
+            return {}
+
+    def remove(self, *, keep_log: bool = False) -> None:
+        """Delete the record, stats, FUSE directory and socket (and the log unless kept)."""
+        for path in (self.record, self.stats, self.nbd_socket,
+                     *(() if keep_log else (self.log,))):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            self.fuse_dir.rmdir()
+
+
+def list_records(root: Path | None = None) -> list[tuple[StatePaths, MountRecord]]:
+    """Every state record under the runtime directory, by mountpoint; unreadable ones skipped."""
+    base = root if root is not None else runtime_dir()
+    found: list[tuple[StatePaths, MountRecord]] = []
+    for path in sorted((base / "mounts").glob("*.json")):
+        if path.name.endswith(".stats.json"):
+            continue
+        paths = StatePaths(base, path.name.removesuffix(".json"))
+        with contextlib.suppress(MountError):
+            record = paths.load()
+            if record is not None:
+                found.append((paths, record))
+    return sorted(found, key=lambda item: item[1].mountpoint)
+
+
+__all__ = [
+    "MountRecord",
+    "RegistrySettings",
+    "StatePaths",
+    "list_records",
+    "mount_id",
+    "runtime_dir",
+]

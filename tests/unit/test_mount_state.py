@@ -1,0 +1,169 @@
+"""State records of `hybrid-erofs mount` (no secrets, atomic, readable back), the daemon's
+command line, and the kernel-NBD netlink messages checked byte by byte (no nbd module here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from hybrid_erofs.device import RegistryOptions
+from hybrid_erofs.errors import MountError
+from hybrid_erofs.export.nbd import NbdServer
+from hybrid_erofs.kernel import process_alive, process_start_time
+from hybrid_erofs.mount import daemon_argv, initial_record
+from hybrid_erofs.nbdlink import (
+    NBD_CMD_CONNECT,
+    client_handshake,
+    connect_attributes,
+    genl_message,
+    nbd_devices,
+)
+from hybrid_erofs.source import MemorySource
+from hybrid_erofs.state import (
+    RUNTIME_ENV,
+    MountRecord,
+    StatePaths,
+    list_records,
+    mount_id,
+    runtime_dir,
+)
+
+SECRET = "pa55-S3CRET-word"
+
+
+def _record(tmp_path: Path, mountpoint: str = "/mnt/app") -> tuple[StatePaths, MountRecord]:
+    paths = StatePaths.for_mountpoint(mountpoint, root=tmp_path)
+    registry = RegistryOptions(platform="linux/amd64", layer=-1, username="ci", password=SECRET,
+                               cache_dir=Path("/var/cache/x"))
+    record = initial_record("registry.example/app:1", Path(mountpoint), meta=Path("/m.erofs"),
+                            zinfo=Path("/l.zinfo"), registry=registry, via="auto", paths=paths)
+    return paths, record
+
+
+def test_record_has_no_secret_and_round_trips(tmp_path: Path) -> None:
+    paths, record = _record(tmp_path)
+    paths.save(record.with_changes(transport="fuse", fuse_dir=str(paths.fuse_dir)))
+    data = paths.record.read_bytes()
+    assert SECRET.encode() not in data
+    loaded = paths.load()
+    assert loaded is not None and loaded.transport == "fuse"
+    assert loaded.registry.password_from == "stdin" and loaded.registry.username == "ci"
+    assert loaded.registry.layer == -1 and loaded.daemon_pid == os.getpid()
+    assert loaded.daemon_start_time == process_start_time(os.getpid())
+    assert stat.S_IMODE(paths.record.stat().st_mode) == 0o600
+    assert [p.name for p in paths.record.parent.iterdir()] == [paths.record.name]  # atomic
+
+
+def test_daemon_argv_carries_no_password() -> None:
+    registry = RegistryOptions(username="ci", password=SECRET, insecure=True, layer=0)
+    argv = daemon_argv("reg/app:1", Path("/mnt"), meta=Path("/m"), zinfo=Path("/z"),
+                       registry=registry, via="fuse", ready_fd=7)
+    assert SECRET not in " ".join(argv)
+    assert "--password-stdin" in argv and "--insecure" in argv
+    assert argv[-3:] == ["--", "reg/app:1", "/mnt"]
+    assert argv[argv.index("--_daemon-ready-fd") + 1] == "7"
+
+
+def test_unknown_fields_are_ignored_and_garbage_is_an_error(tmp_path: Path) -> None:
+    paths, record = _record(tmp_path)
+    raw = json.loads(record.to_json())
+    raw["future_field"] = 1
+    again = MountRecord.from_json(json.dumps(raw).encode(), name="x")
+    assert again == record
+    with pytest.raises(MountError, match="x: unreadable state record"):
+        MountRecord.from_json(b"{not json", name="x")
+
+
+def test_list_and_remove(tmp_path: Path) -> None:
+    for mountpoint in ("/mnt/b", "/mnt/a"):
+        paths, record = _record(tmp_path, mountpoint)
+        paths.save(record)
+        paths.save_stats({"reads": 3})
+        paths.log.write_text("log\n")
+        paths.fuse_dir.mkdir(parents=True)
+    (tmp_path / "mounts" / "junk.json").write_text("{")
+    listed = list_records(tmp_path)
+    assert [r.mountpoint for _, r in listed] == ["/mnt/a", "/mnt/b"]
+    assert listed[0][0].load_stats() == {"reads": 3}
+    for paths, _ in listed:
+        paths.remove()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["fuse", "junk.json", "mounts"]
+
+
+def test_mount_ids_are_unique_and_readable() -> None:
+    assert mount_id("/mnt/a b") != mount_id("/mnt/a-b")
+    assert mount_id("/mnt/app").startswith("mnt-app-")
+    assert "/" not in mount_id("/" + "x/" * 100)
+    assert not mount_id("/" + "x/" * 100).startswith("-")
+
+
+def test_runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(RUNTIME_ENV, str(tmp_path))
+    assert runtime_dir() == tmp_path
+    monkeypatch.delenv(RUNTIME_ENV)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    expected = Path("/run/hybrid-erofs") if os.geteuid() == 0 else tmp_path / "hybrid-erofs"
+    assert runtime_dir() == expected
+
+
+def test_process_identity() -> None:
+    me = os.getpid()
+    assert process_alive(me, process_start_time(me))
+    assert not process_alive(me, (process_start_time(me) or 0) + 1)  # a reused pid
+    assert not process_alive(2**22 + 1, None)
+
+
+# -- kernel NBD netlink, up to the kernel boundary ---------------------------------------------
+
+def test_connect_message_bytes() -> None:
+    attributes = connect_attributes(size=1 << 20, sock_fd=5, timeout_s=30,
+                                    dead_conn_timeout_s=0, backend="/run/x.json")
+    message = genl_message(0x1A, NBD_CMD_CONNECT, attributes, seq=7)
+    # nlmsghdr: length, family id as the type, REQUEST|ACK, seq, pid 0
+    assert struct.unpack_from("=IHHII", message) == (len(message), 0x1A, 0x5, 7, 0)
+    assert message[16:20] == bytes([1, 1, 0, 0])  # genlmsghdr: CONNECT, version 1
+    u64 = [(2, 1 << 20), (3, 512), (4, 30), (5, 0b11), (6, 2), (8, 0)]
+    expected = b"".join(struct.pack("=HHQ", 12, kind, value) for kind, value in u64)
+    # SOCKETS (7|NESTED) > SOCK_ITEM (1|NESTED) > SOCK_FD (1) u32
+    expected += struct.pack("=HH", 16, 0x8007) + struct.pack("=HH", 12, 0x8001)
+    expected += struct.pack("=HHI", 8, 1, 5)
+    expected += struct.pack("=HH", 4 + 12, 10) + b"/run/x.json\0"  # BACKEND_IDENTIFIER
+    assert message[20:] == expected
+    assert len(message) % 4 == 0
+
+
+def test_client_handshake_then_kernel_style_reads(tmp_path: Path) -> None:
+    """What the kernel gets: a socket past the handshake, then simple-reply READs."""
+    data = bytes(range(256)) * 16
+    server = NbdServer(MemorySource(data), socket_path=tmp_path / "s.sock", export_name="disk")
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(tmp_path / "s.sock"))
+            assert client_handshake(sock, "disk") == len(data)
+            # proto.md request: magic, flags, type READ (0), cookie, offset, length
+            sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 42, 512, 100))
+            reply = b""
+            while len(reply) < 16 + 100:
+                reply += sock.recv(4096)
+            assert struct.unpack(">IIQ", reply[:16]) == (0x67446698, 0, 42)
+            assert reply[16:] == data[512:612]
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def test_via_nbd_without_module_is_a_clear_error() -> None:
+    if nbd_devices():
+        pytest.skip("this host has /dev/nbd*")
+    from hybrid_erofs.nbdlink import NbdNetlink
+    with pytest.raises(MountError, match=r"no /dev/nbd\* \(modprobe nbd\)"):
+        NbdNetlink()
