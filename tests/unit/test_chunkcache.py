@@ -455,3 +455,23 @@ def test_file_inner_source(tmp_path: Path) -> None:
     source = ChunkCacheSource(FileSource(blob), key=KEY, cache_dir=tmp_path / "c")
     assert source.pread(len(DATA), 0) == DATA
     source.close()
+
+
+# -- invalidation ------------------------------------------------------------------------------
+def test_invalidate_drops_chunks_for_this_and_later_instances(open_cache: Open) -> None:
+    inner = CountingSource(DATA)
+    source = open_cache(inner)
+    source.pread(3 * CHUNK, 0)
+    assert inner.calls == [(3 * CHUNK, 0)]
+    source.invalidate(10, CHUNK + 5)  # one byte range inside chunk 1
+    assert source.stats.invalidated_chunks == 1
+    assert source.pread(3 * CHUNK, 0) == DATA[: 3 * CHUNK]
+    assert inner.calls == [(3 * CHUNK, 0), (CHUNK, CHUNK)]  # only chunk 1 is fetched again
+    source.invalidate(CHUNK + 2, CHUNK - 1)  # straddles: chunks 0, 1 and 2
+    other = CountingSource(DATA)
+    again = open_cache(other)  # the records on disk are cleared, not only this process's memory
+    assert again.pread(3 * CHUNK, 0) == DATA[: 3 * CHUNK]
+    assert other.calls == [(3 * CHUNK, 0)]
+    source.invalidate(0, 0)  # empty: nothing happens
+    with pytest.raises(ValueError):
+        source.invalidate(2, len(DATA) - 1)

@@ -155,3 +155,60 @@ def test_wrong_layer_or_wrong_sidecar_is_refused(indexed: tuple[Path, Path], tmp
     sidecar_path(zinfo).write_text("{not json")
     with pytest.raises(IndexFormatError, match="not a readable JSON sidecar"):
         open_layer(layer, zinfo=zinfo)
+
+
+class _TamperedSource(CountingSource):
+    """Serves `blob` with the byte at `bad` flipped while `bad` is not None."""
+
+    def __init__(self, data: bytes, bad: int | None) -> None:
+        super().__init__(data)
+        self.bad = bad
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = bytearray(super().pread(length, offset))
+        if self.bad is not None and offset <= self.bad < offset + length:
+            data[self.bad - offset] ^= 0xFF
+        return bytes(data)
+
+
+def test_a_failed_span_is_dropped_from_the_chunk_cache(tmp_path: Path) -> None:
+    from hybrid_erofs.sources.chunkcache import ChunkCacheSource
+
+    blob = random.Random(5).randbytes(300_000)
+    spans = spans_of(blob, [(100_000, 0), (200_000, 0)])
+    inner = _TamperedSource(blob, 150_000)
+    cache = ChunkCacheSource(inner, key="sha256:" + "ab" * 32, cache_dir=tmp_path,
+                             chunk_size=16 << 10, readahead=0)
+    source = VerifiedSource(cache, spans)
+    try:
+        assert source.pread(100, 10) == blob[10:110]
+        with pytest.raises(SourceIOError, match="span 1 .* failed verification") as caught:
+            source.pread(10, 150_000)
+        assert caught.value.errno == 5 and not caught.value.transient
+        # The span was fetched twice (the second time past the cache) and dropped both times.
+        assert source.failed_spans == 2
+        assert cache.stats.invalidated_chunks == 2 * 7  # bytes 100_000-199_999: chunks 6..12
+        calls = len(inner.calls)
+        inner.bad = None  # the server is fixed: the next read refetches and succeeds
+        assert source.pread(100_000, 100_000) == blob[100_000:200_000]
+        assert len(inner.calls) == calls + 1
+    finally:
+        source.close()
+
+
+def test_a_bad_copy_in_the_cache_heals_on_the_refetch(tmp_path: Path) -> None:
+    from hybrid_erofs.sources.chunkcache import ChunkCacheSource
+
+    blob = random.Random(6).randbytes(300_000)
+    spans = spans_of(blob, [(100_000, 0), (200_000, 0)])
+    inner = _TamperedSource(blob, 250_000)
+    cache = ChunkCacheSource(inner, key="sha256:" + "cd" * 32, cache_dir=tmp_path,
+                             chunk_size=16 << 10, readahead=0)
+    cache.pread(1000, 249_500)  # a bad copy lands in the cache, unverified
+    inner.bad = None
+    source = VerifiedSource(cache, spans)
+    try:
+        assert source.pread(100_000, 200_000) == blob[200_000:]
+        assert source.failed_spans == 1 and source.verified_spans == 1
+    finally:
+        source.close()

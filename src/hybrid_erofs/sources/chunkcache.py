@@ -42,6 +42,7 @@ class ChunkCacheStats:
     bytes_fetched: int  # bytes read from the inner source, readahead included
     bytes_served: int  # bytes returned by pread
     readahead_chunks: int  # chunks fetched in the background before anyone asked
+    invalidated_chunks: int = 0  # chunks dropped by invalidate() (bad bytes found above)
 
 
 class ChunkCacheSource:
@@ -103,7 +104,7 @@ class ChunkCacheSource:
         self._inflight: dict[int, threading.Event] = {}  # chunks a thread of ours is fetching
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
-        self._counts = [0] * 6  # ChunkCacheStats fields, in order
+        self._counts = [0] * 7  # ChunkCacheStats fields, in order
         self._last_read: tuple[int, int] | None = None  # (offset, last chunk) of the previous read
         self._streak = 0
         self._readahead_busy = False
@@ -153,6 +154,18 @@ class ChunkCacheSource:
             chunk_size = self._store.chunk_size
             first, last = offset // chunk_size, (offset + length - 1) // chunk_size
             self._submit(self._background, first, last + 1, False)
+
+    def invalidate(self, length: int, offset: int) -> None:
+        """Drop the cached chunks of this range (a layer above found their bytes wrong), so
+        the next read fetches them again instead of serving the same bad bytes forever."""
+        check_range(self, length, offset)
+        if length and not self._closed:
+            chunk_size = self._store.chunk_size
+            first, last = offset // chunk_size, (offset + length - 1) // chunk_size
+            log.warning("%s: dropping cached chunks %d..%d (bytes %d-%d failed verification)",
+                        self.key, first, last, offset, offset + length - 1)
+            self._store.discard(first, last - first + 1)
+            self._count(invalidated_chunks=last - first + 1)
 
     def close(self) -> None:
         with self._lock:
@@ -327,10 +340,11 @@ class ChunkCacheSource:
             self._evict_lock.release()
 
     def _count(self, hits: int = 0, misses: int = 0, inner_reads: int = 0,
-               bytes_fetched: int = 0, bytes_served: int = 0, readahead_chunks: int = 0) -> None:
+               bytes_fetched: int = 0, bytes_served: int = 0, readahead_chunks: int = 0,
+               invalidated_chunks: int = 0) -> None:
         with self._lock:
             for k, value in enumerate((hits, misses, inner_reads, bytes_fetched, bytes_served,
-                                       readahead_chunks)):
+                                       readahead_chunks, invalidated_chunks)):
                 self._counts[k] += value
 
 

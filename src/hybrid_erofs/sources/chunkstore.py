@@ -120,7 +120,10 @@ class ChunkStore:
             os.close(self._open_fd)
             raise
         self.chunk_count = -(-size // self.chunk_size)
-        self._crcs: dict[int, int] = {}  # records already seen valid; records never change
+        # Records already seen valid. A record changes only when `discard` clears it; a store
+        # of another process that still remembers the old crc32 then re-reads the record as
+        # soon as the data stops matching it.
+        self._crcs: dict[int, int] = {}
 
     @staticmethod
     def _lock_open(directory: Path) -> int:
@@ -237,6 +240,13 @@ class ChunkStore:
             records.append(_RECORD.pack(crc, _check(number, crc)))
         os.pwrite(self._index_fd, b"".join(records), _HEADER_SIZE + first * _RECORD.size)
         self._crcs.update(crcs)
+
+    def discard(self, first: int, count: int) -> None:
+        """Mark chunks first..first+count-1 absent (their bytes failed a check above us):
+        zeroed records are never valid, so the next read refetches them."""
+        for number in range(first, first + count):
+            self._crcs.pop(number, None)
+        os.pwrite(self._index_fd, bytes(count * _RECORD.size), _HEADER_SIZE + first * _RECORD.size)
 
     @contextlib.contextmanager
     def locked(self, first: int, count: int) -> Iterator[None]:

@@ -1,5 +1,6 @@
 """VerifiedSource: checks compressed blob bytes against the span digests of the zinfo sidecar
-before anything above (GzipSource) decodes them. Sits above ChunkCacheSource.
+before anything above (GzipSource) decodes them. Sits above ChunkCacheSource, whose chunks it
+drops when they fail (so bad bytes are refetched, never cached for good).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import threading
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from ..errors import SourceIOError
 from ..gzindex.spans import SpanDigest
@@ -18,13 +20,23 @@ from ..source import ByteSource, check_range
 log = logging.getLogger("hybrid_erofs.verify")
 
 
+@runtime_checkable
+class Invalidating(Protocol):
+    """Optional capability of a cache: forget the bytes of a range (ChunkCacheSource)."""
+
+    def invalidate(self, length: int, offset: int) -> None: ...
+
+
 class VerifiedSource:
     """A ByteSource whose reads return only bytes that passed their span's sha256.
 
     A read fetches every span it touches whole (a span is one checkpoint's compressed bytes,
     about span/ratio), verifies it, and keeps the last `cache_spans` verified spans, since
     GzipSource reads a span in growing pieces. A mismatch raises SourceIOError (not
-    transient) and logs the span: never unverified bytes.
+    transient) and logs the span: never unverified bytes. When `inner` is a cache
+    (`Invalidating`), the span's cached bytes are dropped and fetched once more before
+    giving up, so a bad copy in the cache (a flaky or tampering server, a bad disk) heals
+    instead of failing every later read; bytes that fail twice are dropped again.
 
     Args:
         inner: the blob (usually the chunk cache); owned, closed by `close()`.
@@ -53,6 +65,7 @@ class VerifiedSource:
         self._lock = threading.Lock()
         self._span_locks = [threading.Lock() for _ in spans]
         self.verified_spans = 0  # statistics: spans fetched and checked
+        self.failed_spans = 0  # statistics: fetches of a span that failed the check
 
     @property
     def size(self) -> int:
@@ -87,11 +100,20 @@ class VerifiedSource:
             if data is not None:
                 return data
             span = self._spans[number]
-            data = self._inner.pread(span.length, span.offset)
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != span.sha256:
-                log.error("%s: span %d (bytes %d-%d) has sha256 %s, expected %s", self._name,
-                          number, span.offset, span.offset + span.length - 1, digest, span.sha256)
+            invalidating = isinstance(self._inner, Invalidating)
+            for attempt in range(2 if invalidating else 1):
+                data = self._inner.pread(span.length, span.offset)
+                digest = hashlib.sha256(data).hexdigest()
+                if digest == span.sha256:
+                    break
+                log.error("%s: span %d (bytes %d-%d) has sha256 %s, expected %s%s", self._name,
+                          number, span.offset, span.offset + span.length - 1, digest,
+                          span.sha256, "; fetching it again" if invalidating and not attempt
+                          else "")
+                self.failed_spans += 1
+                if isinstance(self._inner, Invalidating):
+                    self._inner.invalidate(span.length, span.offset)
+            else:
                 raise SourceIOError(
                     f"{self._name}: span {number} (compressed bytes {span.offset}-"
                     f"{span.offset + span.length - 1}) failed verification: sha256 {digest[:12]}... "
