@@ -212,3 +212,22 @@ def test_a_bad_copy_in_the_cache_heals_on_the_refetch(tmp_path: Path) -> None:
         assert source.failed_spans == 1 and source.verified_spans == 1
     finally:
         source.close()
+
+
+def test_damage_in_one_span_does_not_fail_reads_of_the_span_before(
+        indexed: tuple[Path, Path]) -> None:
+    layer, zinfo = indexed
+    side = load_sidecar(sidecar_path(zinfo))
+    index_cps = build_index(io.BytesIO(layer.read_bytes()), span=256 << 10).index.checkpoints
+    blob = bytearray(layer.read_bytes())
+    damaged = side.spans[3]
+    blob[damaged.offset + damaged.length // 2] ^= 0xFF
+    layer.write_bytes(bytes(blob))
+    source = open_layer(layer, zinfo=zinfo)
+    try:
+        end = index_cps[3].out_offset  # the last bytes of span 2 end where span 3 starts
+        assert source.pread(4096, end - 4096) == DATA[end - 4096 : end]
+        with pytest.raises(SourceIOError):
+            source.pread(4096, end + 1000)
+    finally:
+        source.close()

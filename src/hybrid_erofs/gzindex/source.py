@@ -198,6 +198,16 @@ class GzipSource:
         # A window of zeros at out=0 is harmless: nothing can refer back before the start.
         span.decoder = _codec.decompressobj(-15, zdict=cp.window)
 
+    def _piece(self, span: _Span) -> int:
+        """Bytes to fetch next: the growing piece, stopped at the span's compressed end (the
+        next checkpoint's byte), so reading one span never fetches or verifies the next.
+        Only when the decoder still wants input right there does it read on."""
+        if span.number + 1 < len(self._starts):
+            left = self._index.checkpoints[span.number + 1].in_offset - span.next_in
+            if left > 0:
+                return min(span.piece, left)
+        return span.piece
+
     def _fetch(self, length: int, offset: int) -> bytes:
         length = min(length, self._inner.size - offset)
         if length <= 0:
@@ -232,7 +242,7 @@ class GzipSource:
                     continue
                 data = span.pending or span.decoder.unconsumed_tail
                 if not data:
-                    data = self._fetch(span.piece, span.next_in)
+                    data = self._fetch(self._piece(span), span.next_in)
                     if not data:
                         raise SourceIOError(
                             f"gzip blob: truncated: {self._inner.size} bytes end inside the "
