@@ -185,7 +185,8 @@ class GzipSource:
         # One fetch covers the checkpoint's partial byte (when it starts mid-byte) and the
         # first piece of deflate data.
         start = cp.in_offset - 1 if cp.bits else cp.in_offset
-        first = self._fetch(FIRST_PIECE, start)
+        span.next_in, span.piece = start, FIRST_PIECE
+        first = self._fetch(self._piece(span), start)
         if len(first) < (1 if cp.bits else 0) or start > self._inner.size:
             raise SourceIOError(
                 f"gzip blob: truncated: checkpoint {span.number} is at compressed offset "
