@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import stat
 import struct
+from itertools import accumulate, repeat
 
 from hybrid_erofs.erofs.crc32c import crc32c
 from hybrid_erofs.erofs.tree import Node, split_xattr_name
@@ -33,9 +34,17 @@ _DIRENT = struct.Struct("<QHBB")
 _CHUNK_INDEX = struct.Struct("<HHI")
 _XATTR_ENTRY = struct.Struct("<BBH")
 _XATTR_HEADER = bytes(12)   # h_name_filter = 0 (compat XATTR_FILTER clear), no shared xattrs
+# The common inode, a regular file without xattrs whose data is one chunk (size <= 2^40):
+# inode + its chunk index (advise 0, device 1, blkaddr), padded to the 32-byte slot.
+_COMPACT_FILE = struct.Struct("<HHHHIIIIHHIHHI24x")
+_EXTENDED_FILE = struct.Struct("<HHHHQIIIIqII16xHHI24x")
+_ONE_CHUNK_MAX = 1 << 40
 
 _FILE_TYPES = {stat.S_IFREG: 1, stat.S_IFDIR: 2, stat.S_IFCHR: 3, stat.S_IFBLK: 4,
                stat.S_IFIFO: 5, stat.S_IFSOCK: 6, stat.S_IFLNK: 7}
+
+# A directory's dirents in byte order, '.' and '..' included: names and the inodes they name.
+Listing = tuple[list[bytes], list[Node]]
 
 
 def xattr_body(xattrs: dict[bytes, bytes]) -> bytes:
@@ -50,38 +59,44 @@ def xattr_body(xattrs: dict[bytes, bytes]) -> bytes:
     return b"".join(parts)
 
 
-def dir_blocks(names: list[bytes]) -> list[list[bytes]]:
-    """Pack byte-sorted names into 512-byte dir blocks: 12-byte dirent + name each (§1.6)."""
-    blocks: list[list[bytes]] = [[]]
-    used = 0
-    for name in names:
+def dir_blocks(names: list[bytes]) -> tuple[list[tuple[int, int]], int]:
+    """Pack byte-sorted names into 512-byte dir blocks, 12-byte dirent + name each (§1.6).
+
+    Returns each block's [start, end) range of `names` and the directory size (the last
+    block is not padded).
+    """
+    size = 12 * len(names) + sum(map(len, names))
+    if size <= BLOCK:
+        return [(0, len(names))], size
+    ranges: list[tuple[int, int]] = []
+    start = used = 0
+    for end, name in enumerate(names):
         need = 12 + len(name)
         if used + need > BLOCK:
-            blocks.append([])
+            ranges.append((start, end))
+            start = end
             used = 0
-        blocks[-1].append(name)
         used += need
-    return blocks
+    ranges.append((start, len(names)))
+    return ranges, BLOCK * (len(ranges) - 1) + used
 
 
 class _Plan:
-    """Per-inode layout decisions, made before nids are known."""
+    """Layout of an inode written after the data blocks are placed (dirs, long symlinks)
+    or through the general path (xattrs, empty files, devices)."""
 
-    __slots__ = ("blocks", "data", "extended", "layout", "names", "nid", "nlink", "node",
-                 "startblk", "tail", "xbody")
+    __slots__ = ("blocks", "extended", "ino", "layout", "listing", "nlink", "node", "startblk",
+                 "tail", "xbody")
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.nlink = 0
-        self.nid = 0
-        self.startblk = NULL_ADDR
-        self.names: list[bytes] = []
-        self.blocks: list[list[bytes]] = []
-        self.data = b""
-        self.tail = 0
-        self.layout = LAYOUT_FLAT_PLAIN
+    def __init__(self, node: Node, ino: int, nlink: int, xbody: bytes,
+                 listing: Listing | None) -> None:
+        self.node, self.ino, self.nlink, self.xbody = node, ino, nlink, xbody
+        self.listing = listing
+        self.blocks: list[tuple[int, int]] = []
         self.extended = False
-        self.xbody = b""
+        self.layout = LAYOUT_FLAT_PLAIN
+        self.tail = 0
+        self.startblk = NULL_ADDR
 
 
 class ImageWriter:
@@ -91,6 +106,8 @@ class ImageWriter:
         epoch: superblock build time (compact inodes carry this mtime).
         uuid: 16 bytes. volume_label: up to 16 bytes (from a tar 'V' header).
         tar_size: bytes of layer data (the device slot's block count).
+
+    build() records each inode's nid on its Node and sets directory sizes.
     """
 
     def __init__(self, root: Node, *, epoch: int, uuid: bytes, volume_label: bytes,
@@ -109,155 +126,180 @@ class ImageWriter:
         self._tar_size = tar_size
         self.inodes = 0
 
-    def _order(self) -> list[_Plan]:
-        """BFS from the root, children in byte order, each inode once; counts links."""
-        plans = [_Plan(self._root)]
-        index = {id(self._root): 0}
-        for plan in plans:  # grows while iterating: BFS
-            children = plan.node.children
+    def _order(self) -> tuple[list[Node], dict[Node, int], dict[Node, Listing]]:
+        """BFS from the root, children in byte order, each inode once.
+
+        Returns the inodes, their link counts and each directory's listing.
+        """
+        nodes = [self._root]
+        nlinks: dict[Node, int] = {}
+        listings: dict[Node, Listing] = {}
+        for node in nodes:  # grows while iterating: BFS
+            children = node.children
             if children is None:
                 continue
-            keys = sorted(children)
-            plan.names = names = keys.copy()
-            bisect.insort(names, b".")
-            bisect.insort(names, b"..")
+            names = sorted(children)
+            kids = [children[name] for name in names]
             subdirs = 0
-            for name in keys:
-                child = children[name]
-                slot = index.get(id(child))
-                if slot is None:
-                    slot = index[id(child)] = len(plans)
-                    plans.append(_Plan(child))
-                plans[slot].nlink += 1
+            for child in kids:
                 if child.children is not None:
                     subdirs += 1
-            plan.nlink = 2 + subdirs
-        return plans
-
-    def _decide(self, plan: _Plan) -> int:
-        """Choose inode format and data layout; return the inode slot size in bytes."""
-        node = plan.node
-        plan.xbody = xattr_body(node.xattrs)
-        size = node.size
-        if node.children is not None:
-            plan.blocks = dir_blocks(plan.names)
-            size = BLOCK * (len(plan.blocks) - 1) + sum(12 + len(n) for n in plan.blocks[-1])
-            node.size = size
-        # Compact only when nothing is lost (§1.5; unlike mkfs we also require nsec == 0).
-        plan.extended = not (node.uid <= 0xFFFF and node.gid <= 0xFFFF
-                             and plan.nlink <= 0xFFFF and size <= 0xFFFFFFFF
-                             and node.mtime == self._epoch and node.nsec == 0)
-        head = (64 if plan.extended else 32) + len(plan.xbody)
-        fmt = node.mode & 0o170000
-        if fmt == stat.S_IFREG and size > 0:
-            plan.layout = LAYOUT_CHUNK_BASED
-            chunkbits = min(40, max(9, (size - 1).bit_length()))
-            count = -(-size // (1 << chunkbits))
-            return -(-head // 8) * 8 + 8 * count
-        if fmt in (stat.S_IFDIR, stat.S_IFLNK) and size > 0:
-            tail = size % BLOCK
-            if tail and head + tail <= BLOCK:
-                plan.layout, plan.tail = LAYOUT_FLAT_INLINE, tail
-                return head + tail
-        return head
+                    nodes.append(child)
+                elif child in nlinks:
+                    nlinks[child] += 1
+                else:
+                    nlinks[child] = 1
+                    nodes.append(child)
+            nlinks[node] = 2 + subdirs
+            parent = node.parent
+            assert parent is not None
+            for name, kid in ((b".", node), (b"..", parent)):
+                at = bisect.bisect(names, name)
+                names.insert(at, name)
+                kids.insert(at, kid)
+            if b"." in children or b".." in children:  # aufs '.wh..' / '.wh...' whiteouts
+                kids = [node if name == b"." else parent if name == b".." else kid
+                        for name, kid in zip(names, kids, strict=True)]
+            listings[node] = names, kids
+        return nodes, nlinks, listings
 
     def build(self) -> bytes:
         """Return the whole meta image; its length is blocks_lo * 512."""
-        plans = self._order()
-        self.inodes = len(plans)
-        offset = FIRST_INODE
-        for plan in plans:
-            slot = self._decide(plan)
-            if plan.tail:
-                head = slot - plan.tail
-                # The inline tail must not cross a block boundary (§1.8).
-                if (offset + head) % BLOCK + plan.tail > BLOCK:
-                    offset = -(-offset // BLOCK) * BLOCK
-            plan.nid = offset // 32
-            offset += -(-slot // 32) * 32
-        if plans[0].nid > 0xFFFF:
-            raise AssertionError("root nid must fit rootnid_2b")
-        block = -(-offset // BLOCK)
-        for plan in plans:
-            node = plan.node
-            if plan.layout == LAYOUT_CHUNK_BASED or node.size == 0:
+        nodes, nlinks, listings = self._order()
+        self.inodes = len(nodes)
+        image = bytearray(FIRST_INODE)
+        later: list[_Plan] = []  # inodes that point at data blocks: written once those are placed
+        epoch = self._epoch
+        compact_file, extended_file = _COMPACT_FILE.pack, _EXTENDED_FILE.pack
+        for ino, node in enumerate(nodes, 1):
+            size = node.size
+            nlink = nlinks[node]
+            if 0 < size <= _ONE_CHUNK_MAX and node.mode & 0o170000 == stat.S_IFREG \
+                    and not node.xattrs:
+                node.nid = len(image) >> 5
+                i_u = CHUNK_FORMAT_INDEXES | (max(9, (size - 1).bit_length()) - 9)
+                if (node.uid <= 0xFFFF and node.gid <= 0xFFFF and nlink <= 0xFFFF
+                        and size <= 0xFFFFFFFF and node.mtime == epoch and node.nsec == 0):
+                    image += compact_file(LAYOUT_CHUNK_BASED << 1, 0, node.mode & 0xFFFF, nlink,
+                                          size, 0, i_u, ino, node.uid, node.gid, 0,
+                                          0, 1, node.data_offset >> 9)
+                else:
+                    image += extended_file(1 | LAYOUT_CHUNK_BASED << 1, 0, node.mode & 0xFFFF, 0,
+                                           size, i_u, ino, node.uid, node.gid, node.mtime,
+                                           node.nsec, nlink, 0, 1, node.data_offset >> 9)
                 continue
-            full = node.size // BLOCK if plan.tail else -(-node.size // BLOCK)
+            plan = self._place(image, node, ino, nlink, listings.get(node))
+            if plan.node.size and plan.layout != LAYOUT_CHUNK_BASED:
+                later.append(plan)
+            else:
+                inode = self._inode(plan, self._i_u(plan), b"")
+                image[node.nid * 32:node.nid * 32 + len(inode)] = inode
+        if nodes[0].nid > 0xFFFF:
+            raise AssertionError("root nid must fit rootnid_2b")
+        block = -(-len(image) // BLOCK)
+        for plan in later:
+            size = plan.node.size
+            full = size // BLOCK if plan.tail else -(-size // BLOCK)
             if full:
                 plan.startblk = block
                 block += full
         meta_blocks = block
-        image = bytearray(meta_blocks * BLOCK)
-        nids = {id(plan.node): plan.nid for plan in plans}
-        for ino, plan in enumerate(plans, 1):
-            self._write_inode(image, plan, ino, nids)
-        self._write_super(image, plans[0].nid, len(plans), meta_blocks)
+        image += bytes(meta_blocks * BLOCK - len(image))
+        for plan in later:
+            self._write_later(image, plan)
+        self._write_super(image, nodes[0].nid, len(nodes), meta_blocks)
         return bytes(image)
 
-    def _dir_data(self, plan: _Plan, nids: dict[int, int]) -> bytes:
-        node = plan.node
-        assert node.children is not None and node.parent is not None
-        out = bytearray()
-        for names in plan.blocks:
-            start = len(out)
-            nameoff = 12 * len(names)
-            for name in names:
-                if name == b".":
-                    child, ftype = node, 2
-                elif name == b"..":
-                    child, ftype = node.parent, 2
-                else:
-                    child = node.children[name]
-                    ftype = _FILE_TYPES.get(child.mode & 0o170000, 0)
-                out += _DIRENT.pack(nids[id(child)], nameoff, ftype, 0)
-                nameoff += len(name)
-            out += b"".join(names)
-            if names is not plan.blocks[-1]:
-                out += bytes(BLOCK - (len(out) - start))
-        return bytes(out)
+    def _place(self, image: bytearray, node: Node, ino: int, nlink: int,
+               listing: Listing | None) -> _Plan:
+        """Choose inode format and data layout, reserve the inode slot and set the nid."""
+        plan = _Plan(node, ino, nlink, xattr_body(node.xattrs), listing)
+        if listing is not None:
+            plan.blocks, node.size = dir_blocks(listing[0])
+        size = node.size
+        # Compact only when nothing is lost (§1.5; unlike mkfs we also require nsec == 0).
+        plan.extended = not (node.uid <= 0xFFFF and node.gid <= 0xFFFF and nlink <= 0xFFFF
+                             and size <= 0xFFFFFFFF and node.mtime == self._epoch
+                             and node.nsec == 0)
+        head = (64 if plan.extended else 32) + len(plan.xbody)
+        fmt = node.mode & 0o170000
+        slot = head
+        if fmt == stat.S_IFREG and size > 0:
+            plan.layout = LAYOUT_CHUNK_BASED
+            chunkbits = min(40, max(9, (size - 1).bit_length()))
+            slot = -(-head // 8) * 8 + 8 * -(-size // (1 << chunkbits))
+        elif fmt in (stat.S_IFDIR, stat.S_IFLNK) and size > 0:
+            tail = size % BLOCK
+            if tail and head + tail <= BLOCK:
+                plan.layout, plan.tail = LAYOUT_FLAT_INLINE, tail
+                slot = head + tail
+                # The inline tail must not cross a block boundary (§1.8).
+                if (len(image) + head) % BLOCK + tail > BLOCK:
+                    image += bytes(-len(image) % BLOCK)
+        node.nid = len(image) >> 5
+        image += bytes(-(-slot // 32) * 32)
+        return plan
 
-    def _write_inode(self, image: bytearray, plan: _Plan, ino: int,
-                     nids: dict[int, int]) -> None:
+    @staticmethod
+    def _i_u(plan: _Plan) -> int:
+        """i_u of an inode without data blocks: chunk format, device number or 0."""
         node = plan.node
         fmt = node.mode & 0o170000
-        i_u = 0
-        data = b""
-        if fmt == stat.S_IFDIR:
-            data = self._dir_data(plan, nids)
-        elif fmt == stat.S_IFLNK:
-            data = node.target
-        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            i_u = node.rdev
         if plan.layout == LAYOUT_CHUNK_BASED:
             chunkbits = min(40, max(9, (node.size - 1).bit_length()))
-            i_u = CHUNK_FORMAT_INDEXES | (chunkbits - 9)
-        elif data:
-            i_u = plan.startblk
-            full = len(data) - plan.tail
-            if full:
-                start = plan.startblk * BLOCK
-                image[start:start + full] = data[:full]
-        iloc = plan.nid * 32
+            return CHUNK_FORMAT_INDEXES | (chunkbits - 9)
+        return node.rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0
+
+    def _write_later(self, image: bytearray, plan: _Plan) -> None:
+        """Write a directory's or symlink's data blocks and its inode (with the inline tail)."""
+        data = plan.node.target if plan.listing is None else self._dir_data(plan)
+        full = len(data) - plan.tail
+        if full:
+            start = plan.startblk * BLOCK
+            image[start:start + full] = data[:full]
+        inode = self._inode(plan, plan.startblk, data[full:])
+        iloc = plan.node.nid * 32
+        image[iloc:iloc + len(inode)] = inode
+
+    @staticmethod
+    def _dir_data(plan: _Plan) -> bytes:
+        assert plan.listing is not None
+        names, kids = plan.listing
+        nids = [kid.nid for kid in kids]
+        types = [_FILE_TYPES.get(kid.mode & 0o170000, 0) for kid in kids]
+        pack = _DIRENT.pack
+        out = bytearray()
+        for start, end in plan.blocks:
+            if start:
+                out += bytes(-len(out) % BLOCK)
+            block = names[start:end]
+            nameoffs = accumulate(map(len, block), initial=12 * len(block))
+            out += b"".join(map(pack, nids[start:end], nameoffs, types[start:end], repeat(0)))
+            out += b"".join(block)
+        return bytes(out)
+
+    @staticmethod
+    def _inode(plan: _Plan, i_u: int, tail: bytes) -> bytes:
+        """The inode, its xattr ibody and its inline tail or chunk indexes."""
+        node = plan.node
         i_format = int(plan.extended) | (plan.layout << 1)
         icount = (len(plan.xbody) - 12) // 4 + 1 if plan.xbody else 0
         if plan.extended:
-            _EXTENDED.pack_into(image, iloc, i_format, icount, node.mode & 0xFFFF, 0, node.size,
-                                i_u, ino, node.uid, node.gid, node.mtime, node.nsec, plan.nlink)
-            head = iloc + 64
+            head = _EXTENDED.pack(i_format, icount, node.mode & 0xFFFF, 0, node.size, i_u,
+                                  plan.ino, node.uid, node.gid, node.mtime, node.nsec,
+                                  plan.nlink)
         else:
-            _COMPACT.pack_into(image, iloc, i_format, icount, node.mode & 0xFFFF, plan.nlink,
-                               node.size, 0, i_u, ino, node.uid, node.gid, 0)
-            head = iloc + 32
-        image[head:head + len(plan.xbody)] = plan.xbody
-        head += len(plan.xbody)
-        if plan.tail:
-            image[head:head + plan.tail] = data[len(data) - plan.tail:]
-        elif plan.layout == LAYOUT_CHUNK_BASED:
-            head = -(-head // 8) * 8
-            chunk_blocks = 1 << (i_u & 0x1F)
-            first = node.data_offset // BLOCK
-            for k in range(-(-node.size // (chunk_blocks * BLOCK))):
-                _CHUNK_INDEX.pack_into(image, head + 8 * k, 0, 1, first + k * chunk_blocks)
+            head = _COMPACT.pack(i_format, icount, node.mode & 0xFFFF, plan.nlink, node.size,
+                                 0, i_u, plan.ino, node.uid, node.gid, 0)
+        inode = head + plan.xbody
+        if plan.layout != LAYOUT_CHUNK_BASED:
+            return inode + tail
+        inode += bytes(-len(inode) % 8)
+        chunk_blocks = 1 << (i_u & 0x1F)
+        first = node.data_offset // BLOCK
+        count = -(-node.size // (chunk_blocks * BLOCK))
+        return inode + b"".join(_CHUNK_INDEX.pack(0, 1, first + k * chunk_blocks)
+                                for k in range(count))
 
     def _write_super(self, image: bytearray, root_nid: int, inodes: int,
                      meta_blocks: int) -> None:

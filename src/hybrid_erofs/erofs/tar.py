@@ -11,8 +11,9 @@ import binascii
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
+from zlib import adler32
 
 from hybrid_erofs.errors import TarFormatError
 
@@ -30,12 +31,12 @@ _PAX_TIME = re.compile(rb"(-?)([0-9]+)(?:\.([0-9]*))?")
 _ZERO_BLOCK = bytes(BLOCK)
 
 
-@dataclass(frozen=True, slots=True)
-class TarMember:
+class TarMember(NamedTuple):
     """One archive entry, after PAX / GNU long-name overrides.
 
     `data_offset` is the offset of the member's data in the uncompressed tar (always a
     multiple of 512); `size` is the data length.  `mode` holds permission bits only.
+    A NamedTuple rather than a frozen dataclass: one is built per entry, 7x faster.
     """
 
     name: bytes
@@ -56,8 +57,16 @@ class TarMember:
 
 def _cstr(field: bytes) -> bytes:
     """A NUL-terminated header string."""
-    end = field.find(b"\0")
-    return field if end < 0 else field[:end]
+    return field.partition(b"\0")[0]
+
+
+def _byte_sum(block: bytes) -> int:
+    """Sum of the bytes of a 512-byte block.
+
+    adler32's low half is 1 + the byte sum modulo 65521, which is exact for 256 bytes (at
+    most 65280): two C calls instead of summing 512 ints in Python.
+    """
+    return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
 
 
 def _number(field: bytes, what: str, name: bytes, offset: int) -> int:
@@ -128,6 +137,7 @@ class TarParser:
         self._closed = False
         self._pending = _Pending()
         self._global = _Pending()
+        self._has_global = False  # a 'g' header was seen: self._global may override fields
         self._end_offset = 0
         self._last_name = b""
         self._last_header = 0
@@ -148,6 +158,22 @@ class TarParser:
     def finished(self) -> bool:
         """True once the end-of-archive marker has been seen."""
         return self._done
+
+    @property
+    def needed_offset(self) -> int:
+        """The parser will not look at the bytes before this offset (member data, padding, or
+        everything after the end-of-archive marker): `skip()` may stand in for feeding them."""
+        return 1 << 64 if self._done else self._offset + self._skip
+
+    def skip(self, length: int) -> None:
+        """Consume the next `length` bytes unseen; they must end by `needed_offset`."""
+        if self._closed:
+            raise ValueError("skip() after close()")
+        if not self._done:
+            if not 0 <= length <= self._skip:
+                raise ValueError(f"'length' must be 0..{self._skip} (got {length})")
+            self._skip -= length
+        self._offset += length
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         """Consume the next `len(chunk)` bytes of the uncompressed tar."""
@@ -285,7 +311,7 @@ class TarParser:
         # The checksum treats its own 8 bytes as spaces (0x20 * 8 = 256); old writers
         # summed signed chars, so accept either sum (pax spec; mkfs does the same).
         stored = _number(field, "checksum", name, offset)
-        unsigned = sum(block) - sum(block[148:156]) + 256
+        unsigned = _byte_sum(block) - sum(field) + 256
         if stored == unsigned:
             return
         high = sum(1 for b in block[:148] if b > 127) + sum(1 for b in block[156:] if b > 127)
@@ -300,6 +326,9 @@ class TarParser:
               data_offset: int, offset: int) -> None:
         # Precedence: this entry's x/L/K overrides, then the global PAX header, then ustar.
         pending, glob = self._pending, self._global
+        if pending.first_offset < 0 and not self._has_global and self._emit_plain(
+                fields, kind, name, size, data_offset, offset):
+            return
         if b"\0" in name:
             raise TarFormatError(f"{_show(name)}: NUL byte in path at offset {offset}")
         linkname = pending.linkpath if pending.linkpath is not None else glob.linkpath
@@ -330,6 +359,26 @@ class TarParser:
         self.members += 1
         self._on_member(member)
 
+    def _emit_plain(self, fields: tuple[bytes, ...], kind: int, name: bytes, size: int,
+                    data_offset: int, offset: int) -> bool:
+        """Emit an entry without overrides (most of them) from its header's own fields,
+        parsed inline; False when a field is odd (base-256, junk): `_emit` then decides."""
+        try:
+            uid = int(fields[2].rstrip(b"\0 ") or b"0", 8)
+            gid = int(fields[3].rstrip(b"\0 ") or b"0", 8)
+            mtime = int(fields[5].rstrip(b"\0 ") or b"0", 8)
+            mode = int(fields[1].rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            return False
+        devmajor = devminor = 0
+        if kind in (CHARDEV, BLOCKDEV):
+            devmajor = _number(fields[13], "devmajor", name, offset)
+            devminor = _number(fields[14], "devminor", name, offset)
+        self.members += 1
+        self._on_member(TarMember(name, kind, offset, data_offset, size, mode & 0o7777, uid, gid,
+                                  mtime, 0, _cstr(fields[8]), devmajor, devminor, ()))
+        return True
+
     # -- extended headers --------------------------------------------------------------
 
     def _finish_payload(self) -> None:
@@ -349,6 +398,7 @@ class TarParser:
             return
         records = self._parse_pax(data, name, offset)
         # 'g' applies to every later entry (POSIX; mkfs's first-entry quirk is not copied).
+        self._has_global = self._has_global or kind == 0x67
         self._apply_pax(records, self._global if kind == 0x67 else self._pending, name, offset)
 
     def _parse_pax(self, data: bytes, name: bytes, offset: int) -> dict[bytes, bytes]:

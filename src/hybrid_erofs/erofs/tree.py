@@ -44,8 +44,8 @@ def split_xattr_name(name: bytes) -> tuple[int, bytes]:
 class Node:
     """One inode: attributes, plus children (dirs), data offset (files) or target (symlinks)."""
 
-    __slots__ = ("children", "data_offset", "gid", "mode", "mtime", "nsec", "parent", "rdev",
-                 "size", "target", "uid", "xattrs")
+    __slots__ = ("children", "data_offset", "gid", "mode", "mtime", "nid", "nsec", "parent",
+                 "rdev", "size", "target", "uid", "xattrs")
 
     def __init__(self, mode: int, uid: int, gid: int, mtime: int, nsec: int) -> None:
         self.mode = mode
@@ -60,6 +60,7 @@ class Node:
         self.xattrs: dict[bytes, bytes] = {}
         self.children: dict[bytes, Node] | None = None
         self.parent: Node | None = None
+        self.nid = 0  # set by the image writer
 
     @property
     def is_dir(self) -> bool:
