@@ -19,7 +19,7 @@ from hybrid_erofs.device import (
     open_layer,
     open_registry_layer_blob,
 )
-from hybrid_erofs.errors import InvalidInput
+from hybrid_erofs.errors import HybridErofsError, InvalidInput
 from hybrid_erofs.gzindex.build import build_index
 from hybrid_erofs.gzindex.format import dump_index
 from hybrid_erofs.indexer import index_layer
@@ -116,3 +116,36 @@ def test_index_ref_cli_reads_the_password_from_stdin(rig: Rig, tmp_path: Path) -
         "index", ref, "-o", str(tmp_path / "x.zinfo"), "--platform", "linux/arm64"])
     assert result.exit_code == 1 and USER[1] not in result.output
     assert not (tmp_path / "x.zinfo").exists()
+
+
+def test_docker_config_with_a_credential_helper(rig: Rig, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # ~/.docker/config.json names a helper; the docker-credential-* protocol gives the secret.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-rigtest"
+    helper.write_text("#!/bin/sh\nread host\n"
+                      f"printf '{{\"ServerURL\":\"%s\",\"Username\":\"{USER[0]}\","
+                      f"\"Secret\":\"{USER[1]}\"}}' \"$host\"\n")
+    helper.chmod(0o755)
+    config = tmp_path / "docker"
+    config.mkdir()
+    (config / "config.json").write_text(json.dumps({"credHelpers": {rig.hosts["token"]: "rigtest"}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config))
+    monkeypatch.setenv("PATH", f"{bindir}:{__import__('os').environ['PATH']}")
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    ref = f"{rig.hosts['token']}/lab/img:multi"
+    options = RegistryOptions(platform="linux/amd64", cache_dir=tmp_path / "cache")
+    zinfo = tmp_path / "layer.zinfo"
+    index_layer(ref, zinfo=zinfo, meta=None, span=1 << 20, registry=options)
+    plain = gzip.decompress(rig.images["amd64"].layer)
+    # Without the helper the same reference is refused: the helper really was used.
+    (config / "config.json").write_text("{}")
+    with pytest.raises(HybridErofsError):
+        index_layer(ref, zinfo=tmp_path / "anon.zinfo", meta=None, registry=options)
+    (config / "config.json").write_text(json.dumps({"credHelpers": {rig.hosts["token"]: "rigtest"}}))
+    source = open_layer(ref, zinfo=zinfo, registry=options)
+    try:
+        _reads(source, plain, seed=3, count=20)
+    finally:
+        source.close()
