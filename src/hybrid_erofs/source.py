@@ -31,6 +31,17 @@ class ByteSource(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class FileRanged(Protocol):
+    """Optional capability: bytes that lie in a local file as they are, so an exporter may
+    send them with sendfile(2) instead of copying them through Python."""
+
+    def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
+        """(fd, file offset) of `length` bytes at `offset`, or None when they are not one
+        plain run of a file. The fd stays owned by the source."""
+        ...
+
+
 def check_range(source: ByteSource, length: int, offset: int) -> None:
     """Raise ValueError for a request outside `source` (a caller bug, not I/O)."""
     if length < 0 or offset < 0 or offset + length > source.size:
@@ -98,6 +109,10 @@ class FileSource:
             parts.append(data)
             done += len(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
+        check_range(self, length, offset)
+        return None if self._closed else (self._fd, offset)
 
     def close(self) -> None:
         with self._lock:

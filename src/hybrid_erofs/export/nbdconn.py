@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..source import ByteSource
+from ..source import ByteSource, FileRanged
 from . import nbdwire as w
 
 log = logging.getLogger("hybrid_erofs.nbd")
@@ -42,6 +43,10 @@ class _PeerGone(Exception):
     def __init__(self, received: int, wanted: int) -> None:
         super().__init__(f"connection closed after {received} of {wanted} bytes")
         self.received = received
+
+
+# Reads at least this long from a file-backed source go out with sendfile(2).
+SENDFILE_MIN = 64 << 10
 
 
 class _Violation(Exception):
@@ -414,6 +419,11 @@ class Connection:
         try:
             if self._broken:  # the client is gone: do not fetch bytes nobody will get
                 return
+            if length >= SENDFILE_MIN and isinstance(self.source, FileRanged):
+                where = self.source.file_range(length, offset)
+                if where is not None:
+                    self._read_reply_sendfile(cookie, offset, length, *where)
+                    return
             try:
                 data = self.source.pread(length, offset)
                 if len(data) != length:
@@ -430,6 +440,35 @@ class Connection:
             self.abort()
         finally:
             self._release(length)
+
+    def _reply_header(self, cookie: int, offset: int, length: int) -> bytes:
+        if not self.structured:
+            return w.SIMPLE_REPLY.pack(w.SIMPLE_REPLY_MAGIC, 0, cookie)
+        return (w.CHUNK.pack(w.STRUCTURED_REPLY_MAGIC, w.REPLY_FLAG_DONE,
+                             w.REPLY_TYPE_OFFSET_DATA, cookie, 8 + length) + w.U64.pack(offset))
+
+    def _read_reply_sendfile(self, cookie: int, offset: int, length: int, fd: int,
+                             file_offset: int) -> None:
+        """Send a read straight from the page cache with sendfile(2). Once the header is
+        out, a short file can no longer become an error reply: then the connection is
+        closed (the client sees a failed request, never wrong data)."""
+        with self._send_lock:
+            if self._broken:
+                return
+            try:
+                self.sock.sendall(self._reply_header(cookie, offset, length))
+                sent = 0
+                while sent < length:
+                    n = os.sendfile(self.sock.fileno(), fd, file_offset + sent, length - sent)
+                    if n == 0:
+                        raise OSError(f"file ended after {sent} of {length} bytes")
+                    sent += n
+            except OSError as exc:
+                self._broken = True
+                log.warning("%s: READ of %d bytes at %d failed mid-reply (%s): closing",
+                            self.label, length, offset, exc)
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
 
     def _read_reply(self, cookie: int, offset: int, data: bytes) -> None:
         if not self.structured:

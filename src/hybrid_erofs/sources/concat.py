@@ -10,7 +10,7 @@ import struct
 from collections.abc import Sequence
 
 from ..errors import InvalidInput
-from ..source import ByteSource, check_range
+from ..source import ByteSource, FileRanged, check_range
 
 BLOCK = 512
 # erofs-tarindex.md §1.2 (superblock at byte 1024, little-endian) and §1.4 (device slot).
@@ -66,6 +66,17 @@ class ConcatSource:
                 offset += take
             index += 1
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
+        """FileRanged pass-through, when the range lies in one file-backed part."""
+        check_range(self, length, offset)
+        index = bisect.bisect_right(self._starts, offset) - 1
+        while index + 1 < len(self._parts) and self._parts[index].size == 0:
+            index += 1
+        part, start = self._parts[index], self._starts[index]
+        if length == 0 or offset + length > start + part.size or not isinstance(part, FileRanged):
+            return None
+        return part.file_range(length, offset - start)
 
     def close(self) -> None:
         errors: list[BaseException] = []
