@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,8 @@ import pytest
 
 from hybrid_erofs.erofs.writer import MetaBuilder
 from tests.conftest import _load_tool, ci_required
-from tests.mounting import concat, kernel_mount, losetup_entries, walk_tree
+from tests.integration.conftest import require_kernel_erofs
+from tests.mounting import concat, kernel_mount, walk_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
@@ -26,40 +26,15 @@ UUID = "00000000-0000-0000-0000-000000000000"
 MKFS, FSCK = "mkfs.erofs-oracle", "fsck.erofs-oracle"
 
 
-def _erofs_in_kernel() -> bool:
-    try:
-        if "erofs" in Path("/proc/filesystems").read_text():
-            return True
-    except OSError:
-        return False
-    subprocess.run(["modprobe", "erofs"], capture_output=True)
-    return "erofs" in Path("/proc/filesystems").read_text()
 
 
 @pytest.fixture(scope="module")
 def prerequisites() -> None:
-    if os.geteuid() != 0:
-        ci_required("kernel EROFS mounts need root")
-    for tool in (MKFS, FSCK):
-        if shutil.which(tool) is None:
-            ci_required(f"{tool} (erofs-utils 1.9 oracle) is not installed")
-    if not _erofs_in_kernel():
-        ci_required("the kernel has no erofs filesystem")
+    require_kernel_erofs(MKFS, FSCK)
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_loop_devices() -> Iterator[None]:
-    before = losetup_entries() if shutil.which("losetup") else []
-    yield
-    if shutil.which("losetup"):
-        assert losetup_entries() == before
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    outdir = tmp_path_factory.mktemp("tar-corpus")
-    _load_tool("make_tar_corpus").write_corpus(outdir)
-    return outdir
 
 
 def build_ours(tar: Path, out: Path, *, aufs: bool) -> MetaBuilder:

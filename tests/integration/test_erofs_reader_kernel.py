@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,8 @@ from hybrid_erofs.erofs.layout import Inode
 from hybrid_erofs.erofs.reader import ErofsImage
 from hybrid_erofs.source import FileSource
 from tests.conftest import _load_tool, ci_required
-from tests.mounting import concat, kernel_mount, losetup_entries, walk_tree
+from tests.integration.conftest import require_kernel_erofs
+from tests.mounting import concat, kernel_mount, walk_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
@@ -37,39 +36,15 @@ TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", sta
          stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "sock"}
 
 
-def _erofs_in_kernel() -> bool:
-    try:
-        if "erofs" in Path("/proc/filesystems").read_text():
-            return True
-    except OSError:
-        return False
-    subprocess.run(["modprobe", "erofs"], capture_output=True)
-    return "erofs" in Path("/proc/filesystems").read_text()
 
 
 @pytest.fixture(scope="module")
 def prerequisites() -> None:
-    if os.geteuid() != 0:
-        ci_required("kernel EROFS mounts need root")
-    if shutil.which(MKFS) is None:
-        ci_required(f"{MKFS} (erofs-utils 1.9 oracle) is not installed")
-    if not _erofs_in_kernel():
-        ci_required("the kernel has no erofs filesystem")
+    require_kernel_erofs(MKFS)
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_loop_devices() -> Iterator[None]:
-    before = losetup_entries() if shutil.which("losetup") else []
-    yield
-    if shutil.which("losetup"):
-        assert losetup_entries() == before
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    outdir = tmp_path_factory.mktemp("reader-corpus")
-    _load_tool("make_tar_corpus").write_corpus(outdir)
-    return outdir
 
 
 def reader_tree(image: ErofsImage) -> dict[str, dict[str, Any]]:
