@@ -5,6 +5,7 @@ open_layer(): a local layer file or a registry reference -> its uncompressed lay
   local .tar.gz: FileSource -> VerifiedSource -> GzipSource
   registry:      RegistryBlobSource -> RetrySource -> ChunkCacheSource -> VerifiedSource
                  -> GzipSource
+  oci:DIR[:TAG]: FileSource (the layout's blob file) -> VerifiedSource -> GzipSource
 open_device(): meta || layer data, checked against each other.
 """
 
@@ -23,6 +24,7 @@ from .gzindex.build import detect_format
 from .gzindex.format import parse_index
 from .gzindex.sidecar import load_sidecar, sidecar_path
 from .gzindex.source import GzipSource
+from .oci.layout import is_layout_reference, open_layout_blob
 from .source import ByteSource, FileSource
 from .sources.chunkcache import ChunkCacheSource
 from .sources.concat import open_disk
@@ -54,14 +56,22 @@ _LAYER_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".gz")
 
 def is_local(source: str) -> bool:
     """A layer argument names a local file when such a file exists, it is "-", or it looks
-    like a path (absolute, ./ or ../, or a layer file suffix); otherwise it is a reference."""
+    like a path (absolute, ./ or ../, or a layer file suffix); otherwise it is a reference
+    (a registry's, or an OCI layout's `oci:DIR[:TAG]`)."""
+    if is_layout_reference(source) and not os.path.exists(source):
+        return False
     return (source == "-" or os.path.exists(source) or source.startswith(("/", "./", "../", "~"))
             or source.endswith(_LAYER_SUFFIXES))
 
 
 def open_registry_layer_blob(reference: str, options: RegistryOptions) -> tuple[ByteSource, str]:
     """The compressed blob of a registry layer, as the stack below GzipSource:
-    RegistryBlobSource -> RetrySource -> ChunkCacheSource. Returns it and the blob digest."""
+    RegistryBlobSource -> RetrySource -> ChunkCacheSource. Returns it and the blob digest.
+    An `oci:DIR[:TAG]` layer is its blob file as it is: local, so nothing to retry or cache."""
+    if is_layout_reference(reference):
+        local, found = open_layout_blob(reference, layer=options.layer, blob=options.blob,
+                                        platform=options.platform)
+        return local, found.digest
     blob, descriptor = open_registry_blob(
         reference, layer=options.layer, blob=options.blob, platform=options.platform,
         username=options.username, password=options.password, insecure=options.insecure,

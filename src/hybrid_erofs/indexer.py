@@ -24,7 +24,9 @@ from .errors import InvalidInput, OutputError, SourceIOError, TarFormatError
 from .gzindex.build import DEFAULT_SPAN, build_index, detect_format
 from .gzindex.format import dump_index
 from .gzindex.sidecar import Sidecar, dump_sidecar, sidecar_path
+from .oci.layout import is_layout_reference, open_layout_blob
 from .outfile import check_writable, write_atomic
+from .source import ByteSource
 from .sources.registry import iter_blob, open_registry_blob
 
 READ_SIZE = 1 << 20
@@ -110,12 +112,18 @@ class _ChunkStream(io.RawIOBase):
 
 def _open_remote(reference: str, registry: RegistryOptions) -> tuple[BinaryIO, str, int]:
     """Stream a registry layer once (no copy on disk); its digest is checked by the caller
-    against the sha256 the index pass computes anyway."""
-    blob, descriptor = open_registry_blob(
-        reference, layer=registry.layer, blob=registry.blob, platform=registry.platform,
-        username=registry.username, password=registry.password, insecure=registry.insecure,
-        transport=registry.transport,
-    )
+    against the sha256 the index pass computes anyway. An `oci:DIR[:TAG]` blob is read from
+    its file in the layout."""
+    blob: ByteSource
+    if is_layout_reference(reference):
+        blob, descriptor = open_layout_blob(reference, layer=registry.layer, blob=registry.blob,
+                                            platform=registry.platform)
+    else:
+        blob, descriptor = open_registry_blob(
+            reference, layer=registry.layer, blob=registry.blob, platform=registry.platform,
+            username=registry.username, password=registry.password, insecure=registry.insecure,
+            transport=registry.transport,
+        )
     if not descriptor.digest.startswith("sha256:"):
         blob.close()
         raise InvalidInput(f"{reference}: layer digest {descriptor.digest} is not sha256")
@@ -218,7 +226,7 @@ def index_layer(
             blob_size, digest, layer_size = result.blob_size, result.blob_sha256, result.layer_size
             if expected_digest is not None and expected_digest != f"sha256:{digest}":
                 raise SourceIOError(
-                    f"{layer}: blob digest mismatch: the registry named {expected_digest}, "
+                    f"{layer}: blob digest mismatch: {expected_digest} was expected, "
                     f"the bytes received hash to sha256:{digest}"
                 )
             checkpoints, members, engine_name = len(result.index), result.members, result.engine

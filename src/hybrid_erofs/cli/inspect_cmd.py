@@ -1,4 +1,5 @@
-"""`hybrid-erofs inspect` (zinfo summary) and `hybrid-erofs read` (debug read of layer data)."""
+"""`hybrid-erofs inspect` (a zinfo summary, or an image's manifest, layers and config) and
+`hybrid-erofs read` (debug read of layer data)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,62 @@ from pathlib import Path
 
 import click
 
-from ..device import open_layer
+from ..device import RegistryOptions, is_local, open_layer
 from ..gzindex.format import load_index
 from ..gzindex.sidecar import load_sidecar, sidecar_path
-from .options import SizeType, human
+from ..oci.image import ImageInfo, inspect_image, open_image_client
+from .options import SizeType, human, registry_options
 
 
 @click.command("inspect")
-@click.argument("zinfo", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("target", metavar="ZINFO|REF")
 @click.option("--checkpoints", "show_all", is_flag=True, help="List every checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def inspect(zinfo: Path, show_all: bool, as_json: bool) -> None:
-    """Show a zinfo file: version, span, checkpoints, sizes.
+@registry_options
+def inspect(target: str, show_all: bool, as_json: bool, registry: RegistryOptions) -> None:
+    """Show a zinfo file (version, span, checkpoints, sizes), or an image: its platform
+    manifest digest, layers and config, refusing malformed images.
 
     \b
-    Example:
+    Examples:
         hybrid-erofs inspect layer.zinfo --checkpoints
+        hybrid-erofs inspect ghcr.io/acme/app:1.0 --platform linux/arm64 --json
+        hybrid-erofs inspect oci:./layout:latest
     """
+    if is_local(target) or target.endswith(".zinfo"):
+        _inspect_zinfo(Path(target), show_all=show_all, as_json=as_json)
+        return
+    with open_image_client(target, username=registry.username, password=registry.password,
+                           insecure=registry.insecure, transport=registry.transport) as client:
+        info = inspect_image(client, target, registry.platform)
+    _show_image(info, as_json=as_json)
+
+
+def _show_image(info: ImageInfo, *, as_json: bool) -> None:
+    """Print an inspected image as JSON or as a short text summary."""
+    if as_json:
+        click.echo(json.dumps(info.to_json(), indent=2))
+        return
+    c = info.config
+    platform = "/".join(p for p in (c.os, c.architecture, c.variant) if p)
+    click.echo(f"{info.reference}: {platform} manifest {info.manifest_digest}")
+    click.echo(f"  config {info.config_descriptor.digest} ({info.config_descriptor.size} bytes)")
+    for name, value in (("entrypoint", c.entrypoint), ("cmd", c.cmd)):
+        if value is not None:
+            click.echo(f"  {name}: {json.dumps(list(value))}")
+    if c.working_dir:
+        click.echo(f"  working dir: {c.working_dir}")
+    if c.user:
+        click.echo(f"  user: {c.user}")
+    for variable in c.env:
+        click.echo(f"  env: {variable}")
+    click.echo(f"  {len(info.layers)} layers:")
+    for number, layer in enumerate(info.layers):
+        click.echo(f"  {number:>4} {layer.digest} {human(layer.size):>10} {layer.media_type}")
+
+
+def _inspect_zinfo(zinfo: Path, *, show_all: bool, as_json: bool) -> None:
+    """Summarise a zinfo file (and its sidecar when present)."""
     index = load_index(zinfo)
     cps = index.checkpoints
     info: dict[str, object] = {

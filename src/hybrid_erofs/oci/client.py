@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -39,6 +40,9 @@ GZIP_LAYER_TYPES = frozenset({
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 })
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 MAX_MANIFEST_SIZE = 32 << 20  # the spec asks registries to accept >= 4 MB; ggcr caps at 100 MiB
 USER_AGENT = "hybrid-erofs"
 
@@ -112,7 +116,8 @@ def parse_manifest(
     return Manifest(media_type, expected_digest or compute_digest(body), body, data)
 
 
-def _descriptor(raw: object, subject: str) -> Descriptor:
+def parse_descriptor(raw: object, subject: str) -> Descriptor:
+    """A descriptor from JSON: digest validated, size >= 0, media type "" when absent."""
     if not isinstance(raw, dict):
         raise RegistryError(f"{subject}: descriptor is not a JSON object")
     media_type, digest, size = raw.get("mediaType"), raw.get("digest"), raw.get("size")
@@ -134,11 +139,27 @@ def select_manifest(index: Manifest, wanted: Platform, *, subject: str) -> Descr
         candidate = descriptor_platform(raw)
         offered.append(str(candidate))
         if matches(wanted, candidate) and raw.get("mediaType", OCI_MANIFEST) in MANIFEST_TYPES:
-            return _descriptor(raw, subject)
+            return parse_descriptor(raw, subject)
     raise RegistryError(
         f"{subject}: no manifest for platform {wanted} (index offers: "
         f"{', '.join(offered) or 'nothing'})"
     )
+
+
+def resolve_platform(
+    top: Manifest, fetch: Callable[[str], Manifest], platform: Platform | str | None, *,
+    subject: str,
+) -> Manifest:
+    """The image manifest for `platform` (default: this host's): `top` itself, or the index
+    entry chosen by select_manifest, fetched (and digest-checked) by `fetch(digest)`."""
+    if not top.is_index:
+        return top
+    wanted = parse_platform(platform) if isinstance(platform, str) else platform
+    child = select_manifest(top, wanted or host_platform(), subject=subject)
+    manifest = fetch(child.digest)
+    if manifest.is_index:
+        raise RegistryError(f"{subject}@{child.digest}: nested indexes are not supported")
+    return manifest
 
 
 def select_layer(
@@ -149,7 +170,7 @@ def select_layer(
     raw_layers = manifest.data.get("layers")
     if not isinstance(raw_layers, list):
         raise RegistryError(f"{subject}: manifest has no 'layers' list")
-    layers = [_descriptor(raw, subject) for raw in raw_layers]
+    layers = [parse_descriptor(raw, subject) for raw in raw_layers]
     count = len(layers)
     if blob is not None:
         validate_digest(blob, subject=subject)
@@ -249,16 +270,28 @@ class RegistryClient:
 
     def resolve(self, platform: Platform | str | None = None) -> Manifest:
         """The image manifest for `platform` (default: this host's), via the index if any."""
-        top = self.get_manifest()
-        if not top.is_index:
-            return top
-        wanted = parse_platform(platform) if isinstance(platform, str) else platform
-        wanted = wanted or host_platform()
-        child = select_manifest(top, wanted, subject=str(self.reference))
-        manifest = self.get_manifest(child.digest, expected_digest=child.digest)
-        if manifest.is_index:
-            raise RegistryError(f"{self.reference}@{child.digest}: nested indexes are not supported")
-        return manifest
+        return resolve_platform(
+            self.get_manifest(), lambda digest: self.get_manifest(digest, expected_digest=digest),
+            platform, subject=str(self.reference))
+
+    def fetch_blob(self, descriptor: Descriptor, *, max_size: int = MAX_MANIFEST_SIZE) -> bytes:
+        """GET a small blob (an image config) whole; check its size and digest (DS:192)."""
+        url = self.blob_url(descriptor.digest)
+        subject = f"GET {url}"
+        if descriptor.size > max_size:
+            raise RegistryError(f"{subject}: blob of {descriptor.size} bytes is larger than "
+                                f"{max_size} bytes")
+        try:
+            with self.http.stream("GET", url, follow_redirects=True) as response:
+                _check_status(response, subject, what="blob")
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > descriptor.size:
+                        break
+        except httpx.TransportError as exc:
+            raise RegistryError(f"{subject}: {type(exc).__name__}: {exc}", transient=True) from exc
+        return verify_blob(bytes(body), descriptor)
 
     def layer_descriptor(
         self, *, layer: int | None = None, blob: str | None = None,
@@ -283,13 +316,26 @@ class RegistryClient:
         self.close()
 
 
-def _check_status(response: httpx.Response, subject: str) -> None:
+def verify_blob(body: bytes, descriptor: Descriptor) -> bytes:
+    """`body` if it has the descriptor's size and digest, else RegistryError naming the digest."""
+    if len(body) != descriptor.size:
+        more = " or more" if len(body) > descriptor.size else ""
+        raise RegistryError(f"{descriptor.digest}: blob size mismatch: expected "
+                            f"{descriptor.size} bytes, got {len(body)}{more}")
+    actual = compute_digest(body, descriptor.digest.partition(":")[0])
+    if actual != descriptor.digest:
+        raise RegistryError(f"{descriptor.digest}: blob digest mismatch: the "
+                            f"{len(body)} bytes hash to {actual}")
+    return body
+
+
+def _check_status(response: httpx.Response, subject: str, *, what: str = "manifest") -> None:
     status = response.status_code
     if status == 200:
         return
     if status in (401, 403):
         raise AuthError(f"{subject}: HTTP {status}: authentication required or access denied")
     if status == 404:
-        raise RegistryError(f"{subject}: HTTP 404: manifest unknown")
+        raise RegistryError(f"{subject}: HTTP 404: {what} unknown")
     raise RegistryError(f"{subject}: HTTP {status}",
                         transient=status in (408, 429) or status >= 500)
