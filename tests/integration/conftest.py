@@ -52,6 +52,19 @@ def require_kernel_erofs(*tools: str) -> None:
         ci_required("the kernel has no erofs filesystem")
 
 
+def require_fuse_and_erofs() -> None:
+    """Root, /dev/fuse, mfusepy on libfuse3 and the kernel's EROFS: fail on CI, skip elsewhere."""
+    from hybrid_erofs.export.fuse import ExportError, load_mfusepy
+
+    require_kernel_erofs()
+    if not os.path.exists("/dev/fuse"):
+        ci_required("/dev/fuse is missing (FUSE not available)")
+    try:
+        load_mfusepy()
+    except ExportError as exc:
+        ci_required(str(exc))
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_loop_devices() -> Iterator[None]:
     before = losetup_entries() if shutil.which("losetup") else []

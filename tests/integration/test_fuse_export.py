@@ -23,11 +23,12 @@ import pytest
 from hybrid_erofs.device import open_device
 from hybrid_erofs.erofs.writer import MetaBuilder
 from hybrid_erofs.errors import SourceIOError
-from hybrid_erofs.export.fuse import ExportBusy, ExportError, FuseExport, load_mfusepy
+from hybrid_erofs.export.fuse import ExportBusy, ExportError, FuseExport
 from hybrid_erofs.gzindex.build import build_index
 from hybrid_erofs.gzindex.format import write_index
 from hybrid_erofs.source import ByteSource, MemorySource, check_range
-from tests.conftest import ci_required, layer_tar
+from tests.conftest import layer_tar
+from tests.integration.conftest import require_fuse_and_erofs
 from tests.mounting import concat, kernel_mount, losetup_entries, walk_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
@@ -59,18 +60,7 @@ def _fuse_mounts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def prerequisites() -> None:
-    if os.geteuid() != 0:
-        ci_required("FUSE + kernel EROFS mounts need root")
-    if not os.path.exists("/dev/fuse"):
-        ci_required("/dev/fuse is missing (FUSE not available)")
-    try:
-        load_mfusepy()
-    except ExportError as exc:
-        ci_required(str(exc))
-    if "erofs" not in Path("/proc/filesystems").read_text():
-        subprocess.run(["modprobe", "erofs"], capture_output=True)
-        if "erofs" not in Path("/proc/filesystems").read_text():
-            ci_required("the kernel has no erofs filesystem")
+    require_fuse_and_erofs()
 
 
 @pytest.fixture(autouse=True)

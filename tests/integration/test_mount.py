@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from hybrid_erofs.export.fuse import ExportError, load_mfusepy
 from hybrid_erofs.indexer import index_layer
 from tests.conftest import ci_required, layer_tar
+from tests.integration.conftest import require_fuse_and_erofs
 from tests.mounting import concat, kernel_mount, losetup_entries, walk_tree
 from tests.registry_rig import USER, Rig, free_port, missing_prerequisites
 
@@ -34,14 +34,7 @@ CLI = [sys.executable, "-m", "hybrid_erofs"]
 
 @pytest.fixture(scope="module")
 def prerequisites() -> None:
-    if os.geteuid() != 0:
-        ci_required("mount tests need root")
-    if not os.path.exists("/dev/fuse"):
-        ci_required("/dev/fuse is missing (FUSE not available)")
-    try:
-        load_mfusepy()
-    except ExportError as exc:
-        ci_required(str(exc))
+    require_fuse_and_erofs()
 
 
 @pytest.fixture
