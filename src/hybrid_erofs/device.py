@@ -24,6 +24,7 @@ from .gzindex.build import detect_format
 from .gzindex.format import parse_index
 from .gzindex.sidecar import load_sidecar, sidecar_path
 from .gzindex.source import GzipSource
+from .imageindex import file_digest
 from .oci.layout import is_layout_reference, open_layout_blob
 from .source import ByteSource, FileSource
 from .sources.chunkcache import ChunkCacheSource
@@ -178,13 +179,38 @@ def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:
         raise IndexFormatError(f"{zinfo}: cannot read: {exc.strerror}") from exc
 
 
+def check_meta_binding(meta: str | os.PathLike[str], zinfo: str | os.PathLike[str]) -> None:
+    """Refuse a meta that is not the one built with `zinfo` (when its sidecar says which)."""
+    side_path = sidecar_path(zinfo)
+    if not side_path.exists():
+        return
+    expected = load_sidecar(side_path).meta_sha256
+    if expected is None:
+        return
+    try:
+        actual, _ = file_digest(meta)
+    except FileNotFoundError as exc:
+        raise IndexFormatError(f"{meta}: no such file") from exc
+    except OSError as exc:
+        raise IndexFormatError(f"{meta}: cannot read: {exc.strerror}") from exc
+    if actual != f"sha256:{expected}":
+        raise IndexFormatError(
+            f"{meta}: not the meta built with {zinfo} (its sha256 is {actual[7:19]}..., "
+            f"{side_path.name} records {expected[:12]}...): index the layer again or pass "
+            f"the matching --meta"
+        )
+
+
 def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
                 registry: RegistryOptions | None = None) -> ByteSource:
     """Open the device the kernel mounts: the meta image followed by the layer's data.
 
-    `meta` is checked against the layer (device table, sizes) before anything is served;
-    closing the result closes both files.
+    `meta` is checked against the layer (device table, sizes) before anything is served, and
+    against the sha256 the zinfo's sidecar records when `index` built both in one pass (a meta
+    of another layer is refused); closing the result closes both files.
     """
+    if zinfo is not None:
+        check_meta_binding(meta, zinfo)
     meta_source = FileSource(meta)
     try:
         layer_source = open_layer(layer, zinfo=zinfo, registry=registry)
@@ -201,6 +227,7 @@ def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
 
 __all__ = [
     "RegistryOptions",
+    "check_meta_binding",
     "is_local",
     "open_device",
     "open_gzip_layer",

@@ -10,14 +10,17 @@ import click
 
 from ..device import RegistryOptions, is_local
 from ..gzindex.build import DEFAULT_SPAN
+from ..imageindex import INDEX_NAME, SKIPPED_SMALL
+from ..imageindexer import DEFAULT_MIN_LAYER_SIZE, index_image
 from ..indexer import index_layer
 from .options import Progress, SizeType, UuidType, human, registry_options
 
 
 @click.command("index")
 @click.argument("layer", metavar="LAYER")
-@click.option("-o", "--output", "zinfo", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the gzip checkpoints here (SOCI zinfo v2).")
+@click.option("-o", "--output", "zinfo", type=click.Path(path_type=Path),
+              help="Write the gzip checkpoints here (SOCI zinfo v2); with --all-layers, the "
+                   "output directory.")
 @click.option("--meta", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the EROFS metadata image here [default: m.erofs beside -o].")
 @click.option("--no-meta", is_flag=True, help="Write only the zinfo.")
@@ -33,16 +36,32 @@ from .options import Progress, SizeType, UuidType, human, registry_options
               help="Build time in seconds since 1970 [default: $SOURCE_DATE_EPOCH, else now].")
 @click.option("--engine", type=click.Choice(["auto", "zlib-ng", "zlib"]), default="auto",
               show_default=True, help="Inflate library for the checkpoint pass.")
+@click.option("--all-layers", is_flag=True,
+              help="Index every gzip layer of image REF into directory -o (DIR/index.json "
+                   "lists them; overlay whiteouts, for mount-image).")
+@click.option("--all-platforms", is_flag=True,
+              help="With --all-layers: every platform of a multi-platform image.")
+@click.option("--min-layer-size", type=SizeType(minimum=0), default=DEFAULT_MIN_LAYER_SIZE,
+              show_default="10MiB",
+              help="With --all-layers: skip smaller layers (a mount indexes them on the node).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="With --all-layers: layers indexed at once [default: CPUs, at most 4].")
+@click.option("--push", is_flag=True,
+              help="With --all-layers: attach the outputs to the image in its registry (OCI "
+                   "referrers; a sha256-<hex> tag where the registry lacks the API).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress line on stderr [default: when stderr is a terminal].")
 @registry_options
 def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span: int,
           every_member: bool, aufs: bool, uuid: bytes | None, build_time: int | None,
-          engine: str, as_json: bool, progress: bool | None, registry: RegistryOptions) -> None:
+          engine: str, all_layers: bool, all_platforms: bool, min_layer_size: int,
+          jobs: int | None, push: bool, as_json: bool, progress: bool | None,
+          registry: RegistryOptions) -> None:
     """Index LAYER (a .tar.gz, a plain .tar, - for stdin, or a registry reference) in one pass.
 
-    A registry layer is streamed once (nothing is stored on disk) and its digest checked.
+    A registry layer is streamed once (nothing is stored on disk) and its digest checked
+    (and, with --all-layers, its uncompressed sha256 against the image config's diff_id).
 
     \b
     Examples:
@@ -51,7 +70,34 @@ def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span
         curl -sL "$BLOB_URL" | hybrid-erofs index - -o layer.zinfo --meta m.erofs
         hybrid-erofs index layer.tar --meta m.erofs                 # plain tar: meta only
         hybrid-erofs index ghcr.io/acme/app:1.0 --layer -1 -o app.zinfo --meta app.erofs
+        hybrid-erofs index ghcr.io/acme/app:1.0 --all-layers -o app-index/
+        hybrid-erofs index ghcr.io/acme/app:1.0 --all-layers --all-platforms \\
+            -o app-index/ --push                                   # nodes then: mount REF
+        hybrid-erofs index oci:build/layout:1.0 --all-layers -o app-index/
     """
+    if all_layers:
+        if zinfo is None:
+            raise click.UsageError("--all-layers needs -o DIR (the output directory)")
+        for flag, given in (("--meta", meta is not None), ("--no-meta", no_meta),
+                            ("--every-member", every_member), ("--uuid", uuid is not None),
+                            ("--build-time", build_time is not None),
+                            ("--layer", registry.layer is not None),
+                            ("--blob", registry.blob is not None)):
+            if given:
+                raise click.UsageError(f"{flag} does not apply to --all-layers")
+        if is_local(layer):
+            raise click.UsageError(f"{layer}: --all-layers needs an image reference "
+                                   f"(registry or oci:DIR[:TAG]), not a layer file")
+        _index_all(layer, zinfo, all_platforms=all_platforms, min_layer_size=min_layer_size,
+                   jobs=jobs, span=span, push=push, as_json=as_json, progress=progress,
+                   registry=registry)
+        return
+    for flag, given in (("--all-platforms", all_platforms), ("--jobs", jobs is not None),
+                        ("--push", push)):
+        if given:
+            raise click.UsageError(f"{flag} needs --all-layers")
+    if zinfo is not None and zinfo.is_dir():
+        raise click.UsageError(f"-o {zinfo}: is a directory (a directory is for --all-layers)")
     if no_meta:
         if meta is not None:
             raise click.UsageError("--meta and --no-meta contradict each other")
@@ -77,6 +123,52 @@ def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span
         parts.append(f"{report.entries} entries in {report.meta} ({human(report.meta_size)})")
     parts.append(f"{report.elapsed_s:.2f}s, {report.mb_per_s:.0f} MB/s")
     click.echo("; ".join(parts))
+
+
+
+def _index_all(reference: str, directory: Path, *, all_platforms: bool, min_layer_size: int,
+               jobs: int | None, span: int, push: bool, as_json: bool, progress: bool | None,
+               registry: RegistryOptions) -> None:
+    verbose = (progress is not False) and not as_json
+
+    def say(line: str) -> None:
+        if verbose:
+            click.echo(line, err=True)
+
+    report = index_image(reference, directory, all_platforms=all_platforms,
+                         min_layer_size=min_layer_size, jobs=jobs, span=span,
+                         registry=registry, progress=say)
+    pushed: list[dict[str, object]] = []
+    if push:
+        from ..publish import push_image_index
+
+        pushed = push_image_index(reference, report.directory, report.index,
+                                  registry=registry, progress=say)
+    if as_json:
+        click.echo(json.dumps({
+            "directory": str(report.directory), "index": report.index.to_json(),
+            "indexed": list(report.indexed), "reused": list(report.reused),
+            "skipped": [{"digest": d, "status": s} for d, s in report.skipped],
+            "layer_bytes": report.layer_bytes, "elapsed_s": round(report.elapsed_s, 3),
+            "pushed": pushed}, indent=2, sort_keys=True))
+        return
+    rate = report.layer_bytes / 1e6 / report.elapsed_s if report.elapsed_s > 0 else 0.0
+    parts = [f"{reference}: {len(report.index.images)} platform(s), "
+             f"{len(report.indexed)} layer(s) indexed ({human(report.layer_bytes)}, "
+             f"{report.elapsed_s:.1f}s, {rate:.0f} MB/s)"]
+    if report.reused:
+        parts.append(f"{len(report.reused)} already indexed")
+    small = sum(1 for _, s in report.skipped if s == SKIPPED_SMALL)
+    other = len(report.skipped) - small
+    if small:
+        parts.append(f"{small} below --min-layer-size {human(min_layer_size)} (mounts index "
+                     f"them on the node)")
+    if other:
+        parts.append(f"{other} not gzip (cannot be indexed)")
+    click.echo("; ".join(parts) + f" -> {report.directory / INDEX_NAME}")
+    for entry in pushed:
+        click.echo(f"pushed {entry['platform']}: artifact {entry['artifact']} "
+                   f"({entry['summary']})")
 
 
 COMMANDS: list[click.Command] = [index]

@@ -28,7 +28,12 @@ def parse_size(text: str) -> int:
 
 
 class SizeType(click.ParamType):  # type: ignore[type-arg]
+    """A byte count: 4096, 64KiB, 1MiB, 2G... (`minimum` 1 unless told)."""
+
     name = "size"
+
+    def __init__(self, *, minimum: int = 1) -> None:
+        self.minimum = minimum
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
@@ -37,8 +42,9 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]
             size = parse_size(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
-        if size < 1:
-            self.fail(f"must be at least 1 byte (got {value!r})", param, ctx)
+        if size < self.minimum:
+            self.fail(f"must be at least {self.minimum} byte{'s' if self.minimum != 1 else ''} "
+                      f"(got {value!r})", param, ctx)
         return size
 
 

@@ -34,6 +34,7 @@ class Sidecar:
     zinfo_sha256: str
     spans: tuple[SpanDigest, ...]
     tool: str = ""
+    meta_sha256: str | None = None  # the meta built in the same pass: binds it to this layer
 
 
 def sidecar_path(zinfo: str | os.PathLike[str]) -> Path:
@@ -54,6 +55,8 @@ def dump_sidecar(sidecar: Sidecar) -> bytes:
         "zinfo_sha256": sidecar.zinfo_sha256,
         "spans": [[s.offset, s.length, s.sha256] for s in sidecar.spans],
     }
+    if sidecar.meta_sha256 is not None:
+        data["meta_sha256"] = sidecar.meta_sha256
     return (json.dumps(data, indent=1) + "\n").encode()
 
 
@@ -82,6 +85,7 @@ def load_sidecar(path: str | os.PathLike[str], *, zinfo_bytes: bytes | None = No
             layer_size=int(data["layer_size"]), span=int(data["span"]),
             checkpoints=int(data["checkpoints"]), zinfo_sha256=str(data["zinfo_sha256"]),
             spans=spans, tool=str(data.get("tool", "")),
+            meta_sha256=None if data.get("meta_sha256") is None else str(data["meta_sha256"]),
         )
     except IndexFormatError:
         raise

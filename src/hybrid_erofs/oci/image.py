@@ -94,7 +94,13 @@ def inspect_image(client: ImageClient, reference: str,
                   platform: Platform | str | None = None) -> ImageInfo:
     """Resolve `platform`'s manifest, fetch and check its config; raise RegistryError naming
     the offending digest when the image is malformed."""
-    manifest = client.resolve(platform)
+    return inspect_manifest(client, client.resolve(platform), reference)
+
+
+def inspect_manifest(client: ImageClient, manifest: Manifest, reference: str) -> ImageInfo:
+    """Fetch and check the config of an image manifest (see inspect_image)."""
+    if manifest.is_index:
+        raise RegistryError(f"{manifest.digest}: an image index, not an image manifest")
     subject = manifest.digest
     raw_config = manifest.data.get("config")
     if raw_config is None:
