@@ -26,6 +26,7 @@ CLIENT_ID = "hybrid-erofs"
 _MAX_TOKEN_BODY = 64 << 10  # as ggcr bearer.go: token responses are small
 _DEFAULT_EXPIRES_S = 60  # token.md: "expires_in ... defaults to 60 seconds"
 _REPO_PATH = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
+_PUSH_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _CHALLENGE_PARAM = re.compile(r'\s*([a-zA-Z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
 
 
@@ -111,7 +112,7 @@ class RegistryAuth(httpx.Auth):
             request.headers.pop("Authorization", None)
             yield request
             return
-        scope = _scope_for(request.url.path)
+        scope = _scope_for(request.url.path, request.method)
         with self._lock:
             challenge = self._challenge
         if challenge is not None:
@@ -232,10 +233,14 @@ class RegistryAuth(httpx.Auth):
         return _Token(value, self._clock() + remaining - margin)
 
 
-def _scope_for(path: str) -> str:
-    """The pull scope a /v2/<name>/... request needs (scope.md); "" for /v2/ itself."""
+def _scope_for(path: str, method: str = "GET") -> str:
+    """The scope a /v2/<name>/... request needs (scope.md); "" for /v2/ itself. Writes need
+    pull,push, as distribution's appendAccessRecords grants them for POST, PUT and PATCH."""
     match = _REPO_PATH.match(path)
-    return f"repository:{match.group(1)}:pull" if match else ""
+    if not match:
+        return ""
+    actions = "pull,push" if method.upper() in _PUSH_METHODS else "pull"
+    return f"repository:{match.group(1)}:{actions}"
 
 
 def _age_s(issued_at: object, now: float) -> float:

@@ -8,14 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import httpx
 
-from ..errors import AuthError, RegistryError
-from .auth import RegistryAuth
+from ..errors import AuthError, InvalidInput, RegistryError
+from .auth import RegistryAuth, origin
 from .credentials import Credentials
 from .platform import Platform, descriptor_platform, host_platform, matches, parse_platform
 from .redact import install_log_redaction
@@ -45,6 +47,8 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 MAX_MANIFEST_SIZE = 32 << 20  # the spec asks registries to accept >= 4 MB; ggcr caps at 100 MiB
 USER_AGENT = "hybrid-erofs"
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,11 +255,23 @@ class RegistryClient:
             expected_digest = ref
         url = self._url("manifests", ref)
         subject = f"GET {url}"
-        headers = {"Accept": ", ".join(MANIFEST_ACCEPT)}
+        found = self._get_document(url, MANIFEST_ACCEPT, subject, missing=frozenset())
+        assert found is not None  # no status counts as missing
+        body, content_type = found
+        return parse_manifest(body, content_type, subject=subject,
+                              expected_digest=expected_digest)
+
+    def _get_document(
+        self, url: httpx.URL, accept: tuple[str, ...], subject: str, *, missing: frozenset[int],
+    ) -> tuple[bytes, str | None] | None:
+        """GET a manifest-sized JSON document: (body, Content-Type), None for a `missing` status."""
+        headers = {"Accept": ", ".join(accept)}
         try:
             # Registries MAY redirect any request (DS:825); httpx drops Authorization when the
             # origin changes, and RegistryAuth never adds it off the registry's origin.
             with self.http.stream("GET", url, headers=headers, follow_redirects=True) as response:
+                if response.status_code in missing:
+                    return None
                 _check_status(response, subject)
                 body = bytearray()
                 for chunk in response.iter_bytes():
@@ -265,8 +281,7 @@ class RegistryClient:
                 content_type = response.headers.get("content-type")
         except httpx.TransportError as exc:
             raise RegistryError(f"{subject}: {type(exc).__name__}: {exc}", transient=True) from exc
-        return parse_manifest(bytes(body), content_type, subject=subject,
-                              expected_digest=expected_digest)
+        return bytes(body), content_type
 
     def resolve(self, platform: Platform | str | None = None) -> Manifest:
         """The image manifest for `platform` (default: this host's), via the index if any."""
@@ -302,6 +317,138 @@ class RegistryClient:
         return select_layer(manifest, layer=layer, blob=blob,
                             subject=f"{self.reference.registry}/{self.reference.repository}"
                                     f"@{manifest.digest}")
+
+    # -- push and referrers (distribution-spec "Push", "Listing Referrers") --------------------
+    def get_manifest_if_present(self, ref: str) -> Manifest | None:
+        """As get_manifest, but None when the registry answers 404 (an unknown tag)."""
+        url = self._url("manifests", ref)
+        subject = f"GET {url}"
+        found = self._get_document(url, MANIFEST_ACCEPT, subject, missing=frozenset({404}))
+        if found is None:
+            return None
+        expected = ref if ":" in ref else None
+        return parse_manifest(found[0], found[1], subject=subject, expected_digest=expected)
+
+    def head_blob(self, digest: str) -> bool:
+        """HEAD /v2/<name>/blobs/<digest>: whether the registry has the blob. A redirect counts
+        as present (it is only sent for stored blobs; storage hosts may refuse HEAD)."""
+        url = self.blob_url(digest)
+        response = self._send(self.http.build_request("HEAD", url), f"HEAD {url}")
+        if response.status_code == 404:
+            return False
+        if response.status_code in _REDIRECT_STATUS:
+            return True
+        _check_status(response, f"HEAD {url}", what="blob")
+        return True
+
+    def head_manifest(self, ref: str) -> bool:
+        """HEAD /v2/<name>/manifests/<ref> with the Accept list: whether it exists."""
+        url = self._url("manifests", ref)
+        request = self.http.build_request("HEAD", url,
+                                          headers={"Accept": ", ".join(MANIFEST_ACCEPT)})
+        response = self._send(request, f"HEAD {url}")
+        if response.status_code == 404:
+            return False
+        _check_status(response, f"HEAD {url}")
+        return True
+
+    def upload_blob(self, descriptor: Descriptor, data: bytes | Path) -> None:
+        """Push one blob: POST an upload session, then PUT all bytes to its Location with
+        `digest=` (DS "Pushing a blob monolithically"). A file is streamed from disk and read
+        again if the request must be re-sent. Credentials never go to a Location on another
+        origin."""
+        start = self._url("blobs", "uploads/")
+        response = self._send(self.http.build_request("POST", start,
+                                                      headers={"Content-Length": "0"}),
+                              f"POST {start}")
+        if response.status_code != 202:
+            _check_push_status(response, f"POST {start}", ok=(202,))
+        location = response.headers.get("location")
+        if not location:
+            raise RegistryError(f"POST {start}: HTTP 202 without a Location header")
+        # Location may be relative and may carry query parameters the registry needs (2.8:
+        # _state=): keep them verbatim and append digest with "&" or "?".
+        target = response.url.join(location)
+        separator = "&" if target.query else "?"
+        url = httpx.URL(f"{target}{separator}digest={quote(descriptor.digest, safe='')}")
+        subject = f"PUT {public_url(url)} (blob {descriptor.digest})"
+        content: bytes | _FileStream = data if isinstance(data, bytes) else _FileStream(data)
+        request = self.http.build_request(
+            "PUT", url, content=content,
+            headers={"Content-Type": "application/octet-stream",
+                     "Content-Length": str(descriptor.size)})
+        same_origin = origin(url) == origin(httpx.URL(self.base_url))
+        response = self._send(request, subject, authorize=same_origin)
+        _check_push_status(response, subject, ok=(201,))
+
+    def put_manifest(self, ref: str, body: bytes, *, media_type: str) -> httpx.Headers:
+        """PUT /v2/<name>/manifests/<ref> (a digest or tag) with Content-Type `media_type`;
+        the response headers (a registry that indexed a `subject` sends OCI-Subject)."""
+        url = self._url("manifests", ref)
+        request = self.http.build_request("PUT", url, content=body,
+                                          headers={"Content-Type": media_type})
+        response = self._send(request, f"PUT {url}")
+        _check_push_status(response, f"PUT {url}", ok=(200, 201))
+        return response.headers
+
+    def get_referrers(self, digest: str, *, artifact_type: str | None = None) -> Manifest | None:
+        """GET /v2/<name>/referrers/<digest>[?artifactType=] (DS:612-632): the OCI index of
+        manifests whose subject is `digest`; None when the registry lacks the API (404, and as
+        ggcr 400, 406 or a non-index answer), so the caller falls back to the referrers tag."""
+        url = self._url("referrers", digest)
+        if artifact_type is not None:
+            url = url.copy_add_param("artifactType", artifact_type)
+        subject = f"GET {url}"
+        found = self._get_document(url, (OCI_INDEX,), subject,
+                                   missing=frozenset({400, 404, 406}))
+        if found is None:
+            return None
+        body, content_type = found
+        if (content_type or "").split(";")[0].strip().lower() != OCI_INDEX:
+            return None
+        return parse_manifest(body, content_type, subject=subject)
+
+    def stream_blob(self, descriptor: Descriptor, *, max_size: int) -> Generator[bytes, None, None]:
+        """GET a blob in chunks; size and digest are checked while streaming and a mismatch
+        is raised (RegistryError naming the digest) before the iterator ends. Close the
+        iterator when stopping early."""
+        url = self.blob_url(descriptor.digest)
+        subject = f"GET {url}"
+        if descriptor.size > max_size:
+            raise RegistryError(f"{subject}: blob of {descriptor.size} bytes is larger than "
+                                f"{max_size} bytes")
+        hasher = hashlib.new(descriptor.digest.partition(":")[0])
+        received = 0
+        try:
+            with self.http.stream("GET", url, follow_redirects=True) as response:
+                _check_status(response, subject, what="blob")
+                for chunk in response.iter_bytes(_CHUNK):
+                    received += len(chunk)
+                    if received > descriptor.size:
+                        raise RegistryError(f"{descriptor.digest}: blob size mismatch: expected "
+                                            f"{descriptor.size} bytes, got {received} or more")
+                    hasher.update(chunk)
+                    yield chunk
+        except httpx.TransportError as exc:
+            raise RegistryError(f"{subject}: {type(exc).__name__}: {exc}", transient=True) from exc
+        if received != descriptor.size:
+            raise RegistryError(f"{descriptor.digest}: blob size mismatch: expected "
+                                f"{descriptor.size} bytes, got {received}")
+        actual = f"{hasher.name}:{hasher.hexdigest()}"
+        if actual != descriptor.digest:
+            raise RegistryError(f"{descriptor.digest}: blob digest mismatch: the "
+                                f"{received} bytes hash to {actual}")
+
+    def _send(self, request: httpx.Request, subject: str, *,
+              authorize: bool = True) -> httpx.Response:
+        """Send without following redirects (authorize=False: with no auth at all); transport
+        failures become transient errors."""
+        try:
+            response = (self.http.send(request) if authorize
+                        else self.http.send(request, auth=None))
+        except httpx.TransportError as exc:
+            raise RegistryError(f"{subject}: {type(exc).__name__}: {exc}", transient=True) from exc
+        return response
 
     def close(self) -> None:
         self.http.close()
@@ -339,3 +486,47 @@ def _check_status(response: httpx.Response, subject: str, *, what: str = "manife
         raise RegistryError(f"{subject}: HTTP 404: {what} unknown")
     raise RegistryError(f"{subject}: HTTP {status}",
                         transient=status in (408, 429) or status >= 500)
+
+
+def public_url(url: httpx.URL) -> str:
+    """A URL for messages: no user info, query or fragment (upload states, signatures)."""
+    return str(url.copy_with(query=None, fragment=None, username=None, password=None))
+
+
+def _check_push_status(response: httpx.Response, subject: str, *, ok: tuple[int, ...]) -> None:
+    """Raise for a write answered with anything but `ok`, naming the OCI error codes."""
+    status = response.status_code
+    if status in ok:
+        return
+    codes = _error_codes(response)
+    detail = f"HTTP {status}" + (f" ({', '.join(codes)})" if codes else "")
+    if status in (401, 403):
+        raise AuthError(f"{subject}: {detail}: authentication required or push access denied")
+    raise RegistryError(f"{subject}: {detail}",
+                        transient=status in (408, 429) or status >= 500)
+
+
+def _error_codes(response: httpx.Response) -> list[str]:
+    """The `code`s of an OCI error body (DS "Error Codes"); [] when there is none."""
+    try:
+        errors = json.loads(response.content).get("errors")
+    except (ValueError, AttributeError, httpx.ResponseNotRead):
+        return []
+    if not isinstance(errors, list):
+        return []
+    return [str(e["code"])[:64] for e in errors[:4] if isinstance(e, dict) and "code" in e]
+
+
+class _FileStream(httpx.SyncByteStream):
+    """A request body read from a file in chunks; iterating again re-reads it (auth retries)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            with open(self._path, "rb") as handle:
+                while chunk := handle.read(_CHUNK):
+                    yield chunk
+        except OSError as exc:
+            raise InvalidInput(f"{self._path}: cannot read: {exc.strerror}") from exc
