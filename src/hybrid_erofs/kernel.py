@@ -1,5 +1,6 @@
-"""Kernel calls behind `hybrid-erofs mount`: mount(2)/umount2(2) through ctypes, read-only loop
-devices (LOOP_CONFIGURE), the mount table and the processes that use a mount.
+"""Kernel calls behind `hybrid-erofs mount`: mount(2)/umount2(2) through ctypes (EROFS, and
+read-only overlayfs over several EROFS layers), read-only loop devices (LOOP_CONFIGURE), the mount
+table and the processes that use a mount.
 
 Root only; nothing here knows about byte sources or state records.
 """
@@ -14,6 +15,7 @@ import fcntl
 import os
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,19 @@ from .errors import MountBusy, MountError
 
 MS_RDONLY = 1
 MNT_DETACH = 2
+# mount(2) copies at most one page of option data (fs/namespace.c copy_mount_options).
+MOUNT_DATA_MAX = 4096 - 1
+# Documentation/filesystems/overlayfs.rst: "the maximum number of lower layers is 500".
+OVERLAY_MAX_LAYERS = 500
+# A read-only stack of untrusted image layers, no upperdir:
+#   index=off: the inode index needs an upperdir; say so rather than rely on the build default.
+#   redirect_dir=nofollow, metacopy=off: a layer carrying trusted.overlay.redirect/metacopy
+#     xattrs (a crafted tar can) must not make a file show another path's data or metadata
+#     (overlayfs.rst: do not use metacopy=on with untrusted layers).
+#   xino=auto: the layers are separate EROFS filesystems; xino gives every file the overlay's
+#     st_dev and a unique st_ino (layer number in the high bits), so hard links and tools that
+#     compare (st_dev, st_ino) (tar, du, rsync -H) behave; it falls back per inode on overflow.
+OVERLAY_OPTIONS = ("index=off", "redirect_dir=nofollow", "metacopy=off", "xino=auto")
 # linux/loop.h
 _LOOP_CLR_FD = 0x4C01
 _LOOP_CONFIGURE = 0x4C0A
@@ -59,16 +74,78 @@ def mount_erofs(device: str | os.PathLike[str], mountpoint: str | os.PathLike[st
     A regular file takes the kernel's file-backed EROFS path (6.12+, EROFS_FS_BACKED_BY_FILE);
     a kernel without it answers ENOTBLK (or EINVAL), which the caller turns into a loop device.
     """
+    _mount(os.fspath(device), mountpoint, "erofs", None)
+
+
+def _mount(source: str, mountpoint: str | os.PathLike[str], fstype: str,
+           data: str | None) -> None:
+    """mount(2) read-only; KernelMountError with the kernel's errno otherwise."""
     libc = _get_libc()
-    if libc.mount(os.fsencode(device), os.fsencode(mountpoint), b"erofs", MS_RDONLY, None) == 0:
+    raw = data.encode() if data is not None else None
+    if libc.mount(os.fsencode(source), os.fsencode(mountpoint), fstype.encode(), MS_RDONLY,
+                  raw) == 0:
         return
     err = ctypes.get_errno()
-    raise KernelMountError(err, f"{mountpoint}: mount -t erofs {device}: {os.strerror(err)}"
-                                f"{_dmesg_hint(err)}")
+    raise KernelMountError(err, f"{mountpoint}: mount -t {fstype} {source}: {os.strerror(err)}"
+                                f"{_dmesg_hint(err, fstype)}")
 
 
-def _dmesg_hint(err: int) -> str:
-    return " (the kernel log says why: dmesg | grep -i erofs)" if err == errno.EINVAL else ""
+def _dmesg_hint(err: int, fstype: str = "erofs") -> str:
+    if err != errno.EINVAL:
+        return ""
+    return f" (the kernel log says why: dmesg | grep -i {fstype.replace('overlay', 'overlayfs')})"
+
+
+def _escape_lowerdir(path: str) -> str:
+    """overlayfs splits lowerdir at ':' and the options at ',': backslash-escape both."""
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def overlay_data(lowerdirs: Sequence[str], *, options: Sequence[str] = OVERLAY_OPTIONS) -> str:
+    """The option string of a read-only overlay of `lowerdirs` (TOP first, as overlayfs wants).
+
+    Raises MountError when overlayfs cannot take that many layers or mount(2) that much data.
+    """
+    if len(lowerdirs) < 2:
+        raise ValueError(f"overlayfs needs at least 2 lower directories without an upperdir "
+                         f"(got {len(lowerdirs)})")
+    if len(lowerdirs) > OVERLAY_MAX_LAYERS:
+        raise MountError(f"{len(lowerdirs)} layers: overlayfs stacks at most "
+                         f"{OVERLAY_MAX_LAYERS}")
+    data = ",".join(["ro", "lowerdir=" + ":".join(map(_escape_lowerdir, lowerdirs)), *options])
+    if len(data.encode()) > MOUNT_DATA_MAX:
+        raise MountError(f"{len(lowerdirs)} layers: the overlayfs options take "
+                         f"{len(data.encode())} bytes, more than mount(2) accepts "
+                         f"({MOUNT_DATA_MAX})")
+    return data
+
+
+def mount_overlay(lowerdirs: Sequence[str], mountpoint: str | os.PathLike[str], *,
+                  cwd: str | os.PathLike[str] | None = None,
+                  options: Sequence[str] = OVERLAY_OPTIONS) -> None:
+    """mount(2) a read-only overlayfs of `lowerdirs` (TOP first) on `mountpoint`, no upperdir.
+
+    Relative `lowerdirs` are resolved by the kernel against the working directory: with `cwd`
+    this process changes into it for the call (and back), which keeps the option data short.
+    """
+    data = overlay_data(lowerdirs, options=options)
+    if cwd is None:
+        _mount("hybrid-erofs", mountpoint, "overlay", data)
+        return
+    target = os.path.abspath(mountpoint)
+    try:
+        previous: int | None = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        previous = None  # the current directory is gone: come back to "/"
+    try:
+        os.chdir(cwd)
+        _mount("hybrid-erofs", target, "overlay", data)
+    finally:
+        if previous is None:
+            os.chdir("/")
+        else:
+            os.fchdir(previous)
+            os.close(previous)
 
 
 def umount(mountpoint: str | os.PathLike[str], *, lazy: bool = False) -> bool:
@@ -114,6 +191,12 @@ def mount_table() -> list[MountEntry]:
             entries.append(MountEntry(_unescape(fields[4]), fields[dash + 1],
                                       _unescape(fields[dash + 2])))
     return entries
+
+
+def mounts_under(directory: str | os.PathLike[str]) -> list[MountEntry]:
+    """Mounts strictly below `directory`, in mount order (unmount them in reverse)."""
+    prefix = os.fspath(directory).rstrip("/") + "/"
+    return [entry for entry in mount_table() if entry.mountpoint.startswith(prefix)]
 
 
 def mounted_at(path: str | os.PathLike[str]) -> MountEntry | None:
@@ -269,6 +352,9 @@ def users_of(mountpoint: str) -> dict[int, str]:
 
 
 __all__ = [
+    "MOUNT_DATA_MAX",
+    "OVERLAY_MAX_LAYERS",
+    "OVERLAY_OPTIONS",
     "KernelMountError",
     "MountEntry",
     "attach_loop",
@@ -276,8 +362,11 @@ __all__ = [
     "loop_backing_file",
     "loops_backed_by",
     "mount_erofs",
+    "mount_overlay",
     "mount_table",
     "mounted_at",
+    "mounts_under",
+    "overlay_data",
     "process_alive",
     "process_start_time",
     "umount",

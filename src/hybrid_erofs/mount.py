@@ -1,5 +1,6 @@
 """Mount lifecycle: a daemon serves the device (a FUSE file, or kernel NBD) and the kernel mounts
-EROFS on it; umount, status and reattach work from the state records (state.py).
+EROFS on it; umount, status and reattach work from the state records (state.py). Image mounts
+(imagemount.py) reuse the daemon, its spawning and the cleanup here.
 
 Up: device, export, EROFS mount, record. Down: EROFS, then loop/FUSE/NBD, then the daemon, record.
 """
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from .device import RegistryOptions, is_local, open_device
 from .errors import HybridErofsError, MountBusy, MountError
@@ -35,6 +36,7 @@ from .kernel import (
     mount_erofs,
     mount_table,
     mounted_at,
+    mounts_under,
     process_alive,
     process_start_time,
     umount,
@@ -57,7 +59,7 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # -- checks -------------------------------------------------------------------------------------
 
-def _require_root() -> None:
+def require_root() -> None:
     if os.geteuid() != 0:
         raise MountError("mount: needs root (mounting EROFS needs CAP_SYS_ADMIN)")
 
@@ -77,7 +79,11 @@ def check_mountpoint(mountpoint: str | os.PathLike[str]) -> Path:
 
 
 def _erofs_mounted(mountpoint: Path) -> bool:
-    return any(e.mountpoint == str(mountpoint) and e.fstype == "erofs" for e in mount_table())
+    return _fs_mounted(mountpoint, "erofs")
+
+
+def _fs_mounted(mountpoint: Path, fstype: str) -> bool:
+    return any(e.mountpoint == str(mountpoint) and e.fstype == fstype for e in mount_table())
 
 
 def daemon_alive(record: MountRecord) -> bool:
@@ -115,60 +121,53 @@ def collect_stats(device: MeteredSource) -> dict[str, Any]:
 
 # -- the daemon -----------------------------------------------------------------------------------
 
-class _Daemon:
-    """Everything one mount holds while it is up, and its teardown in the right order."""
+class LayerMount:
+    """One layer up: its device, the device's export (a FUSE file, or kernel NBD) and the
+    kernel's EROFS mount of it on `target`. Used once by a layer mount, once per layer by an
+    image mount (imagemount.py). Stop: `unmount()`, then `release()`.
+    """
 
-    def __init__(self, source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
-                 registry: RegistryOptions, via: str, paths: StatePaths) -> None:
+    def __init__(self, source: str, target: Path, *, meta: Path, zinfo: Path | None,
+                 registry: RegistryOptions, fuse_dir: Path, nbd_socket: Path,
+                 backend: str) -> None:
         self.source = source
-        self.mountpoint = mountpoint
+        self.target = target
         self.meta = meta
         self.zinfo = zinfo
         self.registry = registry
-        self.via = via
-        self.paths = paths
+        self.fuse_dir = fuse_dir
+        self.nbd_socket = nbd_socket
+        self.backend = backend  # the kernel NBD device's BACKEND_IDENTIFIER
         self.device: MeteredSource | None = None
         self.export: Any = None  # FuseExport (mfusepy is optional: imported late)
         self.nbd_server: Any = None
         self.nbd_device: str | None = None
         self.loop_device: str | None = None
         self.mounted = False
-        self.record: MountRecord | None = None
 
-    def start(self) -> MountRecord:
-        record = initial_record(self.source, self.mountpoint, meta=self.meta, zinfo=self.zinfo,
-                                registry=self.registry, via=self.via, paths=self.paths)
-        self.paths.save(record)  # first, so that umount can clean up after a crash from here on
+    def start(self, via: str) -> str:
+        """Open the device, export it and mount it; the transport that runs."""
         self.device = MeteredSource(open_device(self.source, meta=self.meta, zinfo=self.zinfo,
                                                 registry=self.registry))
-        transport = self.via
+        transport = via
         if transport == "auto":
             from .nbdlink import nbd_devices
             transport = "nbd" if nbd_devices() else "fuse"
         if transport == "nbd":
             self._start_nbd()
-        else:
-            transport = self._start_fuse(force_loop=transport == "loop")
-        os.listdir(self.mountpoint)  # the mount answers
-        self.record = record.with_changes(
-            transport=transport, loop_device=self.loop_device, nbd_device=self.nbd_device,
-            fuse_dir=str(self.paths.fuse_dir) if self.export is not None else None,
-            disk_path=str(self.export.path) if self.export is not None else None,
-            nbd_socket=str(self.paths.nbd_socket) if self.nbd_server is not None else None)
-        self.paths.save(self.record)
-        self.paths.save_stats(collect_stats(self.device))
-        return self.record
+            return transport
+        return self._start_fuse(force_loop=transport == "loop")
 
     def _start_fuse(self, *, force_loop: bool) -> str:
         from .export.fuse import FuseExport
         assert self.device is not None
-        self.paths.fuse_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.export = FuseExport(self.device, self.paths.fuse_dir, name=DISK_NAME)
+        self.fuse_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.export = FuseExport(self.device, self.fuse_dir, name=DISK_NAME)
         self.export.start()
         disk = str(self.export.path)
         if not force_loop:
             try:
-                mount_erofs(disk, self.mountpoint)
+                mount_erofs(disk, self.target)
                 self.mounted = True
                 return "fuse"
             except KernelMountError as exc:
@@ -178,7 +177,7 @@ class _Daemon:
                 log.info("%s; trying a loop device", exc)
         self.loop_device, fd = attach_loop(disk)
         try:
-            mount_erofs(self.loop_device, self.mountpoint)
+            mount_erofs(self.loop_device, self.target)
             self.mounted = True
         finally:
             os.close(fd)  # from here the mount holds the device; autoclear frees it at umount
@@ -190,69 +189,65 @@ class _Daemon:
         assert self.device is not None
         netlink = NbdNetlink()  # raises "no /dev/nbd* (modprobe nbd)" first
         try:
-            self.paths.nbd_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.nbd_server = NbdServer(self.device, socket_path=self.paths.nbd_socket,
+            self.nbd_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.nbd_server = NbdServer(self.device, socket_path=self.nbd_socket,
                                         export_name="disk")
             threading.Thread(target=self.nbd_server.serve_forever, name="nbd",
                              daemon=True).start()
             client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            client.connect(str(self.paths.nbd_socket))
+            client.connect(str(self.nbd_socket))
             size = client_handshake(client, "disk")
             # dead_conn_timeout 0: a dead daemon fails reads with EIO at once instead of
             # blocking them (a non-zero value lets --reattach resume, see docs/mount.md).
-            self.nbd_device = netlink.connect(client, size=size, backend=str(self.paths.record))
+            self.nbd_device = netlink.connect(client, size=size, backend=self.backend)
             client.close()  # the kernel holds its own reference
-            mount_erofs(self.nbd_device, self.mountpoint)
+            mount_erofs(self.nbd_device, self.target)
             self.mounted = True
         finally:
             netlink.close()
 
-    def serve(self, stop: threading.Event) -> None:
-        """Write stats every STATS_INTERVAL_S until a stop signal, or until the EROFS mount or
-        the FUSE export is gone (someone ran a plain umount)."""
-        assert self.device is not None
-        while not stop.wait(STATS_INTERVAL_S):
-            with contextlib.suppress(HybridErofsError):
-                self.paths.save_stats(collect_stats(self.device))
-            if not _erofs_mounted(self.mountpoint):
-                log.info("%s is no longer mounted; stopping", self.mountpoint)
-                self.mounted = False
-                return
-            if self.export is not None and not self.export.running:
-                log.warning("the FUSE export ended; stopping")
-                return
+    @property
+    def export_running(self) -> bool:
+        return self.export is None or bool(self.export.running)
 
-    def teardown(self, *, signals: list[int] | None = None) -> None:
-        """EROFS first, then loop / FUSE / NBD, then the device and the state files.
+    def record_fields(self) -> dict[str, Any]:
+        """Where this layer's pieces are, for a state record (the names MountRecord uses)."""
+        return {"loop_device": self.loop_device, "nbd_device": self.nbd_device,
+                "fuse_dir": str(self.fuse_dir) if self.export is not None else None,
+                "disk_path": str(self.export.path) if self.export is not None else None,
+                "nbd_socket": str(self.nbd_socket) if self.nbd_server is not None else None}
+
+    def unmount(self) -> None:
+        """Unmount the EROFS; detach it lazily when busy (a stop was requested)."""
+        if not self.mounted:
+            return
+        try:
+            umount(self.target)
+        except MountBusy:
+            holders = users_of(str(self.target))
+            log.log(logging.WARNING if holders else logging.INFO,
+                    "%s is busy (%s): detaching lazily", self.target,
+                    _describe(holders) or "no process found")
+            umount(self.target, lazy=True)
+        self.mounted = False
+
+    def release(self, *, signals: list[int] | None = None) -> None:
+        """After unmount(): loop / NBD device, then the export, then the device.
 
         With `signals` (a stop requested by signal), a FUSE file still held by a lazily
         detached mount keeps being served until its readers are done or another signal comes.
         """
-        if self.mounted:
-            try:
-                umount(self.mountpoint)
-            except MountBusy:
-                holders = users_of(str(self.mountpoint))
-                log.warning("%s is busy (%s): detaching lazily", self.mountpoint,
-                            _describe(holders) or "no process found")
-                umount(self.mountpoint, lazy=True)
-            self.mounted = False
         if self.loop_device is not None and self.export is not None:
             with contextlib.suppress(MountError):
                 detach_loop(self.loop_device, backing=str(self.export.path))
         if self.nbd_device is not None:
-            from .nbdlink import NbdNetlink
-            with contextlib.suppress(MountError, OSError):
-                netlink = NbdNetlink()
-                netlink.disconnect(self.nbd_device)
-                netlink.close()
+            _disconnect_nbd(self.nbd_device)
         if self.nbd_server is not None:
             self.nbd_server.shutdown()
         if self.export is not None:
             self._stop_export(signals)
         if self.device is not None:
             self.device.close()
-        self.paths.remove()
 
     def _stop_export(self, signals: list[int] | None) -> None:
         from .export.fuse import ExportBusy
@@ -273,7 +268,66 @@ class _Daemon:
                 time.sleep(0.5)
 
 
-def initial_record(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
+def _disconnect_nbd(device: str) -> None:
+    from .nbdlink import NbdNetlink
+    with contextlib.suppress(MountError, OSError):
+        netlink = NbdNetlink()
+        netlink.disconnect(device)
+        netlink.close()
+
+
+class _Daemon:
+    """Everything one layer mount holds while it is up, and its teardown in the right order."""
+
+    def __init__(self, source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
+                 registry: RegistryOptions, via: str, paths: StatePaths) -> None:
+        self.source = source
+        self.mountpoint = mountpoint
+        self.meta = meta
+        self.zinfo = zinfo
+        self.registry = registry
+        self.via = via
+        self.paths = paths
+        self.layer = LayerMount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
+                                fuse_dir=paths.fuse_dir, nbd_socket=paths.nbd_socket,
+                                backend=str(paths.record))
+        self.record: MountRecord | None = None
+
+    def start(self) -> MountRecord:
+        record = initial_record(self.source, self.mountpoint, meta=self.meta, zinfo=self.zinfo,
+                                registry=self.registry, via=self.via, paths=self.paths)
+        self.paths.save(record)  # first, so that umount can clean up after a crash from here on
+        transport = self.layer.start(self.via)
+        os.listdir(self.mountpoint)  # the mount answers
+        self.record = record.with_changes(transport=transport, **self.layer.record_fields())
+        self.paths.save(self.record)
+        assert self.layer.device is not None
+        self.paths.save_stats(collect_stats(self.layer.device))
+        return self.record
+
+    def serve(self, stop: threading.Event) -> None:
+        """Write stats every STATS_INTERVAL_S until a stop signal, or until the EROFS mount or
+        the FUSE export is gone (someone ran a plain umount)."""
+        assert self.layer.device is not None
+        while not stop.wait(STATS_INTERVAL_S):
+            with contextlib.suppress(HybridErofsError):
+                self.paths.save_stats(collect_stats(self.layer.device))
+            if not _erofs_mounted(self.mountpoint):
+                log.info("%s is no longer mounted; stopping", self.mountpoint)
+                self.layer.mounted = False
+                return
+            if not self.layer.export_running:
+                log.warning("the FUSE export ended; stopping")
+                return
+
+    def teardown(self, *, signals: list[int] | None = None) -> None:
+        """EROFS first, then loop / FUSE / NBD, then the device and the state files."""
+        self.layer.unmount()
+        self.layer.release(signals=signals)
+        self.paths.remove()
+
+
+def initial_record(source: str, mountpoint: Path, *, meta: Path | None, zinfo: Path | None,
                    registry: RegistryOptions, via: str, paths: StatePaths) -> MountRecord:
     """The record of a mount being started by this process; no secret goes into it."""
     settings = RegistrySettings(
@@ -282,7 +336,7 @@ def initial_record(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | N
         cache_dir=str(registry.cache_dir) if registry.cache_dir else None,
         password_from="stdin" if registry.password is not None else None)
     return MountRecord(
-        mountpoint=str(mountpoint), source=source, meta=str(meta),
+        mountpoint=str(mountpoint), source=source, meta=str(meta) if meta else None,
         zinfo=str(zinfo) if zinfo else None, via=via, transport="starting",
         daemon_pid=os.getpid(), daemon_start_time=process_start_time(os.getpid()),
         log_file=str(paths.log), created=time.time(), registry=settings)
@@ -324,33 +378,41 @@ def _sd_notify(message: str) -> None:
         sock.sendto(message.encode(), address)
 
 
-def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
-              zinfo: Path | None = None, registry: RegistryOptions | None = None,
-              via: str = "auto", ready_fd: int | None = None,
-              ready: Callable[[MountRecord], None] | None = None) -> None:
-    """Mount in this process and serve until SIGTERM/SIGINT/SIGHUP or an outside umount, then
-    unmount everything (the daemon's body, and `mount --foreground`).
+class DaemonBody(Protocol):
+    """What serve_daemon drives: a layer mount (_Daemon) or an image mount (imagemount)."""
 
-    `ready_fd`: a pipe to the parent `mount`, told "ready" or "error: <reason>" once.
+    def start(self) -> MountRecord: ...
+
+    def serve(self, stop: threading.Event) -> None: ...
+
+    def teardown(self, *, signals: list[int] | None = None) -> None: ...
+
+
+def serve_daemon(mountpoint: str | os.PathLike[str], make: Callable[[Path, StatePaths], DaemonBody],
+                 *, via: str, ready_fd: int | None = None,
+                 ready: Callable[[MountRecord], None] | None = None) -> None:
+    """Mount in this process with `make(mountpoint, paths)` and serve until SIGTERM/SIGINT/
+    SIGHUP or an outside umount, then unmount everything (a daemon's body, and --foreground).
+
+    `ready_fd`: a pipe to the parent, told "ready" or "error: <reason>" once.
     """
     report = _Reporter(ready_fd)
     try:
-        _require_root()
+        require_root()
         if via not in VIAS:
             raise ValueError(f"'via' must be one of {', '.join(VIAS)} (got {via!r})")
         paths = StatePaths.for_mountpoint(os.path.realpath(mountpoint))
-        _clear_stale(paths)  # first: a dead daemon's EROFS mount may still sit there
+        clear_stale(paths)  # first: a dead daemon's mounts may still sit there
         path = check_mountpoint(mountpoint)
         with _stop_requests() as (stop, received):
-            daemon = _Daemon(source, path, meta=meta, zinfo=zinfo,
-                             registry=registry or RegistryOptions(), via=via, paths=paths)
+            daemon = make(path, paths)
             try:
                 record = daemon.start()
             except BaseException:
                 daemon.teardown()
                 raise
             try:
-                log.info("mounted %s on %s via %s", source, path, record.transport)
+                log.info("mounted %s on %s via %s", record.source, path, record.transport)
                 report.ready()
                 _sd_notify(f"READY=1\nSTATUS=mounted on {path}\nMAINPID={os.getpid()}")
                 if ready is not None:
@@ -370,6 +432,22 @@ def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
         raise
     finally:
         report.close()
+
+
+def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
+              zinfo: Path | None = None, registry: RegistryOptions | None = None,
+              via: str = "auto", ready_fd: int | None = None,
+              ready: Callable[[MountRecord], None] | None = None) -> None:
+    """Mount layer `source` in this process and serve until SIGTERM/SIGINT/SIGHUP or an outside
+    umount, then unmount everything (the daemon's body, and `mount --foreground`).
+
+    `ready_fd`: a pipe to the parent `mount`, told "ready" or "error: <reason>" once.
+    """
+    def make(path: Path, paths: StatePaths) -> DaemonBody:
+        return _Daemon(source, path, meta=meta, zinfo=zinfo,
+                       registry=registry or RegistryOptions(), via=via, paths=paths)
+
+    serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready)
 
 
 class _Reporter:
@@ -400,6 +478,13 @@ class _Reporter:
 
 # -- the parent: start a daemon and wait for it ---------------------------------------------------
 
+def absolute_source(source: str) -> str:
+    """A local layer file as an absolute path (the daemon runs in /); references unchanged."""
+    if is_local(source) and source != "-":
+        return os.path.abspath(source)
+    return source
+
+
 def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
                 zinfo: Path | None = None, registry: RegistryOptions | None = None,
                 via: str = "auto", foreground: bool = False,
@@ -415,29 +500,35 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     registry = registry or RegistryOptions()
     if via not in VIAS:
         raise ValueError(f"'via' must be one of {', '.join(VIAS)} (got {via!r})")
-    if is_local(source) and source != "-":
-        source = os.path.abspath(source)
+    source = absolute_source(source)
     meta = Path(os.path.abspath(meta))
     zinfo = Path(os.path.abspath(zinfo)) if zinfo is not None else None
     if foreground:
         run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via)
         return None
-    _require_root()
+    path, paths = prepare_mount(mountpoint)
+
+    def argv(ready_fd: int) -> list[str]:
+        return daemon_argv(source, path, meta=meta, zinfo=zinfo, registry=registry, via=via,
+                           ready_fd=ready_fd)
+
+    return spawn_daemon(argv, path, registry=registry, paths=paths, timeout_s=timeout_s)
+
+
+def prepare_mount(mountpoint: str | os.PathLike[str]) -> tuple[Path, StatePaths]:
+    """Before spawning a daemon: root, a dead daemon's leftovers cleaned, a usable mountpoint
+    (absolute, resolved) and its state paths."""
+    require_root()
     paths = StatePaths.for_mountpoint(os.path.realpath(mountpoint))
-    _clear_stale(paths)  # first: a dead daemon's EROFS mount may still sit there
+    clear_stale(paths)  # first: a dead daemon's mounts may still sit there
     path = check_mountpoint(mountpoint)
     paths.prepare()
-    return _spawn(source, path, meta=meta, zinfo=zinfo, registry=registry, via=via,
-                  paths=paths, timeout_s=timeout_s)
+    return path, paths
 
 
-def daemon_argv(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
-                registry: RegistryOptions, via: str, ready_fd: int) -> list[str]:
-    """The daemon's command line; holds no secret (the password goes through stdin)."""
-    argv = [sys.executable, "-m", "hybrid_erofs", "-v", "mount", "--foreground",
-            "--_daemon-ready-fd", str(ready_fd), "--meta", str(meta), "--via", via]
-    if zinfo is not None:
-        argv += ["--zinfo", str(zinfo)]
+def registry_argv(registry: RegistryOptions) -> list[str]:
+    """The registry options as CLI flags; no secret (a password is `--password-stdin`)."""
+    argv: list[str] = []
     for flag, value in (("--platform", registry.platform), ("--layer", registry.layer),
                         ("--blob", registry.blob), ("--username", registry.username),
                         ("--cache-dir", registry.cache_dir)):
@@ -447,19 +538,30 @@ def daemon_argv(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None
         argv.append("--insecure")
     if registry.password is not None:
         argv.append("--password-stdin")
-    return [*argv, "--", source, str(mountpoint)]
+    return argv
 
 
-def _spawn(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
-           registry: RegistryOptions, via: str, paths: StatePaths,
-           timeout_s: float) -> MountRecord:
+def daemon_argv(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
+                registry: RegistryOptions, via: str, ready_fd: int) -> list[str]:
+    """The daemon's command line; holds no secret (the password goes through stdin)."""
+    argv = [sys.executable, "-m", "hybrid_erofs", "-v", "mount", "--foreground",
+            "--_daemon-ready-fd", str(ready_fd), "--meta", str(meta), "--via", via]
+    if zinfo is not None:
+        argv += ["--zinfo", str(zinfo)]
+    return [*argv, *registry_argv(registry), "--", source, str(mountpoint)]
+
+
+def spawn_daemon(argv: Callable[[int], list[str]], mountpoint: Path, *,
+                 registry: RegistryOptions, paths: StatePaths,
+                 timeout_s: float) -> MountRecord:
+    """Start the daemon `argv(ready_fd)` (new session, cwd /, output to the log), hand it the
+    password on stdin, and wait until it says "ready"; on any failure clean up after it and
+    raise MountError."""
     read_fd, write_fd = os.pipe()
     try:
-        argv = daemon_argv(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
-                           via=via, ready_fd=write_fd)
         with open(paths.log, "ab") as log_file:
             process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE if registry.password is not None else
+                argv(write_fd), stdin=subprocess.PIPE if registry.password is not None else
                 subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 pass_fds=(write_fd,), start_new_session=True, cwd="/")
     except BaseException:
@@ -529,7 +631,7 @@ def _wait_exit(process: subprocess.Popen[bytes]) -> None:
 
 # -- umount, status, reattach -------------------------------------------------------------------
 
-def _clear_stale(paths: StatePaths) -> None:
+def clear_stale(paths: StatePaths) -> None:
     """A record for this mountpoint: refuse if its daemon runs, else clean what it left."""
     record = paths.load()
     if record is None:
@@ -543,33 +645,55 @@ def _clear_stale(paths: StatePaths) -> None:
 
 
 def _cleanup(paths: StatePaths, record: MountRecord | None, *, keep_log: bool = False) -> None:
-    """Remove whatever a dead (or stopped) daemon left: EROFS mount, loop device, NBD device,
-    FUSE mount, state files. Lazy where needed: the data behind them is gone anyway."""
+    """Remove whatever a dead (or stopped) daemon left: the mount on the mountpoint (EROFS, or
+    an image's overlay), loop devices, NBD devices, FUSE mounts (an image's layer mounts too),
+    state files. Lazy where needed: the data behind them is gone anyway."""
     if record is not None:
         mountpoint = Path(record.mountpoint)
-        if _erofs_mounted(mountpoint):
-            try:
-                umount(mountpoint)
-            except MountBusy:
-                umount(mountpoint, lazy=True)
-        disk = record.disk_path or str(paths.fuse_dir / DISK_NAME)
-        for loop in {*loops_backed_by(disk), *([record.loop_device] if record.loop_device
-                                                 else [])}:
-            with contextlib.suppress(MountError):
-                detach_loop(loop, backing=disk)
-        if record.nbd_device is not None:
-            from .nbdlink import NbdNetlink
-            with contextlib.suppress(MountError, OSError):
-                netlink = NbdNetlink()
-                netlink.disconnect(record.nbd_device)
-                netlink.close()
+        if _fs_mounted(mountpoint, record.fstype):
+            _umount_anyway(mountpoint)
+        if not record.is_image:
+            disk = record.disk_path or str(paths.fuse_dir / DISK_NAME)
+            _detach_loops(disk, record.loop_device)
+            if record.nbd_device is not None:
+                _disconnect_nbd(record.nbd_device)
+    if record is None or record.is_image:
+        _cleanup_image(paths, record)
     fuse_dir = Path(record.fuse_dir) if record and record.fuse_dir else paths.fuse_dir
     while mounted_at(fuse_dir) is not None:
-        try:
-            umount(fuse_dir)
-        except MountBusy:
-            umount(fuse_dir, lazy=True)
+        _umount_anyway(fuse_dir)
     paths.remove(keep_log=keep_log)
+
+
+def _cleanup_image(paths: StatePaths, record: MountRecord | None) -> None:
+    """An image's layers: their EROFS mounts, loop and NBD devices, then their FUSE mounts."""
+    image_dir = Path(record.image_dir) if record and record.image_dir else paths.image_dir
+    for _ in range(2):  # a mount stacked on another one shows up again after the first pass
+        for entry in reversed(mounts_under(image_dir)):
+            if not entry.fstype.startswith("fuse"):
+                _umount_anyway(entry.mountpoint)
+    layers = record.layers if record is not None else ()
+    for n, layer in enumerate(layers):
+        _detach_loops(layer.disk_path or str(paths.layer_fuse_dir(n) / DISK_NAME),
+                      layer.loop_device)
+        if layer.nbd_device is not None:
+            _disconnect_nbd(layer.nbd_device)
+    while found := mounts_under(image_dir):
+        for entry in reversed(found):
+            _umount_anyway(entry.mountpoint)
+
+
+def _umount_anyway(mountpoint: str | os.PathLike[str]) -> None:
+    try:
+        umount(mountpoint)
+    except MountBusy:
+        umount(mountpoint, lazy=True)
+
+
+def _detach_loops(disk: str, recorded: str | None) -> None:
+    for loop in {*loops_backed_by(disk), *([recorded] if recorded else [])}:
+        with contextlib.suppress(MountError):
+            detach_loop(loop, backing=disk)
 
 
 def _find(mountpoint: str | os.PathLike[str]) -> tuple[Path, StatePaths, MountRecord]:
@@ -584,15 +708,16 @@ def _find(mountpoint: str | os.PathLike[str]) -> tuple[Path, StatePaths, MountRe
 
 def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False,
             timeout_s: float = _STOP_TIMEOUT_S) -> str:
-    """Unmount EROFS, stop the daemon (which releases loop/FUSE/NBD), remove the state.
+    """Unmount EROFS (an image's overlay), stop the daemon (which unmounts an image's layers
+    and releases loop/FUSE/NBD), remove the state.
 
     A busy mount without `lazy` raises MountBusy naming the processes and changes nothing.
     A dead daemon's leftovers are cleaned. Returns a one-line report.
     """
-    _require_root()
+    require_root()
     path, paths, record = _find(mountpoint)
     alive = daemon_alive(record)
-    if _erofs_mounted(path):
+    if _fs_mounted(path, record.fstype):
         if lazy:
             umount(path, lazy=True)
         else:
@@ -640,11 +765,16 @@ class MountStatus:
         return "mounted" if self.mounted else "detached"
 
     @property
+    def layer_count(self) -> int:
+        return len(self.record.layers) if self.record.is_image else 1
+
+    @property
     def uptime_s(self) -> float:
         return max(0.0, time.time() - self.record.created)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mountpoint": self.record.mountpoint, "source": self.record.source,
+                "kind": self.record.kind, "layers": self.layer_count,
                 "via": self.record.transport, "state": self.state, "daemon_alive": self.alive,
                 "daemon_pid": self.record.daemon_pid, "uptime_s": round(self.uptime_s, 1),
                 "log_file": self.record.log_file, "stats": self.stats}
@@ -655,7 +785,7 @@ def mount_statuses(*, prune: bool = False) -> list[MountStatus]:
     found: list[MountStatus] = []
     for paths, record in list_records():
         alive = daemon_alive(record)
-        status = MountStatus(record, alive, _erofs_mounted(Path(record.mountpoint)),
+        status = MountStatus(record, alive, _fs_mounted(Path(record.mountpoint), record.fstype),
                              paths.load_stats())
         found.append(status)
         if prune and not alive:
@@ -670,8 +800,9 @@ def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
     FUSE cannot resume: once its daemon is gone the kernel has aborted the connection and the
     EROFS mount on the file only returns EIO, so this is umount + mount (open files are lost).
     Registry credentials are read again from their source (auth files), or `password`.
+    An image mount is mounted again from the layers its record lists.
     """
-    _require_root()
+    require_root()
     path, paths, record = _find(mountpoint)
     if daemon_alive(record):
         try:
@@ -691,6 +822,16 @@ def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
         platform=settings.platform, layer=settings.layer, blob=settings.blob,
         username=settings.username, password=password, insecure=settings.insecure,
         cache_dir=Path(settings.cache_dir) if settings.cache_dir else None)
+    if record.is_image:
+        from .imagemount import ImageLayer, mount_image
+        layers = [ImageLayer(layer.source, Path(layer.meta),
+                             Path(layer.zinfo) if layer.zinfo else None, layer.blob)
+                  for layer in record.layers]
+        again = mount_image(record.source, path, layers, registry=registry, via=record.via,
+                            timeout_s=timeout_s)
+        assert again is not None
+        return again
+    assert record.meta is not None
     remounted = mount_layer(record.source, path, meta=Path(record.meta),
                             zinfo=Path(record.zinfo) if record.zinfo else None,
                             registry=registry, via=record.via, timeout_s=timeout_s)
@@ -704,17 +845,27 @@ def status_json(statuses: list[MountStatus]) -> str:
 
 __all__ = [
     "DISK_NAME",
+    "READY_TIMEOUT_S",
     "VIAS",
+    "DaemonBody",
+    "LayerMount",
     "MountStatus",
+    "absolute_source",
     "check_mountpoint",
+    "clear_stale",
     "collect_stats",
     "daemon_alive",
     "daemon_argv",
     "initial_record",
     "mount_layer",
     "mount_statuses",
+    "prepare_mount",
     "reattach",
+    "registry_argv",
+    "require_root",
     "run_mount",
+    "serve_daemon",
+    "spawn_daemon",
     "status_json",
     "unmount",
 ]

@@ -1,7 +1,10 @@
-"""State records of `hybrid-erofs mount`: one JSON per mount (no secrets), the daemon's stats
-file beside it, its log, and its FUSE directory, all under the runtime directory.
+"""State records of `hybrid-erofs mount` and `mount-image`: one JSON per mount (no secrets), the
+daemon's stats file beside it, its log, and its FUSE and layer directories, all under the runtime
+directory.
 
-Layout: RUNTIME/mounts/ID.json, ID.stats.json, ID.log; RUNTIME/fuse/ID/disk.img.
+Layout: RUNTIME/mounts/ID.json, ID.stats.json, ID.log; RUNTIME/fuse/ID/disk.img (a layer mount);
+RUNTIME/images/ID/{plan.json, f/N/disk.img, l/N, l/empty} (an image mount: layer N's FUSE file and
+EROFS mount, N = 0 at the bottom).
 """
 
 from __future__ import annotations
@@ -58,12 +61,33 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LayerState:
+    """One layer of an image mount: what it serves, where its FUSE file and EROFS mount are."""
+
+    source: str
+    meta: str
+    zinfo: str | None
+    blob: str | None = None
+    erofs_dir: str = ""  # the layer's private EROFS mount, IMAGE_DIR/l/N
+    transport: str | None = None
+    fuse_dir: str | None = None
+    disk_path: str | None = None
+    loop_device: str | None = None
+    nbd_device: str | None = None
+    nbd_socket: str | None = None
+
+
+LAYER = "layer"  # MountRecord.kind: one layer's EROFS on the mountpoint (`mount`)
+IMAGE = "image"  # overlayfs of every layer's EROFS on the mountpoint (`mount-image`)
+
+
+@dataclass(frozen=True, slots=True)
 class MountRecord:
     """What `umount`, `status` and `mount --reattach` need to know about one mount."""
 
     mountpoint: str
     source: str
-    meta: str
+    meta: str | None  # None for an image mount (each of its layers has one)
     zinfo: str | None
     via: str  # what was asked: auto, fuse, loop or nbd
     transport: str  # what runs: "fuse" (file-backed mount(2)), "loop" (FUSE file + loop), "nbd"
@@ -78,6 +102,18 @@ class MountRecord:
     nbd_socket: str | None = None
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     version: int = RECORD_VERSION
+    kind: str = LAYER
+    image_dir: str | None = None
+    layers: tuple[LayerState, ...] = ()  # an image's layers, bottom first
+
+    @property
+    def is_image(self) -> bool:
+        return self.kind == IMAGE
+
+    @property
+    def fstype(self) -> str:
+        """What the kernel shows on the mountpoint while this mount is up."""
+        return "overlay" if self.is_image else "erofs"
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
@@ -89,6 +125,7 @@ class MountRecord:
             known = {f.name for f in fields(cls)}
             values = {k: v for k, v in raw.items() if k in known}
             values["registry"] = RegistrySettings(**values.get("registry", {}))
+            values["layers"] = tuple(LayerState(**layer) for layer in values.get("layers", ()))
             return cls(**values)
         except (ValueError, TypeError) as exc:
             raise MountError(f"{name}: unreadable state record: {exc}") from exc
@@ -129,6 +166,30 @@ class StatePaths:
     def nbd_socket(self) -> Path:
         return self.root / "nbd" / f"{self.id}.sock"
 
+    @property
+    def image_dir(self) -> Path:
+        """An image mount's directory: its plan, and each layer's FUSE and EROFS directories."""
+        return self.root / "images" / self.id
+
+    @property
+    def plan(self) -> Path:
+        return self.image_dir / "plan.json"
+
+    def layer_dir(self, n: int) -> Path:
+        """Layer `n`'s EROFS mount; short, since overlayfs gets `l/N` paths in one page."""
+        return self.image_dir / "l" / str(n)
+
+    @property
+    def empty_dir(self) -> Path:
+        """The empty bottom layer that lets a one-layer image satisfy overlayfs."""
+        return self.image_dir / "l" / "empty"
+
+    def layer_fuse_dir(self, n: int) -> Path:
+        return self.image_dir / "f" / str(n)
+
+    def layer_nbd_socket(self, n: int) -> Path:
+        return self.root / "nbd" / f"{self.id}.{n}.sock"
+
     def prepare(self) -> None:
         for directory in (self.root, self.record.parent):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -157,13 +218,21 @@ class StatePaths:
             return {}
 
     def remove(self, *, keep_log: bool = False) -> None:
-        """Delete the record, stats, FUSE directory and socket (and the log unless kept)."""
-        for path in (self.record, self.stats, self.nbd_socket,
+        """Delete the record, stats, FUSE directory, sockets and an image's directory (and the
+        log unless kept). Only empty directories are removed: never anything under a mount."""
+        for path in (self.record, self.stats, self.nbd_socket, self.plan,
+                     *self.nbd_socket.parent.glob(f"{self.id}.*.sock"),
                      *(() if keep_log else (self.log,))):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        with contextlib.suppress(OSError):
-            self.fuse_dir.rmdir()
+        directories = [self.fuse_dir]
+        for sub in ("l", "f"):
+            with contextlib.suppress(OSError):
+                directories += list((self.image_dir / sub).iterdir())
+            directories.append(self.image_dir / sub)
+        for directory in (*directories, self.image_dir):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def list_records(root: Path | None = None) -> list[tuple[StatePaths, MountRecord]]:
@@ -182,6 +251,9 @@ def list_records(root: Path | None = None) -> list[tuple[StatePaths, MountRecord
 
 
 __all__ = [
+    "IMAGE",
+    "LAYER",
+    "LayerState",
     "MountRecord",
     "RegistrySettings",
     "StatePaths",

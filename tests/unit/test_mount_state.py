@@ -1,5 +1,6 @@
-"""State records of `hybrid-erofs mount` (no secrets, atomic, readable back), the daemon's
-command line, and the kernel-NBD netlink messages checked byte by byte (no nbd module here)."""
+"""State records of `hybrid-erofs mount` and `mount-image` (no secrets, atomic, readable back),
+the daemons' command lines, an image's layer plan and overlayfs options, and the kernel-NBD
+netlink messages checked byte by byte (no nbd module here)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,24 @@ from pathlib import Path
 import pytest
 
 from hybrid_erofs.device import RegistryOptions
-from hybrid_erofs.errors import MountError
+from hybrid_erofs.errors import InvalidInput, MountError
 from hybrid_erofs.export.nbd import NbdServer
-from hybrid_erofs.kernel import process_alive, process_start_time
+from hybrid_erofs.imageindex import ImageEntry
+from hybrid_erofs.imagemount import (
+    ImageLayer,
+    collect_image_stats,
+    image_daemon_argv,
+    load_plan,
+    select_image,
+    write_plan,
+)
+from hybrid_erofs.kernel import (
+    MOUNT_DATA_MAX,
+    OVERLAY_OPTIONS,
+    overlay_data,
+    process_alive,
+    process_start_time,
+)
 from hybrid_erofs.mount import daemon_argv, initial_record
 from hybrid_erofs.nbdlink import (
     NBD_CMD_CONNECT,
@@ -26,8 +42,11 @@ from hybrid_erofs.nbdlink import (
     nbd_devices,
 )
 from hybrid_erofs.source import MemorySource
+from hybrid_erofs.sources.metered import MeteredSource
 from hybrid_erofs.state import (
+    IMAGE,
     RUNTIME_ENV,
+    LayerState,
     MountRecord,
     StatePaths,
     list_records,
@@ -95,6 +114,99 @@ def test_list_and_remove(tmp_path: Path) -> None:
     for paths, _ in listed:
         paths.remove()
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["fuse", "junk.json", "mounts"]
+
+
+def test_image_record_round_trips_and_remove_spares_mounted_dirs(tmp_path: Path) -> None:
+    paths, record = _record(tmp_path, "/mnt/img")
+    layers = tuple(LayerState(source="reg/app:1", meta=f"/idx/{n}.meta.erofs",
+                              zinfo=f"/idx/{n}.zinfo", blob=f"sha256:{n:064x}",
+                              erofs_dir=str(paths.layer_dir(n)), transport="fuse",
+                              disk_path=str(paths.layer_fuse_dir(n) / "disk.img"))
+                   for n in range(3))
+    image = record.with_changes(kind=IMAGE, meta=None, zinfo=None,
+                                image_dir=str(paths.image_dir), layers=layers)
+    paths.save(image)
+    loaded = paths.load()
+    assert loaded == image and loaded.is_image and loaded.fstype == "overlay"
+    assert not record.is_image and record.fstype == "erofs"
+    assert SECRET.encode() not in paths.record.read_bytes()
+    # What a stopped image daemon leaves: empty layer dirs, the plan. A non-empty directory
+    # (as a mount still on it would look) is never removed.
+    for n in range(3):
+        paths.layer_dir(n).mkdir(parents=True)
+        paths.layer_fuse_dir(n).mkdir(parents=True)
+    paths.empty_dir.mkdir()
+    write_plan(paths.plan, [])
+    (paths.layer_dir(1) / "still-mounted").write_text("x")
+    paths.remove()
+    assert [str(p.relative_to(paths.image_dir)) for p in paths.image_dir.rglob("*")] == [
+        "l", "l/1", "l/1/still-mounted"]
+    (paths.layer_dir(1) / "still-mounted").unlink()
+    paths.remove()
+    assert not paths.image_dir.exists()
+
+
+def test_layer_plan_round_trips_and_garbage_is_an_error(tmp_path: Path) -> None:
+    layers = [ImageLayer("/l0.tar.gz", Path("/m0"), Path("/z0")),
+              ImageLayer("reg/app:1", Path("/m1"), None, blob="sha256:" + "a" * 64)]
+    write_plan(tmp_path / "plan.json", layers)
+    assert stat.S_IMODE((tmp_path / "plan.json").stat().st_mode) == 0o600
+    assert load_plan(tmp_path / "plan.json") == layers
+    (tmp_path / "bad.json").write_text('{"format": "x"}')
+    with pytest.raises(MountError, match="bad.json: unreadable layer plan"):
+        load_plan(tmp_path / "bad.json")
+    with pytest.raises(MountError, match="cannot read the layer plan"):
+        load_plan(tmp_path / "missing.json")
+
+
+def test_image_daemon_argv_carries_no_password_and_no_layers() -> None:
+    registry = RegistryOptions(username="ci", password=SECRET, platform="linux/arm64")
+    argv = image_daemon_argv("reg/app:1", Path("/mnt"), plan=Path("/run/p.json"),
+                             registry=registry, via="auto", ready_fd=9)
+    assert SECRET not in " ".join(argv)
+    assert argv[argv.index("mount-image") + 1] == "--foreground"
+    assert argv[argv.index("--_plan") + 1] == "/run/p.json"
+    assert argv[argv.index("--platform") + 1] == "linux/arm64"
+    assert "--password-stdin" in argv and argv[-3:] == ["--", "reg/app:1", "/mnt"]
+
+
+def test_overlay_options() -> None:
+    data = overlay_data(["l/2", "l/1", "l/0"])
+    assert data == "ro,lowerdir=l/2:l/1:l/0," + ",".join(OVERLAY_OPTIONS)
+    assert "redirect_dir=nofollow" in data and "metacopy=off" in data
+    assert overlay_data(["/a:b", "/c,d\\e"]).startswith(r"ro,lowerdir=/a\:b:/c\,d\\e,")
+    with pytest.raises(ValueError, match="at least 2"):
+        overlay_data(["l/0"])
+    with pytest.raises(MountError, match="at most 500"):
+        overlay_data([f"l/{n}" for n in range(501)])
+    assert len(overlay_data([f"l/{n}" for n in reversed(range(500))])) <= MOUNT_DATA_MAX
+    with pytest.raises(MountError, match="more than mount"):
+        overlay_data(["/" + "x" * 100] * 50)
+
+
+def _image(platform: str) -> ImageEntry:
+    return ImageEntry("sha256:" + "0" * 64, "application/vnd.oci.image.manifest.v1+json", 1,
+                      platform, "sha256:" + "1" * 64, ())
+
+
+def test_select_image_by_platform() -> None:
+    one, two = _image("linux/amd64"), _image("linux/arm64")
+    assert select_image([one], None, where="i.json") is one
+    assert select_image([one, two], "linux/arm64", where="i.json") is two
+    with pytest.raises(InvalidInput, match=r"i.json: 2 platforms \(linux/amd64, linux/arm64\)"):
+        select_image([one, two], None, where="i.json")
+    with pytest.raises(InvalidInput, match="no image for platform linux/s390x"):
+        select_image([one, two], "linux/s390x", where="i.json")
+
+
+def test_image_stats_add_up_the_layers() -> None:
+    layers = [MeteredSource(MemorySource(bytes(100))) for _ in range(3)]
+    layers[0].pread(10, 0)
+    layers[2].pread(20, 50)
+    stats = collect_image_stats(layers)
+    assert stats["reads"] == 2 and stats["bytes_served"] == 30 and stats["errors"] == 0
+    assert [layer["reads"] for layer in stats["layers"]] == [1, 0, 1]
+    assert stats["hit_rate"] is None  # no chunk cache below a memory source
 
 
 def test_mount_ids_are_unique_and_readable() -> None:

@@ -49,9 +49,18 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from . import cache_cmd, erofs_cmds, index_cmd, inspect_cmd, mount_cmd, serve_cmd
+    from . import (
+        cache_cmd,
+        erofs_cmds,
+        index_cmd,
+        inspect_cmd,
+        mount_cmd,
+        mount_image_cmd,
+        serve_cmd,
+    )
 
-    for module in (index_cmd, inspect_cmd, erofs_cmds, serve_cmd, mount_cmd, cache_cmd):
+    for module in (index_cmd, inspect_cmd, erofs_cmds, serve_cmd, mount_cmd, mount_image_cmd,
+                   cache_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

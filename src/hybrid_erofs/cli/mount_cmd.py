@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..device import RegistryOptions
+from ..device import RegistryOptions, is_local
 from ..mount import VIAS, mount_layer, mount_statuses, run_mount, status_json, unmount
 from ..mount import reattach as reattach_mount
 from .options import human, registry_options
@@ -38,6 +38,9 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
           registry: RegistryOptions) -> None:
     """Mount layer REF (a registry reference or a local .tar.gz) read-only on MOUNTPOINT.
 
+    Without --meta/--zinfo, the index that `hybrid-erofs index REF --all-layers --push`
+    attached to the image is found in the registry, verified and cached.
+
     Returns once the mount answers; a daemon keeps serving it (log and state under
     /run/hybrid-erofs, or $XDG_RUNTIME_DIR/hybrid-erofs when not root). Only the bytes that
     reads need are fetched. Needs root.
@@ -45,6 +48,7 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
     \b
     Examples:
         hybrid-erofs mount --meta m.erofs --zinfo layer.zinfo layer.tar.gz /mnt/layer
+        hybrid-erofs mount registry.example.com/app:1.2 /mnt/app --layer -1
         hybrid-erofs mount --meta m.erofs --zinfo layer.zinfo \\
             registry.example.com/app:1.2 /mnt/app --layer -1
         echo "$TOKEN" | hybrid-erofs mount --username ci --password-stdin \\
@@ -63,6 +67,17 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
     if len(arguments) != 2:
         raise click.UsageError("expected REF MOUNTPOINT (or --reattach MOUNTPOINT)")
     source, mountpoint = arguments
+    if meta is None and ready_fd is None:
+        if zinfo is not None:
+            raise click.UsageError("--zinfo needs --meta (or give neither: the index attached "
+                                   "to the image in its registry is used)")
+        if is_local(source):
+            raise click.UsageError(f"{source}: a local layer needs --meta FILE (and --zinfo "
+                                   f"for a .tar.gz); only registry images carry their index")
+        from ..publish import discover_layer
+
+        meta, zinfo, registry = discover_layer(
+            source, registry=registry, progress=lambda line: click.echo(line, err=True))
     if meta is None:
         raise click.UsageError("missing --meta FILE (the layer's meta image)")
     if ready_fd is not None or foreground:
@@ -91,8 +106,9 @@ def _detach_stdin() -> None:
 def umount(mountpoint: Path, lazy: bool) -> None:
     """Unmount MOUNTPOINT: EROFS, then the FUSE file / loop / NBD device, then the daemon.
 
-    A busy mount is left alone (the processes using it are named) unless --lazy. The
-    leftovers of a daemon that died are cleaned up.
+    An image mount (`mount-image`): the overlay first, then each layer's EROFS, loop / FUSE /
+    NBD, then the daemon. A busy mount is left alone (the processes using it are named)
+    unless --lazy. The leftovers of a daemon that died are cleaned up.
 
     \b
     Examples:
@@ -106,7 +122,8 @@ def umount(mountpoint: Path, lazy: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--prune", is_flag=True, help="Clean up mounts whose daemon died.")
 def status(as_json: bool, prune: bool) -> None:
-    """List hybrid-erofs mounts: source, transport, daemon, bytes fetched, cache hit rate.
+    """List hybrid-erofs mounts (layers and images): source, transport, daemon, bytes fetched,
+    cache hit rate (an image's summed over its layers).
 
     \b
     Examples:
@@ -126,7 +143,8 @@ def status(as_json: bool, prune: bool) -> None:
         rate = stats.get("hit_rate")
         fresh = time.time() - stats.get("updated", 0) < 10
         state = entry.state + (" (cleaned)" if prune and entry.state == "stale" else "")
-        click.echo(f"{entry.record.mountpoint}: {state}, via {entry.record.transport}, "
+        kind = f"image of {entry.layer_count} layers, " if entry.record.is_image else ""
+        click.echo(f"{entry.record.mountpoint}: {state}, {kind}via {entry.record.transport}, "
                    f"daemon {entry.record.daemon_pid}, up {entry.uptime_s:.0f}s")
         click.echo(f"  source  {entry.record.source}")
         if stats:

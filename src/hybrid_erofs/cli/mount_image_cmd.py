@@ -1,0 +1,89 @@
+"""`hybrid-erofs mount-image`: a thin wrapper over hybrid_erofs.imagemount."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from ..device import RegistryOptions
+from ..imagemount import load_plan, mount_image, plan_from_index, run_image_mount
+from ..mount import READY_TIMEOUT_S, VIAS
+from .mount_cmd import _detach_stdin
+from .options import registry_options
+
+
+@click.command("mount-image")
+@click.argument("reference", metavar="REF")
+@click.argument("mountpoint")
+@click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where `hybrid-erofs index REF --all-layers -o DIR` wrote index.json and "
+                   "each layer's zinfo and meta.")
+@click.option("--via", type=click.Choice(VIAS), default="auto", show_default=True,
+              help="auto: kernel NBD when /dev/nbd* exists, else a FUSE file per layer "
+                   "mounted with mount(2) (a loop device when the kernel lacks file-backed "
+                   "EROFS).")
+@click.option("--foreground", is_flag=True,
+              help="Serve in this process until SIGTERM (systemd Type=simple/notify).")
+@click.option("--timeout", "timeout_s", type=float, default=READY_TIMEOUT_S, show_default=True,
+              help="Seconds to wait for the mount to answer.")
+@click.option("--_daemon-ready-fd", "ready_fd", type=int, hidden=True)
+@click.option("--_plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
+              hidden=True)
+@registry_options
+def mount_image_command(reference: str, mountpoint: str, index_dir: Path | None, via: str,
+                        foreground: bool, timeout_s: float, ready_fd: int | None,
+                        plan_file: Path | None, registry: RegistryOptions) -> None:
+    """Mount every layer of image REF lazily and stack them read-only on MOUNTPOINT.
+
+    REF is a registry reference or oci:DIR[:TAG]. Without --index-dir, the index that
+    `hybrid-erofs index REF --all-layers --push` attached to the image is found in the
+    registry, verified and cached (layers too small to have been indexed are indexed here);
+    with it, each layer's zinfo and meta come from that directory. One daemon serves all
+    layers; each is mounted as EROFS and overlayfs merges them (deleted files, opaque
+    directories and all), read-only. --platform picks the image of a multi-platform index
+    [default: this host's]. Needs root.
+
+    \b
+    Examples:
+        hybrid-erofs mount-image registry.example.com/app:1.2 /srv/app
+        hybrid-erofs index registry.example.com/app:1.2 --all-layers -o /var/lib/idx/app
+        hybrid-erofs mount-image --index-dir /var/lib/idx/app \\
+            registry.example.com/app:1.2 /srv/app
+        echo "$TOKEN" | hybrid-erofs mount-image --username ci --password-stdin \\
+            --platform linux/arm64 --index-dir idx registry.example.com/app:1.2 /srv/app
+        hybrid-erofs mount-image --index-dir idx oci:./layout:1.2 /srv/app
+        hybrid-erofs status
+        hybrid-erofs umount /srv/app
+    """
+    if registry.layer is not None or registry.blob is not None:
+        raise click.UsageError("--layer and --blob do not apply: mount-image mounts every "
+                               "layer of the image")
+    if plan_file is not None:  # the daemon that `mount-image` started
+        layers = load_plan(plan_file)
+    else:
+        if index_dir is None:
+            from ..publish import discover_image_plan
+
+            plan = discover_image_plan(reference, registry=registry,
+                                       progress=lambda line: click.echo(line, err=True))
+        else:
+            plan = plan_from_index(index_dir, reference, platform=registry.platform)
+        layers = list(plan.layers)
+        # Each layer is looked up in the manifest of the indexed platform.
+        registry = dataclasses.replace(registry, platform=registry.platform or plan.platform)
+    if ready_fd is not None or foreground:
+        _detach_stdin()
+        run_image_mount(reference, mountpoint, layers, registry=registry, via=via,
+                        ready_fd=ready_fd)
+        return
+    record = mount_image(reference, mountpoint, layers, registry=registry, via=via,
+                         timeout_s=timeout_s)
+    assert record is not None
+    click.echo(f"mounted {record.source} ({len(record.layers)} layers) on {record.mountpoint} "
+               f"(via {record.transport}, daemon pid {record.daemon_pid}, "
+               f"log {record.log_file})")
+
+
+COMMANDS: list[click.Command] = [mount_image_command]

@@ -1,0 +1,348 @@
+"""Whole-image mounts: one daemon mounts every layer's EROFS (mount.LayerMount) on a private
+directory and stacks them read-only with overlayfs on the mountpoint.
+
+Up: layers bottom first, then the overlay. Down: the overlay, then each layer (EROFS, loop/FUSE/
+NBD, device), then the state. Layer plans come from an image index directory (imageindex.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .device import RegistryOptions
+from .errors import HybridErofsError, InvalidInput, MountBusy, MountError
+from .imageindex import INDEX_NAME, INDEXED, ImageEntry, load_image_index, verify_layer_files
+from .kernel import mount_overlay, mounted_at, umount, users_of
+from .mount import (
+    READY_TIMEOUT_S,
+    STATS_INTERVAL_S,
+    VIAS,
+    DaemonBody,
+    LayerMount,
+    absolute_source,
+    collect_stats,
+    initial_record,
+    prepare_mount,
+    registry_argv,
+    serve_daemon,
+    spawn_daemon,
+)
+from .outfile import write_atomic
+from .sources.metered import MeteredSource
+from .state import IMAGE, LayerState, MountRecord, StatePaths
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = "hybrid-erofs/image-plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLayer:
+    """One layer of an image to mount.
+
+    Args:
+        source: a local layer file (.tar.gz or .tar), a registry reference or `oci:DIR[:TAG]`.
+        meta: the layer's EROFS meta, built with overlay whiteouts (`index --aufs`).
+        zinfo: its gzip checkpoints (None for a plain tar).
+        blob: the layer's blob digest, which selects it among the layers of a reference
+            (RegistryOptions.blob); None for a local file.
+    """
+
+    source: str
+    meta: Path
+    zinfo: Path | None
+    blob: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "meta": str(self.meta),
+                "zinfo": str(self.zinfo) if self.zinfo is not None else None,
+                "blob": self.blob}
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePlan:
+    """What an index directory says to mount for one platform: its layers, bottom first."""
+
+    platform: str
+    manifest: str
+    layers: tuple[ImageLayer, ...]
+
+
+# -- where layers come from -----------------------------------------------------------------------
+
+def select_image(images: Sequence[ImageEntry], platform: str | None, *, where: str) -> ImageEntry:
+    """The only image, or the one for `platform`; InvalidInput listing the platforms else."""
+    available = ", ".join(image.platform for image in images) or "none"
+    if platform is None:
+        if len(images) == 1:
+            return images[0]
+        raise InvalidInput(f"{where}: {len(images)} platforms ({available}): pick one with "
+                           f"--platform")
+    for image in images:
+        if image.platform == platform:
+            return image
+    raise InvalidInput(f"{where}: no image for platform {platform} (it has: {available})")
+
+
+def plan_from_index(index_dir: str | os.PathLike[str], reference: str, *,
+                    platform: str | None = None) -> ImagePlan:
+    """The layers of `reference` as `index REF --all-layers -o INDEX_DIR` indexed them.
+
+    Every layer must be indexed and its files must match index.json (InvalidInput or
+    IndexFormatError naming the layer digest otherwise). Each layer's source is `reference`,
+    its blob digest selecting the layer.
+    """
+    directory = Path(index_dir)
+    where = str(directory / INDEX_NAME)
+    image = select_image(load_image_index(directory).images, platform, where=where)
+    if not image.layers:
+        raise InvalidInput(f"{where}: image {image.manifest} ({image.platform}) has no layers")
+    for layer in image.layers:
+        if layer.status != INDEXED:
+            raise InvalidInput(f"{layer.digest}: layer not indexed ({layer.status} in {where}); "
+                               f"mount-image needs every layer indexed")
+    layers: list[ImageLayer] = []
+    for layer in image.layers:
+        verify_layer_files(directory, layer)
+        assert layer.meta is not None and layer.zinfo is not None  # INDEXED has all three
+        layers.append(ImageLayer(source=reference, meta=directory / layer.meta.name,
+                                 zinfo=directory / layer.zinfo.name, blob=layer.digest))
+    return ImagePlan(image.platform, image.manifest, tuple(layers))
+
+
+# -- the plan file that travels to the daemon -------------------------------------------------------
+
+def write_plan(path: Path, layers: Sequence[ImageLayer]) -> None:
+    """The layer list as the daemon reads it (mode 0600; no secret is part of a layer)."""
+    data = {"format": PLAN_FORMAT, "version": PLAN_VERSION,
+            "layers": [layer.to_json() for layer in layers]}
+    write_atomic(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), mode=0o600)
+
+
+def load_plan(path: str | os.PathLike[str]) -> list[ImageLayer]:
+    try:
+        raw = json.loads(Path(path).read_bytes())
+        if raw.get("format") != PLAN_FORMAT or raw.get("version") != PLAN_VERSION:
+            raise ValueError(f"not a {PLAN_FORMAT} version {PLAN_VERSION} file")
+        return [ImageLayer(source=str(layer["source"]), meta=Path(layer["meta"]),
+                           zinfo=Path(layer["zinfo"]) if layer["zinfo"] is not None else None,
+                           blob=layer["blob"]) for layer in raw["layers"]]
+    except OSError as exc:
+        raise MountError(f"{path}: cannot read the layer plan: {exc.strerror}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MountError(f"{path}: unreadable layer plan: {exc}") from exc
+
+
+# -- the daemon -------------------------------------------------------------------------------------
+
+def collect_image_stats(devices: Sequence[MeteredSource]) -> dict[str, Any]:
+    """collect_stats() summed over the layers, each layer's own under "layers" (bottom first)."""
+    per_layer = [collect_stats(device) for device in devices]
+    total: dict[str, Any] = {"updated": time.time(), "layers": per_layer}
+    for key in ("reads", "bytes_served", "errors", "bytes_fetched", "spans_verified",
+                "bytes_decoded"):
+        total[key] = sum(stats[key] for stats in per_layer)
+    for key in ("cache_hits", "cache_misses"):
+        counted = [stats[key] for stats in per_layer if stats[key] is not None]
+        total[key] = sum(counted) if counted else None
+    lookups = (total["cache_hits"] or 0) + (total["cache_misses"] or 0)
+    total["hit_rate"] = total["cache_hits"] / lookups if lookups else None
+    return total
+
+
+class _ImageDaemon:
+    """Every layer's LayerMount plus the overlay on top, and their teardown in order."""
+
+    def __init__(self, source: str, mountpoint: Path, layers: Sequence[ImageLayer], *,
+                 registry: RegistryOptions, via: str, paths: StatePaths) -> None:
+        self.source = source
+        self.mountpoint = mountpoint
+        self.layers = list(layers)
+        self.registry = registry
+        self.via = via
+        self.paths = paths
+        self.mounts: list[LayerMount] = []
+        self.overlay_mounted = False
+
+    def start(self) -> MountRecord:
+        paths = self.paths
+        states = tuple(LayerState(source=layer.source, meta=str(layer.meta),
+                                  zinfo=str(layer.zinfo) if layer.zinfo else None,
+                                  blob=layer.blob, erofs_dir=str(paths.layer_dir(n)))
+                       for n, layer in enumerate(self.layers))
+        record = initial_record(self.source, self.mountpoint, meta=None, zinfo=None,
+                                registry=self.registry, via=self.via, paths=paths).with_changes(
+            kind=IMAGE, image_dir=str(paths.image_dir), layers=states)
+        paths.save(record)  # first, so that umount can clean up after a crash from here on
+        transports: list[str] = []
+        for n, layer in enumerate(self.layers):
+            transports.append(self._start_layer(n, layer))
+        # overlayfs lists the TOP layer first; without an upperdir it needs two lower dirs.
+        lowers = [f"l/{n}" for n in reversed(range(len(self.layers)))]
+        if len(lowers) == 1:
+            paths.empty_dir.mkdir(mode=0o755, exist_ok=True)
+            lowers.append(f"l/{paths.empty_dir.name}")
+        # Relative to the image dir: a page of option data then holds hundreds of layers.
+        mount_overlay(lowers, self.mountpoint, cwd=paths.image_dir)
+        self.overlay_mounted = True
+        os.listdir(self.mountpoint)  # the mount answers
+        states = tuple(replace(state, transport=transport, **mount.record_fields())
+                       for state, transport, mount in zip(states, transports, self.mounts,
+                                                          strict=True))
+        record = record.with_changes(transport=",".join(sorted(set(transports))),
+                                     layers=states)
+        paths.save(record)
+        paths.save_stats(collect_image_stats(self._devices()))
+        return record
+
+    def _start_layer(self, n: int, layer: ImageLayer) -> str:
+        target = self.paths.layer_dir(n)
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        registry = (replace(self.registry, blob=layer.blob, layer=None)
+                    if layer.blob is not None else self.registry)
+        mount = LayerMount(layer.source, target, meta=layer.meta, zinfo=layer.zinfo,
+                           registry=registry, fuse_dir=self.paths.layer_fuse_dir(n),
+                           nbd_socket=self.paths.layer_nbd_socket(n),
+                           backend=f"{self.paths.record}#{n}")
+        self.mounts.append(mount)  # before start(): teardown releases what start() got to
+        try:
+            return mount.start(self.via)
+        except (HybridErofsError, OSError) as exc:
+            what = layer.blob or layer.source
+            reason = str(exc) if isinstance(exc, HybridErofsError) else exc.strerror or str(exc)
+            raise MountError(f"{self.mountpoint}: layer {n + 1} of {len(self.layers)} "
+                             f"({what}): {reason}") from exc
+
+    def _devices(self) -> list[MeteredSource]:
+        return [mount.device for mount in self.mounts if mount.device is not None]
+
+    def serve(self, stop: threading.Event) -> None:
+        """Write stats every STATS_INTERVAL_S until a stop signal, or until the overlay or a
+        layer's FUSE export is gone (someone ran a plain umount)."""
+        while not stop.wait(STATS_INTERVAL_S):
+            with contextlib.suppress(HybridErofsError):
+                self.paths.save_stats(collect_image_stats(self._devices()))
+            entry = mounted_at(self.mountpoint)
+            if entry is None or entry.fstype != "overlay":
+                log.info("%s is no longer mounted; stopping", self.mountpoint)
+                self.overlay_mounted = False
+                return
+            if not all(mount.export_running for mount in self.mounts):
+                log.warning("a layer's FUSE export ended; stopping")
+                return
+
+    def teardown(self, *, signals: list[int] | None = None) -> None:
+        """The overlay, then every layer's EROFS, then their loop / FUSE / NBD and devices,
+        then the state files. A busy overlay is detached lazily (a stop was requested); the
+        layers' exports then serve it until its last user is gone, as for a layer mount."""
+        if self.overlay_mounted:
+            try:
+                umount(self.mountpoint)
+            except MountBusy:
+                holders = users_of(str(self.mountpoint))
+                log.warning("%s is busy (%s): detaching lazily", self.mountpoint,
+                            ", ".join(f"{pid} ({name})" for pid, name in sorted(holders.items()))
+                            or "no process found")
+                umount(self.mountpoint, lazy=True)
+            self.overlay_mounted = False
+        for mount in reversed(self.mounts):
+            mount.unmount()
+        for mount in reversed(self.mounts):
+            mount.release(signals=signals)
+        self.paths.remove()
+
+
+def run_image_mount(source: str, mountpoint: str | os.PathLike[str],
+                    layers: Sequence[ImageLayer], *, registry: RegistryOptions | None = None,
+                    via: str = "auto", ready_fd: int | None = None,
+                    ready: Callable[[MountRecord], None] | None = None) -> None:
+    """Mount the image in this process and serve until SIGTERM/SIGINT/SIGHUP or an outside
+    umount, then unmount everything (the daemon's body, and `mount-image --foreground`)."""
+    def make(path: Path, paths: StatePaths) -> DaemonBody:
+        return _ImageDaemon(source, path, layers, registry=registry or RegistryOptions(),
+                            via=via, paths=paths)
+
+    serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready)
+
+
+# -- the parent -------------------------------------------------------------------------------------
+
+def image_daemon_argv(source: str, mountpoint: Path, *, plan: Path, registry: RegistryOptions,
+                      via: str, ready_fd: int) -> list[str]:
+    """The image daemon's command line: the layers are in `plan`, the password on stdin."""
+    return [sys.executable, "-m", "hybrid_erofs", "-v", "mount-image", "--foreground",
+            "--_daemon-ready-fd", str(ready_fd), "--_plan", str(plan), "--via", via,
+            *registry_argv(registry), "--", source, str(mountpoint)]
+
+
+def _absolute(layer: ImageLayer) -> ImageLayer:
+    return ImageLayer(absolute_source(layer.source), Path(os.path.abspath(layer.meta)),
+                      Path(os.path.abspath(layer.zinfo)) if layer.zinfo is not None else None,
+                      layer.blob)
+
+
+def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequence[ImageLayer],
+                *, registry: RegistryOptions | None = None, via: str = "auto",
+                foreground: bool = False,
+                timeout_s: float = READY_TIMEOUT_S) -> MountRecord | None:
+    """Mount every layer of an image lazily and stack them read-only on `mountpoint`.
+
+    `layers` are bottom first, as in the manifest. One daemon serves them all: each layer's
+    device is exported (a FUSE file, or kernel NBD) and mounted as EROFS on a private
+    directory, and overlayfs (lower layers only, no upperdir) merges them on `mountpoint`,
+    applying the whiteouts and opaque directories of the metas (`index --aufs`).
+
+    Background (default): start the daemon and return its record once the mount answers.
+    Any failure (say, layer 3 of 4 cannot be opened) raises with nothing left mounted or
+    running. `foreground=True`: serve in this process until a stop signal. The layer plan
+    travels to the daemon as a file in the state directory, a registry password through a
+    pipe; neither argv nor the state record carries a secret.
+    """
+    registry = registry or RegistryOptions()
+    if via not in VIAS:
+        raise ValueError(f"'via' must be one of {', '.join(VIAS)} (got {via!r})")
+    if not layers:
+        raise InvalidInput(f"{source}: an image needs at least one layer")
+    source = absolute_source(source)
+    planned = [_absolute(layer) for layer in layers]
+    if foreground:
+        run_image_mount(source, mountpoint, planned, registry=registry, via=via)
+        return None
+    path, paths = prepare_mount(mountpoint)
+    try:
+        paths.image_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_plan(paths.plan, planned)
+    except BaseException:
+        paths.remove()
+        raise
+
+    def argv(ready_fd: int) -> list[str]:
+        return image_daemon_argv(source, path, plan=paths.plan, registry=registry, via=via,
+                                 ready_fd=ready_fd)
+
+    return spawn_daemon(argv, path, registry=registry, paths=paths, timeout_s=timeout_s)
+
+
+__all__ = [
+    "ImageLayer",
+    "ImagePlan",
+    "collect_image_stats",
+    "image_daemon_argv",
+    "load_plan",
+    "mount_image",
+    "plan_from_index",
+    "run_image_mount",
+    "select_image",
+    "write_plan",
+]
