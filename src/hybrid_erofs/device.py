@@ -209,12 +209,17 @@ def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
     against the sha256 the zinfo's sidecar records when `index` built both in one pass (a meta
     of another layer is refused); closing the result closes both files.
     """
-    if zinfo is not None:
-        check_meta_binding(meta, zinfo)
     meta_source = FileSource(meta)
     try:
         layer_source = open_layer(layer, zinfo=zinfo, registry=registry)
     except BaseException:
+        meta_source.close()
+        raise
+    try:
+        if zinfo is not None:
+            check_meta_binding(meta, zinfo)
+    except BaseException:
+        layer_source.close()
         meta_source.close()
         raise
     try:

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .device import RegistryOptions
 from .errors import HybridErofsError, IndexFormatError, InvalidInput, RegistryError
@@ -43,6 +44,9 @@ from .oci.layout import is_layout_reference
 from .oci.reference import parse_reference
 from .outfile import write_atomic
 from .sources.cachedir import default_cache_dir
+
+if TYPE_CHECKING:
+    from .imagemount import ImagePlan
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +186,54 @@ def discover_image_index(reference: str, *, registry: RegistryOptions,
     return DiscoveredImage(image, descriptor.digest, layer_dirs)
 
 
+def choose_layer(image: ImageEntry, registry: RegistryOptions, *, reference: str) -> LayerEntry:
+    """The layer `--layer N` / `--blob DIGEST` names, or the only one."""
+    layers = list(image.layers)
+    if registry.blob is not None:
+        chosen = [layer for layer in layers if layer.digest == registry.blob]
+        if not chosen:
+            raise InvalidInput(f"{reference}: blob {registry.blob} is not one of the "
+                               f"{len(layers)} layers of {image.manifest}")
+        return chosen[0]
+    if registry.layer is not None:
+        if not -len(layers) <= registry.layer < len(layers):
+            raise InvalidInput(f"{reference}: layer {registry.layer} is out of range: the image "
+                               f"has {len(layers)} layers")
+        return layers[registry.layer]
+    if len(layers) != 1:
+        raise InvalidInput(f"{reference}: the image has {len(layers)} layers; choose one with "
+                           f"--layer N or --blob DIGEST, or mount them all with mount-image")
+    return layers[0]
+
+
+def discover_layer(reference: str, *, registry: RegistryOptions,
+                   progress: Callable[[str], None] | None = None
+                   ) -> tuple[Path, Path, RegistryOptions]:
+    """(meta, zinfo, options naming the layer's blob) for `mount REF` without --meta."""
+    found = discover_image_index(
+        reference, registry=registry, progress=progress,
+        layers=lambda image: [choose_layer(image, registry, reference=reference)])
+    (digest,) = found.layer_dirs
+    layer = next(layer for layer in found.image.layers if layer.digest == digest)
+    meta, zinfo = found.layer_paths(layer)
+    return meta, zinfo, replace(registry, blob=digest, layer=None)
+
+
+def discover_image_plan(reference: str, *, registry: RegistryOptions,
+                        progress: Callable[[str], None] | None = None) -> ImagePlan:
+    """Every layer of `reference` for mount-image, from the index attached to it."""
+    from .imagemount import ImageLayer, ImagePlan
+
+    found = discover_image_index(reference, registry=registry, progress=progress)
+    layers = []
+    for layer in found.image.layers:
+        meta, zinfo = found.layer_paths(layer)
+        layers.append(ImageLayer(source=reference, meta=meta, zinfo=zinfo, blob=layer.digest))
+    if not layers:
+        raise InvalidInput(f"{reference}: image {found.image.manifest} has no layers")
+    return ImagePlan(found.image.platform, found.image.manifest, tuple(layers))
+
+
 def index_on_node(reference: str, manifest_digest: str, layer: LayerEntry, *,
                   registry: RegistryOptions, span: int) -> Path:
     """Index a (small) layer here, exactly as `index --all-layers` would have; cached."""
@@ -204,6 +256,9 @@ def index_on_node(reference: str, manifest_digest: str, layer: LayerEntry, *,
 __all__ = [
     "DiscoveredImage",
     "artifact_files",
+    "choose_layer",
+    "discover_image_plan",
+    "discover_layer",
     "discover_image_index",
     "index_on_node",
     "indexes_dir",
