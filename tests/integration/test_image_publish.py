@@ -89,8 +89,21 @@ def test_push_attaches_one_artifact_per_platform(rig: Rig, image: TestImage,
     assert len(published["indexed"]) == 2  # type: ignore[arg-type]
 
 
-def test_second_push_changes_nothing(pushed: dict[str, str], published: dict[str, object],
-                                     tmp_path: Path) -> None:
+def _tag_digests(rig: Rig, image: TestImage) -> dict[str, str]:
+    """The registry's digest of each platform's fallback tag index."""
+    found = {}
+    for platform in image.platforms.values():
+        tag = referrers_tag(platform.manifest_digest)
+        response = httpx.head(f"http://{rig.hosts['plain']}/v2/{REPO}/manifests/{tag}",
+                              headers={"Accept": "application/vnd.oci.image.index.v1+json"})
+        assert response.status_code == 200, tag
+        found[tag] = response.headers["Docker-Content-Digest"]
+    return found
+
+
+def test_second_push_changes_nothing(rig: Rig, image: TestImage, pushed: dict[str, str],
+                                     published: dict[str, object], tmp_path: Path) -> None:
+    before = _tag_digests(rig, image)
     again = _index([pushed["plain"], "--all-layers", "--all-platforms", "--min-layer-size",
                     "1MiB", "-o", str(tmp_path / "again"), "--push"])
     for entry in again["pushed"]:  # type: ignore[attr-defined]
@@ -98,6 +111,7 @@ def test_second_push_changes_nothing(pushed: dict[str, str], published: dict[str
         assert not entry["tag_updated"] and entry["summary"] == "already there, nothing pushed"
     assert [e["artifact"] for e in again["pushed"]] == [  # type: ignore[attr-defined]
         e["artifact"] for e in published["pushed"]]  # type: ignore[attr-defined]
+    assert _tag_digests(rig, image) == before
 
 
 def test_push_with_token_auth_password_from_stdin(pushed: dict[str, str],
@@ -223,3 +237,42 @@ def _files_of(blob: Path) -> Iterator[tuple[str, bytes]]:
                 handle = tar.extractfile(member)
                 assert handle is not None
                 yield member.name, handle.read()
+
+
+@pytest.mark.parametrize("tag", ["amd64", "arm64"])
+def test_inspect_of_the_test_image_matches_skopeo(pushed: dict[str, str], image: TestImage,
+                                                  tag: str) -> None:
+    platform = image.platforms[tag]
+    result = CliRunner().invoke(main, ["inspect", pushed["plain"], "--platform",
+                                       platform.platform, "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["manifest"]["digest"] == platform.manifest_digest
+    assert [x["digest"] for x in info["layers"]] == list(platform.layer_digests)
+    override = ["--override-os", platform.os, "--override-arch", platform.architecture]
+    if platform.variant:
+        override += ["--override-variant", platform.variant]
+    config = json.loads(subprocess.run(
+        ["skopeo", *override, "inspect", "--config", "--tls-verify=false",
+         f"docker://{pushed['plain']}"], check=True, capture_output=True, text=True).stdout)
+    run = config["config"]
+    assert (info["os"], info["architecture"], info["variant"]) == (
+        config["os"], config["architecture"], config.get("variant", ""))
+    assert info["entrypoint"] == run["Entrypoint"] and info["cmd"] == run["Cmd"]
+    assert info["env"] == run["Env"] and info["working_dir"] == run["WorkingDir"]
+    assert info["user"] == run["User"] and info["labels"] == run["Labels"]
+    assert [x["diff_id"] for x in info["layers"]] == config["rootfs"]["diff_ids"]
+
+
+def test_inspect_refuses_broken_images_in_one_line(tmp_path: Path) -> None:
+    from tests.oci_images import build_broken_images
+
+    refs = build_broken_images(tmp_path / "broken")
+    expected = {"bad-config-media-type": "not an image config",
+                "bad-rootfs-type": "rootfs.type is 'foo'",
+                "bad-diff-id-count": "diff_ids but"}
+    for name, message in expected.items():
+        result = CliRunner().invoke(main, ["inspect", refs[name]])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+        assert message in result.output, result.output
