@@ -14,12 +14,14 @@ index.json holds no time or host.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -181,6 +183,19 @@ def _run_job(job: LayerJob, directory: Path, span: int, registry: RegistryOption
         return 0, str(exc)
 
 
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: the parent alone decides (and stops workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the workers now (a layer can take minutes); no API for it but the pool's
+    process table."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        with contextlib.suppress(OSError, AttributeError):
+            process.terminate()
+
+
 def _mp_context() -> multiprocessing.context.BaseContext:
     # Never fork: the parent has threads (httpx pools); forkserver starts clean and fast.
     methods = multiprocessing.get_all_start_methods()
@@ -199,7 +214,7 @@ def _run_jobs(jobs: Sequence[LayerJob], directory: Path, *, span: int,
         done[job.digest] = size
         elapsed = time.perf_counter() - started
         progress(f"[{len(done)}/{total}] {job.digest[:19]}... {_mb(job.size)} -> "
-                 f"{_mb(size)} indexed in {elapsed:.1f}s")
+                 f"{_mb(size)} of layer data, done after {elapsed:.1f}s")
 
     if workers <= 1 or total <= 1:
         for job in ordered:
@@ -207,14 +222,15 @@ def _run_jobs(jobs: Sequence[LayerJob], directory: Path, *, span: int,
             finished(job, _index_job(job, directory, span, registry, build_time), started)
         return done
     started_all = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=_mp_context()) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=_mp_context(),
+                             initializer=_worker_init) as pool:
         futures: dict[Future[tuple[int, str | None]], LayerJob] = {
             pool.submit(_run_job, job, directory, span, registry, build_time): job
             for job in ordered}
         pending = set(futures)
         try:
             while pending:
-                finished_now, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished_now, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished_now:
                     size, error = future.result()
                     if error is not None:
@@ -223,6 +239,7 @@ def _run_jobs(jobs: Sequence[LayerJob], directory: Path, *, span: int,
         except BaseException:
             for future in pending:
                 future.cancel()
+            _stop_workers(pool)
             raise
     return done
 
