@@ -1,0 +1,77 @@
+"""publish.py without a registry: which files an artifact carries, choosing a layer, and the
+errors a node gets for layers it cannot mount."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hybrid_erofs.device import RegistryOptions
+from hybrid_erofs.errors import IndexFormatError, InvalidInput
+from hybrid_erofs.imageindex import (
+    INDEX_MEDIA_TYPE,
+    META_MEDIA_TYPE,
+    SIDECAR_MEDIA_TYPE,
+    ZINFO_MEDIA_TYPE,
+    load_image_index,
+    parse_image_index,
+)
+from hybrid_erofs.imageindexer import index_image
+from hybrid_erofs.publish import artifact_files, choose_layer
+from tests.oci_images import TestImage, build_test_image
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestImage, Path]:
+    image = build_test_image(tmp_path_factory.mktemp("img") / "layout")
+    out = tmp_path_factory.mktemp("out")
+    index_image(image.ref("multi"), out, all_platforms=True, min_layer_size=4096, jobs=1)
+    return image, out
+
+
+def test_artifact_files_carry_one_platform(indexed: tuple[TestImage, Path]) -> None:
+    image, out = indexed
+    index = load_image_index(out)
+    entry = index.images[1]
+    files = artifact_files(out, entry, index)
+    assert files[0].name == "index.json" and files[0].media_type == INDEX_MEDIA_TYPE
+    own = parse_image_index(files[0].path.read_bytes())
+    assert [i.manifest for i in own.images] == [entry.manifest]
+    indexed_layers = [layer for layer in entry.layers if layer.status == "indexed"]
+    assert len(indexed_layers) == 2  # the two top layers are below 4 KiB
+    assert [(f.name, f.media_type) for f in files[1:]] == [
+        (ref.name, kind) for layer in indexed_layers for ref, kind in (
+            (layer.zinfo, ZINFO_MEDIA_TYPE), (layer.sidecar, SIDECAR_MEDIA_TYPE),
+            (layer.meta, META_MEDIA_TYPE)) if ref is not None]
+    assert all(f.path.parent == out for f in files)
+
+
+def test_artifact_files_refuse_a_changed_output(indexed: tuple[TestImage, Path],
+                                                tmp_path: Path) -> None:
+    image, out = indexed
+    index = load_image_index(out)
+    layer = next(layer for layer in index.images[0].layers if layer.meta is not None)
+    assert layer.meta is not None
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in out.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    (copy / layer.meta.name).write_bytes(b"\0" * layer.meta.size)
+    with pytest.raises(IndexFormatError, match="does not match index.json"):
+        artifact_files(copy, index.images[0], index)
+
+
+def test_choose_layer(indexed: tuple[TestImage, Path]) -> None:
+    image, out = indexed
+    entry = load_image_index(out).images[0]
+    digests = [layer.digest for layer in entry.layers]
+    assert choose_layer(entry, RegistryOptions(layer=-1), reference="r").digest == digests[-1]
+    assert choose_layer(entry, RegistryOptions(blob=digests[1]), reference="r").digest == \
+        digests[1]
+    with pytest.raises(InvalidInput, match="has 4 layers; choose one with --layer"):
+        choose_layer(entry, RegistryOptions(), reference="r")
+    with pytest.raises(InvalidInput, match="out of range"):
+        choose_layer(entry, RegistryOptions(layer=4), reference="r")
+    with pytest.raises(InvalidInput, match="is not one of the 4 layers"):
+        choose_layer(entry, RegistryOptions(blob="sha256:" + "0" * 64), reference="r")
