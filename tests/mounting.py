@@ -190,3 +190,30 @@ def losetup_entries() -> list[str]:
     """Lines of `losetup -a` (empty when no loop device is attached)."""
     proc = subprocess.run(["losetup", "-a"], capture_output=True, text=True)
     return [line for line in proc.stdout.splitlines() if line.strip()]
+
+
+def daemons_for(runtime: Path) -> list[int]:
+    """Live processes running a mount daemon (`--_daemon-ready-fd`) whose environment names
+    the test's runtime directory (zombies are not counted)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"--_daemon-ready-fd" in cmdline and str(runtime).encode() in environ and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The single `Error: ...` line of a failed CLI run (exit 1, no traceback)."""
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("WARNING ")]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]

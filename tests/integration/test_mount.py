@@ -23,7 +23,14 @@ import pytest
 from hybrid_erofs.indexer import index_layer
 from tests.conftest import ci_required, layer_tar
 from tests.integration.conftest import require_fuse_and_erofs
-from tests.mounting import concat, kernel_mount, losetup_entries, walk_tree
+from tests.mounting import (
+    concat,
+    daemons_for,
+    kernel_mount,
+    losetup_entries,
+    one_error_line,
+    walk_tree,
+)
 from tests.registry_rig import USER, Rig, free_port, missing_prerequisites
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
@@ -52,22 +59,6 @@ def _mounts_under(path: Path) -> list[str]:
         return [line for line in mounts if str(path) in line]
 
 
-def _daemons_for(runtime: Path) -> list[int]:
-    """Processes still running a mount daemon of this test (found by their command line)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            environ = (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if b"--_daemon-ready-fd" in cmdline and str(runtime).encode() in environ:
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z":
-                found.append(int(proc.name))
-    return found
 
 
 def _state_files(runtime: Path) -> list[str]:
@@ -80,12 +71,12 @@ def leaves_nothing_behind(prerequisites: None, tmp_path: Path, runtime: Path) ->
     try:
         yield
     finally:
-        leftovers = (_mounts_under(tmp_path), _daemons_for(runtime), _state_files(runtime),
+        leftovers = (_mounts_under(tmp_path), daemons_for(runtime), _state_files(runtime),
                      [line for line in losetup_entries() if line not in loops])
         if any(leftovers):  # clean up for the next test, then fail this one
             subprocess.run([*CLI, "status", "--prune"], env={
                 **os.environ, "HYBRID_EROFS_RUNTIME_DIR": str(runtime)}, capture_output=True)
-            for pid in _daemons_for(runtime):
+            for pid in daemons_for(runtime):
                 os.kill(pid, signal.SIGKILL)
             for line in reversed(_mounts_under(tmp_path)):
                 subprocess.run(["umount", "-l", line.split()[1]], capture_output=True)
@@ -146,12 +137,6 @@ def _umount(mnt: Path, env: dict[str, str], *extra: str) -> subprocess.Completed
     return proc
 
 
-def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith("WARNING ")]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("via", ["auto", "fuse", "loop"])
@@ -264,7 +249,7 @@ def test_reattach_after_daemon_death(layer: dict[str, Path], reference_tree: Tre
         assert entry["state"] == "mounted" and entry["daemon_pid"] != old
         assert walk_tree(mnt) == reference_tree
         healthy = _run(["mount", "--reattach", str(mnt)], env)
-        assert "nothing to reattach" in _one_error_line(healthy)
+        assert "nothing to reattach" in one_error_line(healthy)
     finally:
         assert _umount(mnt, env).returncode == 0
 
@@ -275,7 +260,7 @@ def test_busy_umount_names_the_process_and_lazy_detaches(
     _mount(layer, mnt, env)
     holder = subprocess.Popen(["sleep", "60"], cwd=mnt)
     try:
-        line = _one_error_line(_umount(mnt, env))
+        line = one_error_line(_umount(mnt, env))
         assert f"{holder.pid} (sleep)" in line and "--lazy" in line
         assert _mounts_under(mnt) and _status(env)[0]["state"] == "mounted"  # nothing torn down
         proc = _umount(mnt, env, "--lazy")
@@ -347,7 +332,7 @@ def test_failures_are_one_line_and_leave_nothing(
     if case == "nbd-without-module" and list(Path("/dev").glob("nbd[0-9]*")):
         pytest.skip("this host has kernel NBD")
     args, mnt = _failure_args(case, layer, other_layer, tmp_path)
-    line = _one_error_line(_run(args, env, timeout=60))
+    line = one_error_line(_run(args, env, timeout=60))
     expected = {
         "bad-meta": "", "meta-of-another-layer": "not the meta built with", "zinfo-of-another-layer": "not the layer",
         "unreachable-registry": "127.0.0.1", "missing-mountpoint": "does not exist",
@@ -363,7 +348,7 @@ def test_already_mounted(layer: dict[str, Path], tmp_path: Path, env: dict[str, 
     try:
         again = _run(["mount", "--meta", str(layer["meta"]), "--zinfo", str(layer["zinfo"]),
                       str(layer["gz"]), str(mnt)], env)
-        assert "already" in _one_error_line(again)
+        assert "already" in one_error_line(again)
         assert [e["state"] for e in _status(env)] == ["mounted"]
     finally:
         assert _umount(mnt, env).returncode == 0
@@ -373,13 +358,13 @@ def test_already_mounted(layer: dict[str, Path], tmp_path: Path, env: dict[str, 
     try:
         busy = _run(["mount", "--meta", str(layer["meta"]), "--zinfo", str(layer["zinfo"]),
                      str(layer["gz"]), str(other)], env)
-        assert "already a mount point (tmpfs" in _one_error_line(busy)
+        assert "already a mount point (tmpfs" in one_error_line(busy)
     finally:
         subprocess.run(["umount", str(other)], check=True)
 
 
 def test_umount_of_an_unknown_mountpoint(tmp_path: Path, env: dict[str, str]) -> None:
-    assert "not mounted by hybrid-erofs" in _one_error_line(_umount(tmp_path, env))
+    assert "not mounted by hybrid-erofs" in one_error_line(_umount(tmp_path, env))
 
 
 # -- a real registry with token auth ----------------------------------------------------------
@@ -451,6 +436,6 @@ def test_registry_wrong_password_is_one_line(rig: Rig, tmp_path: Path,
                  str(tmp_path / "layer.zinfo"), "--platform", "linux/amd64", "--username",
                  USER[0], "--password-stdin", "--cache-dir", str(tmp_path / "cache"),
                  f"{rig.hosts['token']}/lab/img:multi", str(mnt)], env, stdin="wrong\n")
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert "wrong" not in line.split(":", 1)[1]
     assert _status(env) == []

@@ -43,7 +43,7 @@ from hybrid_erofs.indexer import index_layer
 from hybrid_erofs.mount import mount_statuses, unmount
 from hybrid_erofs.state import RUNTIME_ENV
 from tests.integration.conftest import require_fuse_and_erofs
-from tests.mounting import losetup_entries
+from tests.mounting import daemons_for, losetup_entries, one_error_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
@@ -300,20 +300,6 @@ def _mounts_under(*paths: Path) -> list[str]:
         return [line for line in mountinfo if any(f" {p}" in line for p in paths)]
 
 
-def _daemons_for(runtime: Path) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            environ = (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"--_daemon-ready-fd" in cmdline and str(runtime).encode() in environ and state != "Z":
-            found.append(int(proc.name))
-    return found
 
 
 def _state_files(runtime: Path) -> list[str]:
@@ -323,7 +309,7 @@ def _state_files(runtime: Path) -> list[str]:
 def _leftovers(tmp_path: Path, runtime: Path, loops: list[str]) -> tuple[list[Any], ...]:
     state = [p for p in _state_files(runtime)  # empty directories may stay
              if not Path(p).is_dir() or any(Path(p).iterdir())]
-    return (_mounts_under(tmp_path), _daemons_for(runtime), state,
+    return (_mounts_under(tmp_path), daemons_for(runtime), state,
             [line for line in losetup_entries() if line not in loops])
 
 
@@ -335,7 +321,7 @@ def leaves_nothing_behind(prerequisites: None, tmp_path: Path, runtime: Path) ->
     finally:
         leftovers = _leftovers(tmp_path, runtime, loops)
         if any(leftovers):  # clean up for the next test, then fail this one
-            for pid in _daemons_for(runtime):
+            for pid in daemons_for(runtime):
                 os.kill(pid, signal.SIGKILL)
             subprocess.run([*CLI, "status", "--prune"], capture_output=True)
             for line in reversed(_mounts_under(tmp_path)):
@@ -347,11 +333,6 @@ def _run(args: list[str], *, timeout: float = 120) -> subprocess.CompletedProces
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if not line.startswith("WARNING ")]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
-    return lines[0]
 
 
 def _status() -> list[dict[str, Any]]:
@@ -457,7 +438,7 @@ def test_busy_umount_is_refused_then_lazy_detaches(indexed: list[Indexed],
     _mount(indexed, mnt)
     holder = subprocess.Popen(["sleep", "60"], cwd=mnt / "usr/bin")
     try:
-        line = _one_error_line(_run(["umount", str(mnt)]))
+        line = one_error_line(_run(["umount", str(mnt)]))
         assert f"{holder.pid} (sleep)" in line and "--lazy" in line
         assert len(_mounts_under(mnt, runtime)) == 1 + 4 + 4  # overlay, EROFS, FUSE: untouched
         assert _status()[0]["state"] == "mounted"
@@ -484,7 +465,7 @@ def test_killed_daemon_is_cleaned_up(indexed: list[Indexed], tmp_path: Path, run
     pid = int(_status()[0]["daemon_pid"])
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while pid in _daemons_for(runtime) and time.monotonic() < deadline:
+    while pid in daemons_for(runtime) and time.monotonic() < deadline:
         time.sleep(0.05)
     [entry] = _status()
     assert entry["state"] == "stale" and entry["kind"] == "image"
@@ -546,25 +527,25 @@ def test_failures_of_the_cli_are_one_line(indexed: list[Indexed], tmp_path: Path
     good = _index_dir(indexed, tmp_path / "idx")
 
     multi = _index_dir(indexed, tmp_path / "multi", platforms=("linux/amd64", "linux/arm64"))
-    line = _one_error_line(_run(["mount-image", "--index-dir", str(multi), ref, str(mnt)]))
+    line = one_error_line(_run(["mount-image", "--index-dir", str(multi), ref, str(mnt)]))
     assert "2 platforms (linux/amd64, linux/arm64): pick one with --platform" in line
-    line = _one_error_line(_run(["mount-image", "--index-dir", str(multi), "--platform",
+    line = one_error_line(_run(["mount-image", "--index-dir", str(multi), "--platform",
                                  "linux/s390x", ref, str(mnt)]))
     assert "no image for platform linux/s390x (it has: linux/amd64, linux/arm64)" in line
 
     small = _index_dir(indexed, tmp_path / "small", skipped=1)
-    line = _one_error_line(_run(["mount-image", "--index-dir", str(small), ref, str(mnt)]))
+    line = one_error_line(_run(["mount-image", "--index-dir", str(small), ref, str(mnt)]))
     assert f"{indexed[1].digest}: layer not indexed ({SKIPPED_SMALL}" in line
 
     meta = good / indexed[3].meta.name
     meta.write_bytes(meta.read_bytes()[:-1] + b"\1")
-    line = _one_error_line(_run(["mount-image", "--index-dir", str(good), ref, str(mnt)]))
+    line = one_error_line(_run(["mount-image", "--index-dir", str(good), ref, str(mnt)]))
     assert f"does not match index.json (meta of layer {indexed[3].digest}" in line
 
-    line = _one_error_line(_run(["mount-image", "--index-dir", str(tmp_path), ref, str(mnt)]))
+    line = one_error_line(_run(["mount-image", "--index-dir", str(tmp_path), ref, str(mnt)]))
     assert "index.json: no such file" in line
 
-    line = _one_error_line(_run(["mount-image", ref, str(mnt)]))  # an oci: layout, no registry
+    line = one_error_line(_run(["mount-image", ref, str(mnt)]))  # an oci: layout, no registry
     assert "finding the index needs a registry reference" in line
     assert _status() == [] and not _mounts_under(mnt)
 
