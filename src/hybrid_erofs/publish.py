@@ -208,15 +208,18 @@ def choose_layer(image: ImageEntry, registry: RegistryOptions, *, reference: str
 
 def discover_layer(reference: str, *, registry: RegistryOptions,
                    progress: Callable[[str], None] | None = None
-                   ) -> tuple[Path, Path, RegistryOptions]:
-    """(meta, zinfo, options naming the layer's blob) for `mount REF` without --meta."""
+                   ) -> tuple[str, Path, Path, RegistryOptions]:
+    """(source pinned to the indexed manifest, meta, zinfo, options naming the layer's blob)
+    for `mount REF` without --meta."""
     found = discover_image_index(
         reference, registry=registry, progress=progress,
         layers=lambda image: [choose_layer(image, registry, reference=reference)])
     (digest,) = found.layer_dirs
     layer = next(layer for layer in found.image.layers if layer.digest == digest)
     meta, zinfo = found.layer_paths(layer)
-    return meta, zinfo, replace(registry, blob=digest, layer=None)
+    ref = parse_reference(reference)
+    pinned = f"{ref.registry}/{ref.repository}@{found.image.manifest}"
+    return pinned, meta, zinfo, replace(registry, blob=digest, layer=None, platform=None)
 
 
 def discover_image_plan(reference: str, *, registry: RegistryOptions,
@@ -225,10 +228,14 @@ def discover_image_plan(reference: str, *, registry: RegistryOptions,
     from .imagemount import ImageLayer, ImagePlan
 
     found = discover_image_index(reference, registry=registry, progress=progress)
+    # Pinned to the manifest the index was made for: a tag that moves later cannot make the
+    # daemon (or a --reattach) look for the layers in another image.
+    ref = parse_reference(reference)
+    pinned = f"{ref.registry}/{ref.repository}@{found.image.manifest}"
     layers = []
     for layer in found.image.layers:
         meta, zinfo = found.layer_paths(layer)
-        layers.append(ImageLayer(source=reference, meta=meta, zinfo=zinfo, blob=layer.digest))
+        layers.append(ImageLayer(source=pinned, meta=meta, zinfo=zinfo, blob=layer.digest))
     if not layers:
         raise InvalidInput(f"{reference}: image {found.image.manifest} has no layers")
     return ImagePlan(found.image.platform, found.image.manifest, tuple(layers))

@@ -76,7 +76,7 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
                                    f"for a .tar.gz); only registry images carry their index")
         from ..publish import discover_layer
 
-        meta, zinfo, registry = discover_layer(
+        source, meta, zinfo, registry = discover_layer(
             source, registry=registry, progress=lambda line: click.echo(line, err=True))
     if meta is None:
         raise click.UsageError("missing --meta FILE (the layer's meta image)")
