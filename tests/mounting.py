@@ -107,7 +107,7 @@ def _file_type(mode: int) -> str:
     return "unknown"
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -168,7 +168,7 @@ def walk_tree(root: Path, *, contents: bool = True) -> dict[str, dict[str, Any]]
         if kind == "symlink":
             entry["target"] = os.readlink(path)
         if kind == "file" and contents:
-            entry["sha256"] = _sha256(path)
+            entry["sha256"] = sha256_of(path)
         tree[rel] = entry
     return tree
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.mounting import sha256_of
 from tests.registry_rig import GZIP_LAYER, OCI_INDEX, OCI_MANIFEST, Layout
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -417,14 +418,6 @@ _TYPES: tuple[tuple[Callable[[int], bool], str], ...] = (
     (stat.S_ISSOCK, "sock"))
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _user_xattrs(path: Path) -> dict[str, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -466,7 +459,7 @@ def tree_view(root: Path, *, mtimes: bool = False) -> dict[str, dict[str, object
             if mtimes:
                 entry["mtime_ns"] = st.st_mtime_ns
         if kind == "file":
-            entry["sha256"] = _file_sha256(path)
+            entry["sha256"] = sha256_of(path)
         elif kind == "symlink":
             entry["target"] = os.readlink(path)
         elif kind in ("chr", "blk"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import OutputError
@@ -15,6 +16,14 @@ from .errors import OutputError
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *, mode: int = 0o644) -> None:
     """Write `data` to `path` atomically; raise OutputError naming the path on failure."""
+    write_atomic_chunks(path, (data,), mode=mode)
+
+
+def write_atomic_chunks(path: str | os.PathLike[str], chunks: Iterable[bytes | memoryview], *,
+                        mode: int = 0o644) -> None:
+    """Write the chunks (a download, say) to `path` atomically. An exception raised by the
+    iterator (a digest check) leaves nothing behind and propagates; OSError becomes
+    OutputError naming the path."""
     path = Path(path)
     directory = path.parent
     if path.is_dir():
@@ -25,7 +34,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | memoryview, *, mode
         raise OutputError(f"{path}: cannot write: {exc.strerror}") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)

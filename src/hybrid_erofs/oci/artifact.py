@@ -9,16 +9,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import stat
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidInput, OutputError, RegistryError
 from ..imageindex import ARTIFACT_TYPE, file_digest
+from ..outfile import write_atomic_chunks
 from .client import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -326,29 +325,7 @@ def _has_content(path: Path, descriptor: Descriptor) -> bool:
 
 
 def _download(client: RegistryClient, layer: Descriptor, target: Path, max_size: int) -> None:
-    """Stream a blob into a temporary file beside `target`, then rename it into place; nothing
-    is left behind when the download, the size or the digest check fails."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot write: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle, contextlib.closing(
-                client.stream_blob(layer, max_size=max_size)) as chunks:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except OSError as exc:
-        _unlink_quietly(tmp)
-        raise OutputError(f"{target}: cannot write: {exc.strerror}") from exc
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+    """Stream a blob into `target` atomically (outfile.write_atomic_chunks): nothing is left
+    behind when the download, the size or the digest check fails."""
+    with contextlib.closing(client.stream_blob(layer, max_size=max_size)) as chunks:
+        write_atomic_chunks(target, chunks)
