@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -187,9 +188,11 @@ def concat(meta: Path, tar: Path, out: Path) -> Path:
 
 
 def losetup_entries() -> list[str]:
-    """Lines of `losetup -a` (empty when no loop device is attached)."""
+    """Lines of `losetup -a` whose backing file lies under this run's temporary directory
+    (another test run on the machine, with its own $TMPDIR, may attach loop devices too)."""
     proc = subprocess.run(["losetup", "-a"], capture_output=True, text=True)
-    return [line for line in proc.stdout.splitlines() if line.strip()]
+    ours = tempfile.gettempdir()
+    return [line for line in proc.stdout.splitlines() if line.strip() and ours in line]
 
 
 def daemons_for(runtime: Path) -> list[int]:
