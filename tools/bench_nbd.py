@@ -29,7 +29,7 @@ BUILD_TIME = 1_700_000_000
 def make_inputs(workdir: Path, size_mib: int) -> dict[str, Path]:
     """layer.tar (half random, half compressible), its gzip + zinfo, meta.erofs, disk.img."""
     from hybrid_erofs.erofs.writer import MetaBuilder
-    from hybrid_erofs.indexer import index_layer
+    from hybrid_erofs.indexing.layer import index_layer
 
     paths = {n: workdir / n for n in ("layer.tar", "layer.tar.gz", "layer.zinfo", "meta.erofs",
                                       "disk.img")}

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from hybrid_erofs.device import RegistryOptions, open_image, open_layer  # noqa: E402
 from hybrid_erofs.gzindex.sidecar import load_sidecar, sidecar_path  # noqa: E402
-from hybrid_erofs.indexer import index_layer  # noqa: E402
+from hybrid_erofs.indexing.layer import index_layer  # noqa: E402
 from hybrid_erofs.sources.chunkcache import ChunkCacheSource  # noqa: E402
 
 REPOSITORY = "bench/layer"

@@ -24,7 +24,7 @@ from .gzindex.build import detect_format
 from .gzindex.format import parse_index
 from .gzindex.sidecar import load_sidecar, sidecar_path
 from .gzindex.source import GzipSource
-from .imageindex import file_digest
+from .indexing.imageindex import file_digest
 from .oci.layout import is_layout_reference, open_layout_blob
 from .source import ByteSource, FileSource
 from .sources.chunkcache import ChunkCacheSource

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hybrid_erofs.errors import AuthError
-from hybrid_erofs.imageindex import (
+from hybrid_erofs.indexing.imageindex import (
     INDEX_MEDIA_TYPE,
     META_MEDIA_TYPE,
     SIDECAR_MEDIA_TYPE,

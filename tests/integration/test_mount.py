@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from hybrid_erofs.indexer import index_layer
+from hybrid_erofs.indexing.layer import index_layer
 from tests.conftest import ci_required, layer_tar
 from tests.integration.conftest import require_fuse_and_erofs
 from tests.mounting import (

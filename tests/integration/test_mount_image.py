@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from hybrid_erofs.errors import MountError
-from hybrid_erofs.imageindex import (
+from hybrid_erofs.indexing.imageindex import (
     INDEXED,
     SKIPPED_SMALL,
     FileRef,
@@ -38,10 +38,10 @@ from hybrid_erofs.imageindex import (
     layer_file_names,
     write_image_index,
 )
-from hybrid_erofs.imagemount import ImageLayer, mount_image
-from hybrid_erofs.indexer import index_layer
-from hybrid_erofs.mount import mount_statuses, unmount
-from hybrid_erofs.state import RUNTIME_ENV
+from hybrid_erofs.indexing.layer import index_layer
+from hybrid_erofs.mounting.image import ImageLayer, mount_image
+from hybrid_erofs.mounting.lifecycle import mount_statuses, unmount
+from hybrid_erofs.mounting.state import RUNTIME_ENV
 from tests.integration.conftest import require_fuse_and_erofs
 from tests.mounting import daemons_for, losetup_entries, one_error_line
 

@@ -27,7 +27,7 @@ import pytest
 from hybrid_erofs.device import open_device
 from hybrid_erofs.erofs.writer import MetaBuilder
 from hybrid_erofs.export.nbd import NbdServer
-from hybrid_erofs.indexer import index_layer
+from hybrid_erofs.indexing.layer import index_layer
 from tests.conftest import ci_required
 from tests.mounting import kernel_mount, losetup_entries, walk_tree
 

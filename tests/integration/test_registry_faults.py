@@ -21,7 +21,7 @@ import pytest
 from hybrid_erofs.device import RegistryOptions, open_layer
 from hybrid_erofs.errors import SourceIOError
 from hybrid_erofs.gzindex.sidecar import load_sidecar, sidecar_path
-from hybrid_erofs.indexer import index_layer
+from hybrid_erofs.indexing.layer import index_layer
 from hybrid_erofs.source import ByteSource
 from hybrid_erofs.sources.chunkcache import DEFAULT_CHUNK_SIZE
 from hybrid_erofs.sources.registry import open_registry_blob

@@ -22,7 +22,7 @@ from hybrid_erofs.device import (
 from hybrid_erofs.errors import HybridErofsError, InvalidInput
 from hybrid_erofs.gzindex.build import build_index
 from hybrid_erofs.gzindex.format import dump_index
-from hybrid_erofs.indexer import index_layer
+from hybrid_erofs.indexing.layer import index_layer
 from hybrid_erofs.sources.chunkcache import ChunkCacheSource
 from tests.registry_rig import USER, Rig
 

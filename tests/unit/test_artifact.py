@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from hybrid_erofs.errors import InvalidInput, RegistryError
-from hybrid_erofs.imageindex import ARTIFACT_TYPE, META_MEDIA_TYPE, ZINFO_MEDIA_TYPE
+from hybrid_erofs.indexing.imageindex import ARTIFACT_TYPE, META_MEDIA_TYPE, ZINFO_MEDIA_TYPE
 from hybrid_erofs.oci.artifact import (
     EMPTY_CONFIG,
     TITLE,

@@ -15,15 +15,15 @@ from click.testing import CliRunner
 from hybrid_erofs.cli import main
 from hybrid_erofs.device import open_device
 from hybrid_erofs.errors import HybridErofsError, IndexFormatError, InvalidInput
-from hybrid_erofs.imageindex import (
+from hybrid_erofs.indexing.image import existing_outputs, index_image, meta_uuid
+from hybrid_erofs.indexing.imageindex import (
     INDEXED,
     SKIPPED_SMALL,
     layer_file_names,
     load_image_index,
     verify_layer_files,
 )
-from hybrid_erofs.imageindexer import existing_outputs, index_image, meta_uuid
-from hybrid_erofs.indexer import index_layer
+from hybrid_erofs.indexing.layer import index_layer
 from tests.oci_images import TestImage, build_test_image
 
 

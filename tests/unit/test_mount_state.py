@@ -17,8 +17,8 @@ import pytest
 from hybrid_erofs.device import RegistryOptions
 from hybrid_erofs.errors import InvalidInput, MountError
 from hybrid_erofs.export.nbd import NbdServer
-from hybrid_erofs.imageindex import ImageEntry
-from hybrid_erofs.imagemount import (
+from hybrid_erofs.indexing.imageindex import ImageEntry
+from hybrid_erofs.mounting.image import (
     ImageLayer,
     collect_image_stats,
     image_daemon_argv,
@@ -26,24 +26,23 @@ from hybrid_erofs.imagemount import (
     select_image,
     write_plan,
 )
-from hybrid_erofs.kernel import (
+from hybrid_erofs.mounting.kernel import (
     MOUNT_DATA_MAX,
     OVERLAY_OPTIONS,
     overlay_data,
     process_alive,
     process_start_time,
 )
-from hybrid_erofs.mount import daemon_argv, initial_record
-from hybrid_erofs.nbdlink import (
+from hybrid_erofs.mounting.layer import daemon_argv
+from hybrid_erofs.mounting.lifecycle import initial_record
+from hybrid_erofs.mounting.nbdlink import (
     NBD_CMD_CONNECT,
     client_handshake,
     connect_attributes,
     genl_message,
     nbd_devices,
 )
-from hybrid_erofs.source import MemorySource
-from hybrid_erofs.sources.metered import MeteredSource
-from hybrid_erofs.state import (
+from hybrid_erofs.mounting.state import (
     IMAGE,
     RUNTIME_ENV,
     LayerState,
@@ -53,6 +52,8 @@ from hybrid_erofs.state import (
     mount_id,
     runtime_dir,
 )
+from hybrid_erofs.source import MemorySource
+from hybrid_erofs.sources.metered import MeteredSource
 
 SECRET = "pa55-S3CRET-word"
 
@@ -276,6 +277,6 @@ def test_client_handshake_then_kernel_style_reads(tmp_path: Path) -> None:
 def test_via_nbd_without_module_is_a_clear_error() -> None:
     if nbd_devices():
         pytest.skip("this host has /dev/nbd*")
-    from hybrid_erofs.nbdlink import NbdNetlink
+    from hybrid_erofs.mounting.nbdlink import NbdNetlink
     with pytest.raises(MountError, match=r"no /dev/nbd\* \(modprobe nbd\)"):
         NbdNetlink()

@@ -1,5 +1,5 @@
-"""publish.py without a registry: which files an artifact carries, choosing a layer, and the
-errors a node gets for layers it cannot mount."""
+"""indexing/publish.py and mounting/discovery.py without a registry: which files an artifact
+carries, choosing a layer, and the errors a node gets for layers it cannot mount."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 
 from hybrid_erofs.device import RegistryOptions
 from hybrid_erofs.errors import IndexFormatError, InvalidInput
-from hybrid_erofs.imageindex import (
+from hybrid_erofs.indexing.image import index_image
+from hybrid_erofs.indexing.imageindex import (
     INDEX_MEDIA_TYPE,
     META_MEDIA_TYPE,
     SIDECAR_MEDIA_TYPE,
@@ -17,8 +18,8 @@ from hybrid_erofs.imageindex import (
     load_image_index,
     parse_image_index,
 )
-from hybrid_erofs.imageindexer import index_image
-from hybrid_erofs.publish import artifact_files, choose_layer
+from hybrid_erofs.indexing.publish import artifact_files
+from hybrid_erofs.mounting.discovery import choose_layer
 from tests.oci_images import TestImage, build_test_image
 
 

@@ -16,7 +16,7 @@ from hybrid_erofs.errors import IndexFormatError, InvalidInput, SourceIOError
 from hybrid_erofs.gzindex.build import build_index
 from hybrid_erofs.gzindex.sidecar import load_sidecar, sidecar_path
 from hybrid_erofs.gzindex.spans import SpanDigest, SpanHasher
-from hybrid_erofs.indexer import index_layer
+from hybrid_erofs.indexing.layer import index_layer
 from hybrid_erofs.source import MemorySource
 from hybrid_erofs.sources.verify import VerifiedSource
 

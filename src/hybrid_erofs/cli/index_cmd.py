@@ -10,9 +10,9 @@ import click
 
 from ..device import RegistryOptions, is_local
 from ..gzindex.build import DEFAULT_SPAN
-from ..imageindex import INDEX_NAME, SKIPPED_SMALL
-from ..imageindexer import DEFAULT_MIN_LAYER_SIZE, index_image
-from ..indexer import index_layer
+from ..indexing.image import DEFAULT_MIN_LAYER_SIZE, index_image
+from ..indexing.imageindex import INDEX_NAME, SKIPPED_SMALL
+from ..indexing.layer import index_layer
 from .options import Progress, SizeType, UuidType, human, registry_options
 
 
@@ -140,7 +140,7 @@ def _index_all(reference: str, directory: Path, *, all_platforms: bool, min_laye
                          registry=registry, progress=say)
     pushed: list[dict[str, object]] = []
     if push:
-        from ..publish import push_image_index
+        from ..indexing.publish import push_image_index
 
         pushed = push_image_index(reference, report.directory, report.index,
                                   registry=registry, progress=say)

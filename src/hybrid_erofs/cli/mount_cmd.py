@@ -1,4 +1,4 @@
-"""`hybrid-erofs mount`, `umount` and `status`: thin wrappers over hybrid_erofs.mount."""
+"""`hybrid-erofs mount`, `umount` and `status`: thin wrappers over hybrid_erofs.mounting."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 
 from ..device import RegistryOptions, is_local
-from ..mount import VIAS, mount_layer, mount_statuses, run_mount, status_json, unmount
-from ..mount import reattach as reattach_mount
+from ..mounting.layer import mount_layer, run_mount
+from ..mounting.lifecycle import VIAS, mount_statuses, status_json, unmount
+from ..mounting.reattach import reattach as reattach_mount
 from .options import human, registry_options
 
 
@@ -74,7 +75,7 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
         if is_local(source):
             raise click.UsageError(f"{source}: a local layer needs --meta FILE (and --zinfo "
                                    f"for a .tar.gz); only registry images carry their index")
-        from ..publish import discover_layer
+        from ..mounting.discovery import discover_layer
 
         source, meta, zinfo, registry = discover_layer(
             source, registry=registry, progress=lambda line: click.echo(line, err=True))

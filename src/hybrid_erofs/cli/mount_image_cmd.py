@@ -1,4 +1,4 @@
-"""`hybrid-erofs mount-image`: a thin wrapper over hybrid_erofs.imagemount."""
+"""`hybrid-erofs mount-image`: a thin wrapper over hybrid_erofs.mounting.image."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ..device import RegistryOptions
-from ..imagemount import load_plan, mount_image, plan_from_index, run_image_mount
-from ..mount import READY_TIMEOUT_S, VIAS
+from ..mounting.image import load_plan, mount_image, plan_from_index, run_image_mount
+from ..mounting.lifecycle import READY_TIMEOUT_S, VIAS
 from .mount_cmd import _detach_stdin
 from .options import registry_options
 
@@ -64,7 +64,7 @@ def mount_image_command(reference: str, mountpoint: str, index_dir: Path | None,
         layers = load_plan(plan_file)
     else:
         if index_dir is None:
-            from ..publish import discover_image_plan
+            from ..mounting.discovery import discover_image_plan
 
             plan = discover_image_plan(reference, registry=registry,
                                        progress=lambda line: click.echo(line, err=True))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidInput, OutputError, RegistryError
-from ..imageindex import ARTIFACT_TYPE, file_digest
+from ..indexing.imageindex import ARTIFACT_TYPE, file_digest
 from ..outfile import write_atomic_chunks
 from .client import (
     INDEX_TYPES,

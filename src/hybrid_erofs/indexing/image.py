@@ -25,10 +25,20 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .device import RegistryOptions
-from .errors import HybridErofsError, IndexFormatError, OutputError, RegistryError
-from .gzindex.build import DEFAULT_SPAN
-from .gzindex.sidecar import load_sidecar
+from ..device import RegistryOptions
+from ..errors import HybridErofsError, IndexFormatError, OutputError, RegistryError
+from ..gzindex.build import DEFAULT_SPAN
+from ..gzindex.sidecar import load_sidecar
+from ..oci.client import (
+    GZIP_LAYER_TYPES,
+    MANIFEST_TYPES,
+    Manifest,
+    RegistryClient,
+    parse_descriptor,
+)
+from ..oci.image import ImageInfo, inspect_manifest, open_image_client
+from ..oci.layout import LayoutClient, is_layout_reference
+from ..oci.platform import descriptor_platform
 from .imageindex import (
     INDEXED,
     SKIPPED_FORMAT,
@@ -41,11 +51,7 @@ from .imageindex import (
     layer_file_names,
     write_image_index,
 )
-from .indexer import _version, index_layer
-from .oci.client import GZIP_LAYER_TYPES, MANIFEST_TYPES, Manifest, RegistryClient, parse_descriptor
-from .oci.image import ImageInfo, inspect_manifest, open_image_client
-from .oci.layout import LayoutClient, is_layout_reference
-from .oci.platform import descriptor_platform
+from .layer import _version, index_layer
 
 DEFAULT_MIN_LAYER_SIZE = 10 << 20  # as SOCI: smaller layers are cheaper to fetch whole
 OVERLAY_WHITEOUTS = True  # meta images convert .wh.* for overlayfs (mkfs.erofs --aufs)
@@ -126,7 +132,7 @@ def _platform_of(info: ImageInfo) -> str:
 def _layer_reference(reference: str, manifest_digest: str) -> str:
     if is_layout_reference(reference):
         return reference
-    from .oci.reference import parse_reference
+    from ..oci.reference import parse_reference
 
     ref = parse_reference(reference)
     return f"{ref.registry}/{ref.repository}@{manifest_digest}"

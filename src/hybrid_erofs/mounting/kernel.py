@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MountBusy, MountError
+from ..errors import MountBusy, MountError
 
 MS_RDONLY = 1
 MNT_DETACH = 2

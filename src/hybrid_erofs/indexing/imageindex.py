@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IndexFormatError
-from .outfile import write_atomic
+from ..errors import IndexFormatError
+from ..outfile import write_atomic
 
 FORMAT = "hybrid-erofs/image-index"
 VERSION = 1

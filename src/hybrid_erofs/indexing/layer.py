@@ -21,15 +21,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from .device import RegistryOptions, is_local
-from .errors import InvalidInput, OutputError, SourceIOError, TarFormatError
-from .gzindex.build import DEFAULT_SPAN, build_index, detect_format
-from .gzindex.format import dump_index
-from .gzindex.sidecar import Sidecar, dump_sidecar, sidecar_path
-from .oci.layout import is_layout_reference, open_layout_blob
-from .outfile import check_writable, write_atomic
-from .source import ByteSource
-from .sources.registry import iter_blob, open_registry_blob
+from ..device import RegistryOptions, is_local
+from ..errors import InvalidInput, OutputError, SourceIOError, TarFormatError
+from ..gzindex.build import DEFAULT_SPAN, build_index, detect_format
+from ..gzindex.format import dump_index
+from ..gzindex.sidecar import Sidecar, dump_sidecar, sidecar_path
+from ..oci.layout import is_layout_reference, open_layout_blob
+from ..outfile import check_writable, write_atomic
+from ..source import ByteSource
+from ..sources.registry import iter_blob, open_registry_blob
 
 READ_SIZE = 1 << 20
 
@@ -432,7 +432,7 @@ def _version() -> str:
 
 def _meta_builder(*, aufs: bool, uuid: bytes | None, build_time: int | None,  # type: ignore[no-untyped-def]
                   root_owner: tuple[int, int] | None):
-    from .erofs.writer import MetaBuilder
+    from ..erofs.writer import MetaBuilder
 
     uid, gid = root_owner if root_owner is not None else (None, None)
     return MetaBuilder(aufs=aufs, uuid=uuid, build_time=build_time, root_uid=uid, root_gid=gid)

@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import MountError
-from .outfile import write_atomic
+from ..errors import MountError
+from ..outfile import write_atomic
 
 RECORD_VERSION = 1
+DISK_NAME = "disk.img"  # the FUSE file a layer's device is exported as
 RUNTIME_ENV = "HYBRID_EROFS_RUNTIME_DIR"  # tests and unusual hosts point it elsewhere
 
 

@@ -2,18 +2,19 @@
 /dev/nbdX (NBD_CMD_CONNECT) and take it back (NBD_CMD_DISCONNECT).
 
 The kernel speaks only the transmission phase (simple replies); the handshake is done in user
-space first (`client_handshake`). Used by mount.py when /dev/nbd* exists.
+space first (`client_handshake`). Used by mounting/layer.py when /dev/nbd* exists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 import struct
 from pathlib import Path
 
-from .errors import MountError
+from ..errors import MountError
 
 # linux/netlink.h, linux/genetlink.h
 NETLINK_GENERIC = 16
@@ -157,6 +158,14 @@ class NbdNetlink:
                 raise
 
 
+def disconnect_quietly(device: str) -> None:
+    """Disconnect `device` if it is still connected; teardown goes on whatever happens."""
+    with contextlib.suppress(MountError, OSError):
+        netlink = NbdNetlink()
+        netlink.disconnect(device)
+        netlink.close()
+
+
 def client_handshake(sock: socket.socket, export_name: str) -> int:
     """Fixed-newstyle client side up to transmission (proto.md, NBD_OPT_EXPORT_NAME);
     returns the export size. What nbd-client does before handing the socket to the kernel."""
@@ -180,4 +189,11 @@ def client_handshake(sock: socket.socket, export_name: str) -> int:
     return int(size)
 
 
-__all__ = ["NbdNetlink", "client_handshake", "connect_attributes", "genl_message", "nbd_devices"]
+__all__ = [
+    "NbdNetlink",
+    "client_handshake",
+    "connect_attributes",
+    "disconnect_quietly",
+    "genl_message",
+    "nbd_devices",
+]

@@ -2,7 +2,7 @@
 directory and stacks them read-only with overlayfs on the mountpoint.
 
 Up: layers bottom first, then the overlay. Down: the overlay, then each layer (EROFS, loop/FUSE/
-NBD, device), then the state. Layer plans come from an image index directory (imageindex.py).
+NBD, device), then the state. Layer plans come from an image index directory (indexing/imageindex.py).
 """
 
 from __future__ import annotations
@@ -19,27 +19,33 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .device import RegistryOptions
-from .errors import HybridErofsError, InvalidInput, MountBusy, MountError
-from .imageindex import INDEX_NAME, INDEXED, ImageEntry, load_image_index, verify_layer_files
+from ..device import RegistryOptions
+from ..errors import HybridErofsError, InvalidInput, MountBusy, MountError
+from ..indexing.imageindex import (
+    INDEX_NAME,
+    INDEXED,
+    ImageEntry,
+    load_image_index,
+    verify_layer_files,
+)
+from ..outfile import write_atomic
+from ..sources.metered import MeteredSource
 from .kernel import mount_overlay, mounted_at, umount, users_of
-from .mount import (
+from .layer import LayerMount
+from .lifecycle import (
     READY_TIMEOUT_S,
     STATS_INTERVAL_S,
     VIAS,
     DaemonBody,
-    LayerMount,
     absolute_source,
-    collect_stats,
     initial_record,
     prepare_mount,
     registry_argv,
     serve_daemon,
     spawn_daemon,
 )
-from .outfile import write_atomic
-from .sources.metered import MeteredSource
 from .state import IMAGE, LayerState, MountRecord, StatePaths
+from .stats import collect_stats
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,6 @@
-"""Publish an image's indexes next to it in the registry, and find them again on a node.
-
-push_image_index(): one OCI artifact per platform manifest (subject = that manifest), holding
-that platform's index.json and each indexed layer's zinfo, sidecar and meta (oci/artifact.py
-pushes it through the Referrers API or the `sha256-<hex>` fallback tag).
-
-discover_image_index(): the node side. Find the artifact attached to the image's platform
-manifest, fetch its files into the cache (digests verified), and return the image entry.
-Layers skipped for their size are indexed on the node from the registry (they are small).
+"""Find an image's index in its registry, on a node: the artifact attached to the image's
+platform manifest is fetched into the cache (digests verified) and its layers' files checked
+against its index.json. Layers skipped for their size are indexed here (they are small).
 Without an artifact: a clear error naming the command that makes one, never a full pull.
 """
 
@@ -16,102 +10,28 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .device import RegistryOptions
-from .errors import HybridErofsError, IndexFormatError, InvalidInput, RegistryError
-from .imageindex import (
+from ..device import RegistryOptions
+from ..errors import HybridErofsError, IndexFormatError, InvalidInput, RegistryError
+from ..indexing.image import LayerJob, _index_job, default_build_time, existing_outputs
+from ..indexing.imageindex import (
     ARTIFACT_TYPE,
-    INDEX_MEDIA_TYPE,
     INDEX_NAME,
     INDEXED,
-    META_MEDIA_TYPE,
-    SIDECAR_MEDIA_TYPE,
     SKIPPED_SMALL,
-    ZINFO_MEDIA_TYPE,
     ImageEntry,
-    ImageIndex,
     LayerEntry,
-    dump_image_index,
     layer_file_names,
     parse_image_index,
     verify_layer_files,
 )
-from .oci.artifact import ArtifactFile, fetch_artifact, find_artifacts, push_artifact
-from .oci.client import Descriptor, RegistryClient
-from .oci.credentials import resolve_credentials
-from .oci.layout import is_layout_reference
-from .oci.reference import parse_reference
-from .outfile import write_atomic
-from .sources.cachedir import default_cache_dir
-
-if TYPE_CHECKING:
-    from .imagemount import ImagePlan
+from ..indexing.publish import artifact_stem, registry_client
+from ..oci.artifact import fetch_artifact, find_artifacts
+from ..oci.reference import parse_reference
+from ..sources.cachedir import default_cache_dir
+from .image import ImageLayer, ImagePlan
 
 log = logging.getLogger(__name__)
-
-
-def _registry_client(reference: str, registry: RegistryOptions, *, what: str) -> RegistryClient:
-    if is_layout_reference(reference):
-        raise InvalidInput(f"{reference}: {what} needs a registry reference (an OCI layout has "
-                           f"no registry to hold the index)")
-    ref = parse_reference(reference)
-    credentials = resolve_credentials(ref, username=registry.username,
-                                      password=registry.password)
-    return RegistryClient(ref, transport=registry.transport, credentials=credentials,
-                          insecure=registry.insecure)
-
-
-def _stem(digest: str) -> str:
-    algorithm, _, encoded = digest.partition(":")
-    return f"{algorithm}-{encoded}"
-
-
-def artifact_files(directory: Path, image: ImageEntry, index: ImageIndex) -> list[ArtifactFile]:
-    """The blobs of one platform's artifact: its own index.json, then per indexed layer (in
-    manifest order, each blob once) zinfo, sidecar and meta. Verified against index.json."""
-    own = index.for_manifest(image.manifest)
-    own_path = directory / f"{_stem(image.manifest)}.{INDEX_NAME}"
-    write_atomic(own_path, dump_image_index(own))
-    files = [ArtifactFile(INDEX_NAME, INDEX_MEDIA_TYPE, own_path)]
-    seen: set[str] = set()
-    types = {"zinfo": ZINFO_MEDIA_TYPE, "sidecar": SIDECAR_MEDIA_TYPE, "meta": META_MEDIA_TYPE}
-    for layer in image.layers:
-        if layer.status != INDEXED or layer.digest in seen:
-            continue
-        seen.add(layer.digest)
-        verify_layer_files(directory, layer)
-        for kind, ref in layer.files.items():
-            files.append(ArtifactFile(ref.name, types[kind], directory / ref.name))
-    return files
-
-
-def push_image_index(reference: str, directory: Path, index: ImageIndex, *,
-                     registry: RegistryOptions,
-                     progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
-    """Attach each platform's outputs to its manifest; pushing the same outputs twice changes
-    nothing. Returns one summary per platform (for the CLI and --json)."""
-    say = progress or (lambda _line: None)
-    results: list[dict[str, object]] = []
-    with _registry_client(reference, registry, what="--push") as client:
-        for image in index.images:
-            files = artifact_files(directory, image, index)
-            subject = Descriptor(image.manifest_media_type, image.manifest, image.manifest_size)
-            report = push_artifact(client, subject, files, artifact_type=ARTIFACT_TYPE,
-                                   progress=say)
-            if report.blobs_uploaded or report.manifest_pushed or report.tag_updated:
-                summary = (f"{report.blobs_uploaded} blob(s) uploaded, "
-                           f"{report.blobs_present} already there, referrers via "
-                           f"{report.referrers}")
-            else:
-                summary = "already there, nothing pushed"
-            results.append({"platform": image.platform, "subject": image.manifest,
-                            "artifact": report.manifest_digest, "summary": summary,
-                            "blobs_uploaded": report.blobs_uploaded,
-                            "blobs_present": report.blobs_present,
-                            "manifest_pushed": report.manifest_pushed,
-                            "referrers": report.referrers, "tag_updated": report.tag_updated})
-    return results
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +49,8 @@ class DiscoveredImage:
         directory = self.layer_dirs[layer.digest]
         return directory / names["meta"], directory / names["zinfo"]
 
-
 def indexes_dir(registry: RegistryOptions) -> Path:
     return (registry.cache_dir or default_cache_dir()) / "indexes"
-
 
 def discover_image_index(reference: str, *, registry: RegistryOptions,
                          layers: Callable[[ImageEntry], list[LayerEntry]] | None = None,
@@ -143,7 +61,7 @@ def discover_image_index(reference: str, *, registry: RegistryOptions,
     their size are indexed here, from the registry, into the cache.
     """
     say = progress or (lambda _line: None)
-    with _registry_client(reference, registry, what="finding the index") as client:
+    with registry_client(reference, registry, what="finding the index") as client:
         manifest = client.resolve(registry.platform)
         found = find_artifacts(client, manifest.digest, artifact_type=ARTIFACT_TYPE)
         if not found:
@@ -153,7 +71,7 @@ def discover_image_index(reference: str, *, registry: RegistryOptions,
                 f"--push` (or mount with --meta/--zinfo)")
         errors: list[str] = []
         for descriptor in reversed(found):  # the last attached first
-            dest = indexes_dir(registry) / _stem(descriptor.digest)
+            dest = indexes_dir(registry) / artifact_stem(descriptor.digest)
             try:
                 files = fetch_artifact(client, descriptor, dest)
                 if INDEX_NAME not in files:
@@ -185,7 +103,6 @@ def discover_image_index(reference: str, *, registry: RegistryOptions,
                                f"a gzip layer: it cannot be mounted lazily")
     return DiscoveredImage(image, descriptor.digest, layer_dirs)
 
-
 def choose_layer(image: ImageEntry, registry: RegistryOptions, *, reference: str) -> LayerEntry:
     """The layer `--layer N` / `--blob DIGEST` names, or the only one."""
     layers = list(image.layers)
@@ -205,7 +122,6 @@ def choose_layer(image: ImageEntry, registry: RegistryOptions, *, reference: str
                            f"--layer N or --blob DIGEST, or mount them all with mount-image")
     return layers[0]
 
-
 def discover_layer(reference: str, *, registry: RegistryOptions,
                    progress: Callable[[str], None] | None = None
                    ) -> tuple[str, Path, Path, RegistryOptions]:
@@ -221,12 +137,9 @@ def discover_layer(reference: str, *, registry: RegistryOptions,
     pinned = f"{ref.registry}/{ref.repository}@{found.image.manifest}"
     return pinned, meta, zinfo, replace(registry, blob=digest, layer=None, platform=None)
 
-
 def discover_image_plan(reference: str, *, registry: RegistryOptions,
                         progress: Callable[[str], None] | None = None) -> ImagePlan:
     """Every layer of `reference` for mount-image, from the index attached to it."""
-    from .imagemount import ImageLayer, ImagePlan
-
     found = discover_image_index(reference, registry=registry, progress=progress)
     # Pinned to the manifest the index was made for: a tag that moves later cannot make the
     # daemon (or a --reattach) look for the layers in another image.
@@ -240,12 +153,9 @@ def discover_image_plan(reference: str, *, registry: RegistryOptions,
         raise InvalidInput(f"{reference}: image {found.image.manifest} has no layers")
     return ImagePlan(found.image.platform, found.image.manifest, tuple(layers))
 
-
 def index_on_node(reference: str, manifest_digest: str, layer: LayerEntry, *,
                   registry: RegistryOptions, span: int) -> Path:
     """Index a (small) layer here, exactly as `index --all-layers` would have; cached."""
-    from .imageindexer import LayerJob, _index_job, default_build_time, existing_outputs
-
     directory = indexes_dir(registry) / "layers"
     if existing_outputs(directory, layer.digest, span=span) is None:
         try:
@@ -262,12 +172,10 @@ def index_on_node(reference: str, manifest_digest: str, layer: LayerEntry, *,
 
 __all__ = [
     "DiscoveredImage",
-    "artifact_files",
     "choose_layer",
+    "discover_image_index",
     "discover_image_plan",
     "discover_layer",
-    "discover_image_index",
     "index_on_node",
     "indexes_dir",
-    "push_image_index",
 ]

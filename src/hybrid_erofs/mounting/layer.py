@@ -1,0 +1,295 @@
+"""A layer mount: one layer's device exported (a FUSE file, or kernel NBD) and mounted by the
+kernel as EROFS, served by a daemon of its own (lifecycle.py). Image mounts (image.py) use
+LayerMount once per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..device import RegistryOptions, open_device
+from ..errors import HybridErofsError, MountBusy, MountError
+from ..sources.metered import MeteredSource
+from .kernel import KernelMountError, attach_loop, detach_loop, mount_erofs, umount, users_of
+from .lifecycle import (
+    READY_TIMEOUT_S,
+    STATS_INTERVAL_S,
+    VIAS,
+    DaemonBody,
+    absolute_source,
+    describe_holders,
+    fs_mounted,
+    initial_record,
+    prepare_mount,
+    registry_argv,
+    serve_daemon,
+    spawn_daemon,
+)
+from .nbdlink import disconnect_quietly
+from .state import DISK_NAME, MountRecord, StatePaths
+from .stats import collect_stats
+
+log = logging.getLogger(__name__)
+
+
+class LayerMount:
+    """One layer up: its device, the device's export (a FUSE file, or kernel NBD) and the
+    kernel's EROFS mount of it on `target`. Used once by a layer mount, once per layer by an
+    image mount (image.py). Stop: `unmount()`, then `release()`.
+    """
+
+    def __init__(self, source: str, target: Path, *, meta: Path, zinfo: Path | None,
+                 registry: RegistryOptions, fuse_dir: Path, nbd_socket: Path,
+                 backend: str) -> None:
+        self.source = source
+        self.target = target
+        self.meta = meta
+        self.zinfo = zinfo
+        self.registry = registry
+        self.fuse_dir = fuse_dir
+        self.nbd_socket = nbd_socket
+        self.backend = backend  # the kernel NBD device's BACKEND_IDENTIFIER
+        self.device: MeteredSource | None = None
+        self.export: Any = None  # FuseExport (mfusepy is optional: imported late)
+        self.nbd_server: Any = None
+        self.nbd_device: str | None = None
+        self.loop_device: str | None = None
+        self.mounted = False
+
+    def start(self, via: str) -> str:
+        """Open the device, export it and mount it; the transport that runs."""
+        self.device = MeteredSource(open_device(self.source, meta=self.meta, zinfo=self.zinfo,
+                                                registry=self.registry))
+        transport = via
+        if transport == "auto":
+            from .nbdlink import nbd_devices
+            transport = "nbd" if nbd_devices() else "fuse"
+        if transport == "nbd":
+            self._start_nbd()
+            return transport
+        return self._start_fuse(force_loop=transport == "loop")
+
+    def _start_fuse(self, *, force_loop: bool) -> str:
+        from ..export.fuse import FuseExport
+        assert self.device is not None
+        self.fuse_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.export = FuseExport(self.device, self.fuse_dir, name=DISK_NAME)
+        self.export.start()
+        disk = str(self.export.path)
+        if not force_loop:
+            try:
+                mount_erofs(disk, self.target)
+                self.mounted = True
+                return "fuse"
+            except KernelMountError as exc:
+                # No file-backed EROFS in this kernel (ENOTBLK; some builds say EINVAL).
+                if exc.errno not in (errno.ENOTBLK, errno.EINVAL):
+                    raise
+                log.info("%s; trying a loop device", exc)
+        self.loop_device, fd = attach_loop(disk)
+        try:
+            mount_erofs(self.loop_device, self.target)
+            self.mounted = True
+        finally:
+            os.close(fd)  # from here the mount holds the device; autoclear frees it at umount
+        return "loop"
+
+    def _start_nbd(self) -> None:
+        from ..export.nbd import NbdServer
+        from .nbdlink import NbdNetlink, client_handshake
+        assert self.device is not None
+        netlink = NbdNetlink()  # raises "no /dev/nbd* (modprobe nbd)" first
+        try:
+            self.nbd_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.nbd_server = NbdServer(self.device, socket_path=self.nbd_socket,
+                                        export_name="disk")
+            threading.Thread(target=self.nbd_server.serve_forever, name="nbd",
+                             daemon=True).start()
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(str(self.nbd_socket))
+            size = client_handshake(client, "disk")
+            # dead_conn_timeout 0: a dead daemon fails reads with EIO at once instead of
+            # blocking them (a non-zero value lets --reattach resume, see docs/mount.md).
+            self.nbd_device = netlink.connect(client, size=size, backend=self.backend)
+            client.close()  # the kernel holds its own reference
+            mount_erofs(self.nbd_device, self.target)
+            self.mounted = True
+        finally:
+            netlink.close()
+
+    @property
+    def export_running(self) -> bool:
+        return self.export is None or bool(self.export.running)
+
+    def record_fields(self) -> dict[str, Any]:
+        """Where this layer's pieces are, for a state record (the names MountRecord uses)."""
+        return {"loop_device": self.loop_device, "nbd_device": self.nbd_device,
+                "fuse_dir": str(self.fuse_dir) if self.export is not None else None,
+                "disk_path": str(self.export.path) if self.export is not None else None,
+                "nbd_socket": str(self.nbd_socket) if self.nbd_server is not None else None}
+
+    def unmount(self) -> None:
+        """Unmount the EROFS; detach it lazily when busy (a stop was requested)."""
+        if not self.mounted:
+            return
+        try:
+            umount(self.target)
+        except MountBusy:
+            holders = users_of(str(self.target))
+            log.log(logging.WARNING if holders else logging.INFO,
+                    "%s is busy (%s): detaching lazily", self.target,
+                    describe_holders(holders) or "no process found")
+            umount(self.target, lazy=True)
+        self.mounted = False
+
+    def release(self, *, signals: list[int] | None = None) -> None:
+        """After unmount(): loop / NBD device, then the export, then the device.
+
+        With `signals` (a stop requested by signal), a FUSE file still held by a lazily
+        detached mount keeps being served until its readers are done or another signal comes.
+        """
+        if self.loop_device is not None and self.export is not None:
+            with contextlib.suppress(MountError):
+                detach_loop(self.loop_device, backing=str(self.export.path))
+        if self.nbd_device is not None:
+            disconnect_quietly(self.nbd_device)
+        if self.nbd_server is not None:
+            self.nbd_server.shutdown()
+        if self.export is not None:
+            self._stop_export(signals)
+        if self.device is not None:
+            self.device.close()
+
+    def _stop_export(self, signals: list[int] | None) -> None:
+        from ..export.fuse import ExportBusy
+        seen = len(signals) if signals is not None else 0
+        warned = False
+        while True:
+            try:
+                self.export.stop()
+                return
+            except ExportBusy as exc:
+                if signals is None or len(signals) > seen:
+                    self.export.stop(force=True, timeout_s=1.0)
+                    return
+                if not warned:
+                    log.warning("%s; serving until it is released (signal again to stop now)",
+                                exc)
+                    warned = True
+                time.sleep(0.5)
+
+class LayerDaemon:
+    """Everything one layer mount holds while it is up, and its teardown in the right order."""
+
+    def __init__(self, source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
+                 registry: RegistryOptions, via: str, paths: StatePaths) -> None:
+        self.source = source
+        self.mountpoint = mountpoint
+        self.meta = meta
+        self.zinfo = zinfo
+        self.registry = registry
+        self.via = via
+        self.paths = paths
+        self.layer = LayerMount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
+                                fuse_dir=paths.fuse_dir, nbd_socket=paths.nbd_socket,
+                                backend=str(paths.record))
+        self.record: MountRecord | None = None
+
+    def start(self) -> MountRecord:
+        record = initial_record(self.source, self.mountpoint, meta=self.meta, zinfo=self.zinfo,
+                                registry=self.registry, via=self.via, paths=self.paths)
+        self.paths.save(record)  # first, so that umount can clean up after a crash from here on
+        transport = self.layer.start(self.via)
+        os.listdir(self.mountpoint)  # the mount answers
+        self.record = record.with_changes(transport=transport, **self.layer.record_fields())
+        self.paths.save(self.record)
+        assert self.layer.device is not None
+        self.paths.save_stats(collect_stats(self.layer.device))
+        return self.record
+
+    def serve(self, stop: threading.Event) -> None:
+        """Write stats every STATS_INTERVAL_S until a stop signal, or until the EROFS mount or
+        the FUSE export is gone (someone ran a plain umount)."""
+        assert self.layer.device is not None
+        while not stop.wait(STATS_INTERVAL_S):
+            with contextlib.suppress(HybridErofsError):
+                self.paths.save_stats(collect_stats(self.layer.device))
+            if not fs_mounted(self.mountpoint, "erofs"):
+                log.info("%s is no longer mounted; stopping", self.mountpoint)
+                self.layer.mounted = False
+                return
+            if not self.layer.export_running:
+                log.warning("the FUSE export ended; stopping")
+                return
+
+    def teardown(self, *, signals: list[int] | None = None) -> None:
+        """EROFS first, then loop / FUSE / NBD, then the device and the state files."""
+        self.layer.unmount()
+        self.layer.release(signals=signals)
+        self.paths.remove()
+
+def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
+              zinfo: Path | None = None, registry: RegistryOptions | None = None,
+              via: str = "auto", ready_fd: int | None = None,
+              ready: Callable[[MountRecord], None] | None = None) -> None:
+    """Mount layer `source` in this process and serve until SIGTERM/SIGINT/SIGHUP or an outside
+    umount, then unmount everything (the daemon's body, and `mount --foreground`).
+
+    `ready_fd`: a pipe to the parent `mount`, told "ready" or "error: <reason>" once.
+    """
+    def make(path: Path, paths: StatePaths) -> DaemonBody:
+        return LayerDaemon(source, path, meta=meta, zinfo=zinfo,
+                       registry=registry or RegistryOptions(), via=via, paths=paths)
+
+    serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready)
+
+def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
+                zinfo: Path | None = None, registry: RegistryOptions | None = None,
+                via: str = "auto", foreground: bool = False,
+                timeout_s: float = READY_TIMEOUT_S) -> MountRecord | None:
+    """Mount layer `source` (a local layer file or a registry reference) on `mountpoint`.
+
+    Background (default): start a daemon (`hybrid-erofs mount --foreground`, new session, its
+    output in the mount's log file) and return its record once the mount answers. Any failure
+    raises MountError (or the library error that caused it) with nothing left mounted or
+    running. `foreground=True`: serve in this process until a stop signal (run_mount).
+    A registry password travels to the daemon through a pipe, never argv or the state record.
+    """
+    registry = registry or RegistryOptions()
+    if via not in VIAS:
+        raise ValueError(f"'via' must be one of {', '.join(VIAS)} (got {via!r})")
+    source = absolute_source(source)
+    meta = Path(os.path.abspath(meta))
+    zinfo = Path(os.path.abspath(zinfo)) if zinfo is not None else None
+    if foreground:
+        run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via)
+        return None
+    path, paths = prepare_mount(mountpoint)
+
+    def argv(ready_fd: int) -> list[str]:
+        return daemon_argv(source, path, meta=meta, zinfo=zinfo, registry=registry, via=via,
+                           ready_fd=ready_fd)
+
+    return spawn_daemon(argv, path, registry=registry, paths=paths, timeout_s=timeout_s)
+
+def daemon_argv(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
+                registry: RegistryOptions, via: str, ready_fd: int) -> list[str]:
+    """The daemon's command line; holds no secret (the password goes through stdin)."""
+    argv = [sys.executable, "-m", "hybrid_erofs", "-v", "mount", "--foreground",
+            "--_daemon-ready-fd", str(ready_fd), "--meta", str(meta), "--via", via]
+    if zinfo is not None:
+        argv += ["--zinfo", str(zinfo)]
+    return [*argv, *registry_argv(registry), "--", source, str(mountpoint)]
+
+
+__all__ = ["LayerMount", "daemon_argv", "mount_layer", "run_mount"]

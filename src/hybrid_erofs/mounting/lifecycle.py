@@ -1,0 +1,496 @@
+"""The mount lifecycle shared by layer and image mounts: a daemon process serves until a stop
+signal or an outside umount; the parent spawns it and waits for "ready"; umount, status and the
+cleanup after a dead daemon work from the state records (state.py).
+
+Up: device, export, EROFS mount, record. Down: EROFS, then loop/FUSE/NBD, then the daemon, record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from ..device import RegistryOptions, is_local
+from ..errors import HybridErofsError, MountBusy, MountError
+from .kernel import (
+    detach_loop,
+    loops_backed_by,
+    mount_table,
+    mounted_at,
+    mounts_under,
+    process_alive,
+    process_start_time,
+    umount,
+    users_of,
+)
+from .nbdlink import disconnect_quietly
+from .state import DISK_NAME, MountRecord, RegistrySettings, StatePaths, list_records
+
+log = logging.getLogger(__name__)
+
+VIAS = ("auto", "fuse", "loop", "nbd")
+STATS_INTERVAL_S = 2.0
+READY_TIMEOUT_S = 120.0
+_STOP_TIMEOUT_S = 15.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+# -- checks -------------------------------------------------------------------------------------
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise MountError("mount: needs root (mounting EROFS needs CAP_SYS_ADMIN)")
+
+def check_mountpoint(mountpoint: str | os.PathLike[str]) -> Path:
+    """The mountpoint as an absolute, symlink-free path; MountError when it cannot be used."""
+    path = Path(os.path.realpath(mountpoint))
+    if not path.exists():
+        raise MountError(f"{mountpoint}: mountpoint does not exist")
+    if not path.is_dir():
+        raise MountError(f"{mountpoint}: mountpoint is not a directory")
+    entry = mounted_at(path)
+    if entry is not None:
+        raise MountError(f"{mountpoint}: already a mount point ({entry.fstype} from "
+                         f"{entry.source}); umount it first")
+    return path
+
+def fs_mounted(mountpoint: Path, fstype: str) -> bool:
+    return any(e.mountpoint == str(mountpoint) and e.fstype == fstype for e in mount_table())
+
+def daemon_alive(record: MountRecord) -> bool:
+    return process_alive(record.daemon_pid, record.daemon_start_time)
+
+def initial_record(source: str, mountpoint: Path, *, meta: Path | None, zinfo: Path | None,
+                   registry: RegistryOptions, via: str, paths: StatePaths) -> MountRecord:
+    """The record of a mount being started by this process; no secret goes into it."""
+    settings = RegistrySettings(
+        platform=registry.platform, layer=registry.layer, blob=registry.blob,
+        username=registry.username, insecure=registry.insecure,
+        cache_dir=str(registry.cache_dir) if registry.cache_dir else None,
+        password_from="stdin" if registry.password is not None else None)
+    return MountRecord(
+        mountpoint=str(mountpoint), source=source, meta=str(meta) if meta else None,
+        zinfo=str(zinfo) if zinfo else None, via=via, transport="starting",
+        daemon_pid=os.getpid(), daemon_start_time=process_start_time(os.getpid()),
+        log_file=str(paths.log), created=time.time(), registry=settings)
+
+def describe_holders(holders: dict[int, str]) -> str:
+    return ", ".join(f"{pid} ({name})" for pid, name in sorted(holders.items()))
+
+
+# -- the daemon -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[tuple[threading.Event, list[int]]]:
+    """SIGTERM/SIGINT/SIGHUP set the event and are counted; handlers restored after."""
+    stop = threading.Event()
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop, received
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {signum: signal.signal(signum, handler) for signum in _STOP_SIGNALS}
+    try:
+        yield stop, received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) that we are ready; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+
+class DaemonBody(Protocol):
+    """What serve_daemon drives: a layer mount (layer.py) or an image mount (image.py)."""
+
+    def start(self) -> MountRecord: ...
+
+    def serve(self, stop: threading.Event) -> None: ...
+
+    def teardown(self, *, signals: list[int] | None = None) -> None: ...
+
+def serve_daemon(mountpoint: str | os.PathLike[str], make: Callable[[Path, StatePaths], DaemonBody],
+                 *, via: str, ready_fd: int | None = None,
+                 ready: Callable[[MountRecord], None] | None = None) -> None:
+    """Mount in this process with `make(mountpoint, paths)` and serve until SIGTERM/SIGINT/
+    SIGHUP or an outside umount, then unmount everything (a daemon's body, and --foreground).
+
+    `ready_fd`: a pipe to the parent, told "ready" or "error: <reason>" once.
+    """
+    report = _Reporter(ready_fd)
+    try:
+        require_root()
+        if via not in VIAS:
+            raise ValueError(f"'via' must be one of {', '.join(VIAS)} (got {via!r})")
+        paths = StatePaths.for_mountpoint(os.path.realpath(mountpoint))
+        clear_stale(paths)  # first: a dead daemon's mounts may still sit there
+        path = check_mountpoint(mountpoint)
+        with _stop_requests() as (stop, received):
+            daemon = make(path, paths)
+            try:
+                record = daemon.start()
+            except BaseException:
+                daemon.teardown()
+                raise
+            try:
+                log.info("mounted %s on %s via %s", record.source, path, record.transport)
+                report.ready()
+                _sd_notify(f"READY=1\nSTATUS=mounted on {path}\nMAINPID={os.getpid()}")
+                if ready is not None:
+                    ready(record)
+                daemon.serve(stop)
+            finally:
+                _sd_notify("STOPPING=1")
+                daemon.teardown(signals=received)
+    except HybridErofsError as exc:
+        report.error(str(exc))
+        raise
+    except OSError as exc:
+        report.error(f"{mountpoint}: {exc.strerror or exc}")
+        raise MountError(f"{mountpoint}: {exc.strerror or exc}") from exc
+    except BaseException as exc:
+        report.error(f"{mountpoint}: internal error: {exc!r}")
+        raise
+    finally:
+        report.close()
+
+class _Reporter:
+    """The daemon's end of the readiness pipe: one line, then closed."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def _send(self, line: str) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._fd, (line.replace("\n", " ") + "\n").encode())
+        self.close()
+
+    def ready(self) -> None:
+        self._send("ready")
+
+    def error(self, message: str) -> None:
+        self._send(f"error: {message}")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+# -- the parent: start a daemon and wait for it ---------------------------------------------------
+
+def absolute_source(source: str) -> str:
+    """A local layer file as an absolute path (the daemon runs in /); references unchanged."""
+    if is_local(source) and source != "-":
+        return os.path.abspath(source)
+    return source
+
+def prepare_mount(mountpoint: str | os.PathLike[str]) -> tuple[Path, StatePaths]:
+    """Before spawning a daemon: root, a dead daemon's leftovers cleaned, a usable mountpoint
+    (absolute, resolved) and its state paths."""
+    require_root()
+    paths = StatePaths.for_mountpoint(os.path.realpath(mountpoint))
+    clear_stale(paths)  # first: a dead daemon's mounts may still sit there
+    path = check_mountpoint(mountpoint)
+    paths.prepare()
+    return path, paths
+
+def registry_argv(registry: RegistryOptions) -> list[str]:
+    """The registry options as CLI flags; no secret (a password is `--password-stdin`)."""
+    argv: list[str] = []
+    for flag, value in (("--platform", registry.platform), ("--layer", registry.layer),
+                        ("--blob", registry.blob), ("--username", registry.username),
+                        ("--cache-dir", registry.cache_dir)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if registry.insecure:
+        argv.append("--insecure")
+    if registry.password is not None:
+        argv.append("--password-stdin")
+    return argv
+
+def spawn_daemon(argv: Callable[[int], list[str]], mountpoint: Path, *,
+                 registry: RegistryOptions, paths: StatePaths,
+                 timeout_s: float) -> MountRecord:
+    """Start the daemon `argv(ready_fd)` (new session, cwd /, output to the log), hand it the
+    password on stdin, and wait until it says "ready"; on any failure clean up after it and
+    raise MountError."""
+    read_fd, write_fd = os.pipe()
+    try:
+        with open(paths.log, "ab") as log_file:
+            process = subprocess.Popen(
+                argv(write_fd), stdin=subprocess.PIPE if registry.password is not None else
+                subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,), start_new_session=True, cwd="/")
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    # Reap the daemon when it ends, should this process live that long (no zombie).
+    threading.Thread(target=process.wait, name="mount-daemon-reaper", daemon=True).start()
+    try:
+        if process.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.write(f"{registry.password}\n".encode())
+                process.stdin.close()
+        answer = _await_ready(read_fd, process, timeout_s)
+    finally:
+        os.close(read_fd)
+    if answer.startswith("error: "):
+        _wait_exit(process)
+        cleanup_mount(paths, paths.load(), keep_log=False)
+        raise MountError(answer.removeprefix("error: "))
+    if answer != "ready":
+        if process.poll() is None:
+            process.terminate()
+            _wait_exit(process)
+        cleanup_mount(paths, paths.load(), keep_log=True)
+        reason = (f"not ready within {timeout_s:.0f}s" if answer == "timeout" else
+                  f"mount daemon exited with status {process.returncode} before the mount "
+                  f"was ready")
+        raise MountError(f"{mountpoint}: {reason}; see {paths.log}")
+    record = paths.load()
+    try:
+        if record is None:
+            raise MountError(f"{mountpoint}: the daemon left no state record")
+        os.listdir(mountpoint)
+    except (OSError, MountError) as exc:
+        with contextlib.suppress(HybridErofsError):
+            unmount(mountpoint, lazy=True)
+        raise MountError(f"{mountpoint}: mounted but does not answer: {exc}") from exc
+    return record
+
+def _await_ready(fd: int, process: subprocess.Popen[bytes], timeout_s: float) -> str:
+    """The daemon's one line: "ready", "error: ...", "" when it died, "timeout"."""
+    deadline = time.monotonic() + timeout_s
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "timeout"
+        readable, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+        if readable:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+def _wait_exit(process: subprocess.Popen[bytes]) -> None:
+    try:
+        process.wait(_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+# -- umount, status ---------------------------------------------------------------------------------
+
+def clear_stale(paths: StatePaths) -> None:
+    """A record for this mountpoint: refuse if its daemon runs, else clean what it left."""
+    record = paths.load()
+    if record is None:
+        return
+    if daemon_alive(record):
+        raise MountError(f"{record.mountpoint}: already mounted by hybrid-erofs "
+                         f"(daemon pid {record.daemon_pid})")
+    log.info("%s: cleaning up after a dead daemon (pid %d)", record.mountpoint,
+             record.daemon_pid)
+    cleanup_mount(paths, record)
+
+def cleanup_mount(paths: StatePaths, record: MountRecord | None, *, keep_log: bool = False) -> None:
+    """Remove whatever a dead (or stopped) daemon left: the mount on the mountpoint (EROFS, or
+    an image's overlay), loop devices, NBD devices, FUSE mounts (an image's layer mounts too),
+    state files. Lazy where needed: the data behind them is gone anyway."""
+    if record is not None:
+        mountpoint = Path(record.mountpoint)
+        if fs_mounted(mountpoint, record.fstype):
+            _umount_anyway(mountpoint)
+        if not record.is_image:
+            disk = record.disk_path or str(paths.fuse_dir / DISK_NAME)
+            _detach_loops(disk, record.loop_device)
+            if record.nbd_device is not None:
+                disconnect_quietly(record.nbd_device)
+    if record is None or record.is_image:
+        _cleanup_image(paths, record)
+    fuse_dir = Path(record.fuse_dir) if record and record.fuse_dir else paths.fuse_dir
+    while mounted_at(fuse_dir) is not None:
+        _umount_anyway(fuse_dir)
+    paths.remove(keep_log=keep_log)
+
+def _cleanup_image(paths: StatePaths, record: MountRecord | None) -> None:
+    """An image's layers: their EROFS mounts, loop and NBD devices, then their FUSE mounts."""
+    image_dir = Path(record.image_dir) if record and record.image_dir else paths.image_dir
+    for _ in range(2):  # a mount stacked on another one shows up again after the first pass
+        for entry in reversed(mounts_under(image_dir)):
+            if not entry.fstype.startswith("fuse"):
+                _umount_anyway(entry.mountpoint)
+    layers = record.layers if record is not None else ()
+    for n, layer in enumerate(layers):
+        _detach_loops(layer.disk_path or str(paths.layer_fuse_dir(n) / DISK_NAME),
+                      layer.loop_device)
+        if layer.nbd_device is not None:
+            disconnect_quietly(layer.nbd_device)
+    while found := mounts_under(image_dir):
+        for entry in reversed(found):
+            _umount_anyway(entry.mountpoint)
+
+def _umount_anyway(mountpoint: str | os.PathLike[str]) -> None:
+    try:
+        umount(mountpoint)
+    except MountBusy:
+        umount(mountpoint, lazy=True)
+
+def _detach_loops(disk: str, recorded: str | None) -> None:
+    for loop in {*loops_backed_by(disk), *([recorded] if recorded else [])}:
+        with contextlib.suppress(MountError):
+            detach_loop(loop, backing=disk)
+
+def find_mount(mountpoint: str | os.PathLike[str]) -> tuple[Path, StatePaths, MountRecord]:
+    path = Path(os.path.realpath(mountpoint))
+    paths = StatePaths.for_mountpoint(path)
+    record = paths.load()
+    if record is None:
+        raise MountError(f"{mountpoint}: not mounted by hybrid-erofs "
+                         f"(`hybrid-erofs status` lists its mounts)")
+    return path, paths, record
+
+def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False,
+            timeout_s: float = _STOP_TIMEOUT_S) -> str:
+    """Unmount EROFS (an image's overlay), stop the daemon (which unmounts an image's layers
+    and releases loop/FUSE/NBD), remove the state.
+
+    A busy mount without `lazy` raises MountBusy naming the processes and changes nothing.
+    A dead daemon's leftovers are cleaned. Returns a one-line report.
+    """
+    require_root()
+    path, paths, record = find_mount(mountpoint)
+    alive = daemon_alive(record)
+    if fs_mounted(path, record.fstype):
+        if lazy:
+            umount(path, lazy=True)
+        else:
+            holders = {pid: name for pid, name in users_of(str(path)).items()
+                       if pid != os.getpid()}
+            if holders:
+                raise MountBusy(f"{mountpoint}: busy: used by {describe_holders(holders)}; stop them "
+                                f"or use --lazy", pids=tuple(sorted(holders)))
+            try:
+                umount(path)
+            except MountBusy:
+                if alive:
+                    raise MountBusy(f"{mountpoint}: busy (no process holds it: a nested mount "
+                                    f"or a bind mount?); use --lazy") from None
+                umount(path, lazy=True)  # its daemon is dead: nothing there can be read
+    if alive:
+        os.kill(record.daemon_pid, signal.SIGTERM)
+        deadline = time.monotonic() + (2.0 if lazy else timeout_s)
+        while daemon_alive(record) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if daemon_alive(record):
+            if lazy:
+                return (f"{mountpoint}: detached; daemon {record.daemon_pid} keeps serving "
+                        f"open files until they are closed")
+            os.kill(record.daemon_pid, signal.SIGKILL)
+            while daemon_alive(record) and time.monotonic() < deadline + 5:
+                time.sleep(0.05)
+    cleanup_mount(paths, record)
+    return f"unmounted {mountpoint}" + ("" if alive else " (its daemon had died; cleaned up)")
+
+@dataclass(frozen=True, slots=True)
+class MountStatus:
+    """One mount as `status` shows it."""
+
+    record: MountRecord
+    alive: bool
+    mounted: bool
+    stats: dict[str, Any]
+
+    @property
+    def state(self) -> str:
+        if not self.alive:
+            return "stale"
+        return "mounted" if self.mounted else "detached"
+
+    @property
+    def layer_count(self) -> int:
+        return len(self.record.layers) if self.record.is_image else 1
+
+    @property
+    def uptime_s(self) -> float:
+        return max(0.0, time.time() - self.record.created)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mountpoint": self.record.mountpoint, "source": self.record.source,
+                "kind": self.record.kind, "layers": self.layer_count,
+                "via": self.record.transport, "state": self.state, "daemon_alive": self.alive,
+                "daemon_pid": self.record.daemon_pid, "uptime_s": round(self.uptime_s, 1),
+                "log_file": self.record.log_file, "stats": self.stats}
+
+def mount_statuses(*, prune: bool = False) -> list[MountStatus]:
+    """Every recorded mount; `prune` cleans the stale ones (their daemon died) after listing."""
+    found: list[MountStatus] = []
+    for paths, record in list_records():
+        alive = daemon_alive(record)
+        status = MountStatus(record, alive, fs_mounted(Path(record.mountpoint), record.fstype),
+                             paths.load_stats())
+        found.append(status)
+        if prune and not alive:
+            cleanup_mount(paths, record)
+    return found
+
+def status_json(statuses: list[MountStatus]) -> str:
+    return json.dumps([s.to_dict() for s in statuses], indent=2, sort_keys=True)
+
+
+__all__ = [
+    "READY_TIMEOUT_S",
+    "STATS_INTERVAL_S",
+    "VIAS",
+    "DaemonBody",
+    "MountStatus",
+    "absolute_source",
+    "check_mountpoint",
+    "cleanup_mount",
+    "clear_stale",
+    "daemon_alive",
+    "describe_holders",
+    "find_mount",
+    "fs_mounted",
+    "initial_record",
+    "mount_statuses",
+    "prepare_mount",
+    "registry_argv",
+    "require_root",
+    "serve_daemon",
+    "spawn_daemon",
+    "status_json",
+    "unmount",
+]

@@ -1,0 +1,66 @@
+"""`hybrid-erofs mount --reattach`: a mount whose daemon died is torn down and mounted again
+from its state record (a layer mount, or an image mount from the layers it lists)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..device import RegistryOptions
+from ..errors import MountError
+from .image import ImageLayer, mount_image
+from .layer import mount_layer
+from .lifecycle import (
+    READY_TIMEOUT_S,
+    cleanup_mount,
+    daemon_alive,
+    find_mount,
+    require_root,
+    unmount,
+)
+from .state import MountRecord
+
+
+def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
+             timeout_s: float = READY_TIMEOUT_S) -> MountRecord:
+    """Restore a mount whose daemon died: tear down what is left, mount again from the record.
+
+    FUSE cannot resume: once its daemon is gone the kernel has aborted the connection and the
+    EROFS mount on the file only returns EIO, so this is umount + mount (open files are lost).
+    Registry credentials are read again from their source (auth files), or `password`.
+    An image mount is mounted again from the layers its record lists.
+    """
+    require_root()
+    path, paths, record = find_mount(mountpoint)
+    if daemon_alive(record):
+        try:
+            os.listdir(path)
+        except OSError:
+            unmount(path, lazy=True)
+        else:
+            raise MountError(f"{mountpoint}: daemon {record.daemon_pid} is alive and the mount "
+                             f"answers: nothing to reattach")
+    else:
+        cleanup_mount(paths, record)
+    settings = record.registry
+    if settings.password_from == "stdin" and password is None:
+        raise MountError(f"{mountpoint}: was mounted with --password-stdin: give the password "
+                         f"again (--password-stdin)")
+    registry = RegistryOptions(
+        platform=settings.platform, layer=settings.layer, blob=settings.blob,
+        username=settings.username, password=password, insecure=settings.insecure,
+        cache_dir=Path(settings.cache_dir) if settings.cache_dir else None)
+    if record.is_image:
+        layers = [ImageLayer(layer.source, Path(layer.meta),
+                             Path(layer.zinfo) if layer.zinfo else None, layer.blob)
+                  for layer in record.layers]
+        again = mount_image(record.source, path, layers, registry=registry, via=record.via,
+                            timeout_s=timeout_s)
+        assert again is not None
+        return again
+    assert record.meta is not None
+    remounted = mount_layer(record.source, path, meta=Path(record.meta),
+                            zinfo=Path(record.zinfo) if record.zinfo else None,
+                            registry=registry, via=record.via, timeout_s=timeout_s)
+    assert remounted is not None
+    return remounted
