@@ -16,6 +16,11 @@
   x CacheError (OSError)               the on-disk chunk cache directory is unusable
   x MountError (OSError)               mount/umount failed (mountpoint, kernel, daemon, state)
     + MountBusy                        the mount is in use; `.pids` name who uses it
+  x SnapshotError                      a snapshotter request cannot be done (gRPC status `.code`)
+    + SnapshotNotFound                 no snapshot of that key (NOT_FOUND)
+    + SnapshotExists                   the key or target exists already (ALREADY_EXISTS)
+    + SnapshotPrecondition             wrong kind, has children (FAILED_PRECONDITION)
+    + SnapshotInvalid                  a malformed filter, field path or parent (INVALID_ARGUMENT)
 """
 
 from __future__ import annotations
@@ -119,3 +124,34 @@ class MountBusy(MountError):
     def __init__(self, message: str, *, pids: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.pids = pids
+
+
+class SnapshotError(HybridErofsError):
+    """A snapshotter request cannot be done; `code` names the gRPC status it travels as
+    (containerd turns it back into its errdefs: NotFound, AlreadyExists, ...)."""
+
+    code = "UNKNOWN"
+
+
+class SnapshotNotFound(SnapshotError):
+    """No snapshot has that key (or the parent named does not exist)."""
+
+    code = "NOT_FOUND"
+
+
+class SnapshotExists(SnapshotError):
+    """The key exists already, or the layer is already prepared as the target snapshot."""
+
+    code = "ALREADY_EXISTS"
+
+
+class SnapshotPrecondition(SnapshotError):
+    """The snapshot is of the wrong kind for the request, or has children."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class SnapshotInvalid(SnapshotError, ValueError):
+    """A malformed filter or field path, or a parent that is not committed."""
+
+    code = "INVALID_ARGUMENT"
