@@ -3,8 +3,8 @@
 open_layer(): a local layer file or a registry reference -> its uncompressed layer data:
   local .tar:    FileSource
   local .tar.gz: FileSource -> VerifiedSource -> GzipSource
-  registry:      RegistryBlobSource -> RetrySource -> ChunkCacheSource -> VerifiedSource
-                 -> GzipSource
+  registry:      RegistryBlobSource -> RetrySource -> FailureMemorySource -> ChunkCacheSource
+                 -> VerifiedSource -> GzipSource
   oci:DIR[:TAG]: FileSource (the layout's blob file) -> VerifiedSource -> GzipSource
 open_device(): meta || layer data, checked against each other.
 """
@@ -27,8 +27,10 @@ from .gzindex.source import GzipSource
 from .indexing.imageindex import file_digest
 from .oci.layout import is_layout_reference, open_layout_blob
 from .source import ByteSource, FileSource
+from .sources.cachedir import default_cache_dir, default_cache_limit
 from .sources.chunkcache import ChunkCacheSource
 from .sources.concat import open_disk
+from .sources.failmemory import DEFAULT_TTL_S, FailureMemorySource
 from .sources.registry import open_registry_blob
 from .sources.retry import RetrySource
 from .sources.verify import VerifiedSource
@@ -38,8 +40,12 @@ log = logging.getLogger("hybrid_erofs.device")
 
 @dataclass(frozen=True, slots=True)
 class RegistryOptions:
-    """How to reach a layer in a registry. `password` is used in memory only: never logged,
-    never written to a state file (a remount reads it again from its source)."""
+    """How to reach a layer in a registry and read it. `password` is used in memory only:
+    never logged, never written to a state file (a remount reads it again from its source).
+
+    `retries` and `retry_delay_s` shape RetrySource (tries after the first, first back-off);
+    `failure_ttl_s` is how long FailureMemorySource remembers a range that failed anyway.
+    """
 
     platform: str | None = None
     layer: int | None = None
@@ -49,6 +55,9 @@ class RegistryOptions:
     insecure: bool = False
     cache_dir: Path | None = None
     cache_max_bytes: int | None = None
+    retries: int = 4
+    retry_delay_s: float = 0.2
+    failure_ttl_s: float = DEFAULT_TTL_S
     transport: httpx.BaseTransport | None = field(default=None, repr=False, compare=False)
 
 
@@ -67,7 +76,8 @@ def is_local(source: str) -> bool:
 
 def open_registry_layer_blob(reference: str, options: RegistryOptions) -> tuple[ByteSource, str]:
     """The compressed blob of a registry layer, as the stack below GzipSource:
-    RegistryBlobSource -> RetrySource -> ChunkCacheSource. Returns it and the blob digest.
+    RegistryBlobSource -> RetrySource -> FailureMemorySource -> ChunkCacheSource. Returns it
+    and the blob digest.
     An `oci:DIR[:TAG]` layer is its blob file as it is: local, so nothing to retry or cache."""
     if is_layout_reference(reference):
         local, found = open_layout_blob(reference, layer=options.layer, blob=options.blob,
@@ -79,9 +89,14 @@ def open_registry_layer_blob(reference: str, options: RegistryOptions) -> tuple[
         transport=options.transport,
     )
     try:
-        retried = RetrySource(blob)
-        cached = ChunkCacheSource(retried, key=descriptor.digest, cache_dir=options.cache_dir,
-                                  max_bytes=options.cache_max_bytes)
+        retried = RetrySource(blob, attempts=options.retries + 1,
+                              delay_s=options.retry_delay_s)
+        remembered = FailureMemorySource(retried, name=descriptor.digest,
+                                         ttl_s=options.failure_ttl_s)
+        cache_dir = options.cache_dir or default_cache_dir()
+        cached = ChunkCacheSource(remembered, key=descriptor.digest, cache_dir=cache_dir,
+                                  max_bytes=options.cache_max_bytes
+                                  or default_cache_limit(cache_dir))
     except BaseException:
         blob.close()
         raise

@@ -4,6 +4,7 @@ never wrong bytes; retries and re-auth are bounded; request counts prove the cac
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import random
@@ -168,6 +169,7 @@ def test_503s_are_retried_and_retry_after_is_honoured(layer: Layer,
 
 def test_persistent_503_is_eio_after_bounded_retries(layer: Layer,
                                                      options: RegistryOptions) -> None:
+    options = dataclasses.replace(options, failure_ttl_s=1.0)
     source = open_layer(layer.ref, zinfo=layer.zinfo, registry=options)
     try:
         layer.registry.fail_next(10_000)
@@ -177,7 +179,11 @@ def test_persistent_503_is_eio_after_bounded_retries(layer: Layer,
         assert time.monotonic() - started < 10.0  # back-off 0.2 s doubling, full jitter
         assert caught.value.errno == errno.EIO and not caught.value.transient
         assert layer.registry.counts["failed"] == 5
+        for page in range(8):  # the kernel re-reads page by page: no new retry budget each
+            assert not _read(source, layer, 4096, len(layer.plain) // 2 + 4096 * page)
+        assert layer.registry.counts["failed"] == 5
         layer.registry.clear_faults()  # the registry recovers: so does the same source
+        time.sleep(1.0)  # once the failure is forgotten
         assert _read(source, layer, 4096, len(layer.plain) // 2)
     finally:
         source.close()
@@ -321,6 +327,9 @@ def test_tampered_bytes_are_eio_and_do_not_poison_the_cache(layer: Layer,
 
 def test_concurrent_readers_under_mixed_faults(layer: Layer, options: RegistryOptions) -> None:
     registry = layer.registry
+    # A fault every 20 ms can outlast a read's five tries; this test is about retries, so a
+    # range that failed anyway is tried again at once (failure memory: test_failmemory.py).
+    options = dataclasses.replace(options, failure_ttl_s=0)
     source = open_layer(layer.ref, zinfo=layer.zinfo, registry=options)
     stop = threading.Event()
 

@@ -475,3 +475,21 @@ def test_invalidate_drops_chunks_for_this_and_later_instances(open_cache: Open) 
     source.invalidate(0, 0)  # empty: nothing happens
     with pytest.raises(ValueError):
         source.invalidate(2, len(DATA) - 1)
+
+
+def test_default_limit_is_half_the_room_and_capped(tmp_path: Path, open_cache: Open) -> None:
+    from hybrid_erofs.sources.cachedir import DEFAULT_LIMIT_CAP, default_cache_limit
+
+    source = open_cache()
+    source.pread(len(DATA), 0)
+    held = sum(blob.disk_bytes for blob in scan_blobs(tmp_path))
+    assert held >= len(DATA)
+
+    def expected(cached: int) -> int:
+        st = os.statvfs(tmp_path)
+        return min(DEFAULT_LIMIT_CAP, (st.f_bavail * st.f_frsize + cached) // 2)
+
+    slack = 64 << 20  # others write to this filesystem meanwhile
+    assert abs(default_cache_limit(tmp_path) - expected(held)) < slack
+    # A directory not made yet: measured on its nearest parent, holding nothing.
+    assert abs(default_cache_limit(tmp_path / "new" / "cache") - expected(0)) < slack

@@ -91,6 +91,30 @@ def test_daemon_argv_carries_no_password() -> None:
     assert argv[argv.index("--_daemon-ready-fd") + 1] == "7"
 
 
+def test_daemon_argv_carries_the_read_options_through_the_cli() -> None:
+    import click
+    from click.testing import CliRunner
+
+    from hybrid_erofs.cli.options import registry_options
+
+    registry = RegistryOptions(cache_dir=Path("/c"), cache_max_bytes=1 << 30, retries=2,
+                               retry_delay_s=0.05, failure_ttl_s=1.5, platform="linux/arm64")
+    argv = daemon_argv("reg/app:1", Path("/mnt"), meta=Path("/m"), zinfo=None,
+                       registry=registry, via="fuse", ready_fd=7)
+    got: list[RegistryOptions] = []
+
+    @click.command()
+    @click.argument("rest", nargs=-1)
+    @registry_options
+    def probe(rest: tuple[str, ...], registry: RegistryOptions) -> None:
+        got.append(registry)
+
+    flags = argv[argv.index("--zinfo") if "--zinfo" in argv else argv.index("--via") + 2:]
+    result = CliRunner().invoke(probe, flags)
+    assert result.exit_code == 0, result.output
+    assert got == [registry]
+
+
 def test_unknown_fields_are_ignored_and_garbage_is_an_error(tmp_path: Path) -> None:
     paths, record = _record(tmp_path)
     raw = json.loads(record.to_json())

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from ..device import RegistryOptions
+from ..sources.failmemory import DEFAULT_TTL_S
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
@@ -123,12 +124,26 @@ def registry_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Blob chunk cache [default: /var/cache/hybrid-erofs for root, "
                           "else $XDG_CACHE_HOME/hybrid-erofs]."),
+        click.option("--cache-max-size", "cache_max_bytes", type=SizeType(), metavar="SIZE",
+                     help="Most the chunk cache may hold, least recently used chunks evicted "
+                          "first [default: half the free space of its filesystem, at most "
+                          "10GiB]."),
+        click.option("--retries", type=click.IntRange(min=0), default=4, show_default=True,
+                     help="Tries after a failed registry read (back-off with jitter)."),
+        click.option("--retry-delay", "retry_delay_s", type=click.FloatRange(min=0),
+                     default=0.2, show_default=True, metavar="SECONDS",
+                     help="Longest wait before the first retry; doubled each time."),
+        click.option("--failure-memory", "failure_ttl_s", type=click.FloatRange(min=0),
+                     default=DEFAULT_TTL_S, show_default=True, metavar="SECONDS",
+                     help="How long a range the registry failed to give is failed at once "
+                          "instead of fetched again (0: never)."),
     ]
 
     @functools.wraps(func)
     def wrapper(*args: Any, platform: str | None, layer_index: int | None, blob: str | None,
                 username: str | None, password_stdin: bool, insecure: bool,
-                cache_dir: Path | None, **kwargs: Any) -> Any:
+                cache_dir: Path | None, cache_max_bytes: int | None, retries: int,
+                retry_delay_s: float, failure_ttl_s: float, **kwargs: Any) -> Any:
         password = None
         if password_stdin:
             if username is None:
@@ -140,7 +155,9 @@ def registry_options(func: Callable[..., Any]) -> Callable[..., Any]:
             raise click.UsageError("--layer and --blob contradict each other: give one")
         kwargs["registry"] = RegistryOptions(
             platform=platform, layer=layer_index, blob=blob, username=username,
-            password=password, insecure=insecure, cache_dir=cache_dir)
+            password=password, insecure=insecure, cache_dir=cache_dir,
+            cache_max_bytes=cache_max_bytes, retries=retries, retry_delay_s=retry_delay_s,
+            failure_ttl_s=failure_ttl_s)
         return func(*args, **kwargs)
 
     for option in reversed(options):

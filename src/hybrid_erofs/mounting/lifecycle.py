@@ -80,6 +80,8 @@ def initial_record(source: str, mountpoint: Path, *, meta: Path | None, zinfo: P
         platform=registry.platform, layer=registry.layer, blob=registry.blob,
         username=registry.username, insecure=registry.insecure,
         cache_dir=str(registry.cache_dir) if registry.cache_dir else None,
+        cache_max_bytes=registry.cache_max_bytes, retries=registry.retries,
+        retry_delay_s=registry.retry_delay_s, failure_ttl_s=registry.failure_ttl_s,
         password_from="stdin" if registry.password is not None else None)
     return MountRecord(
         mountpoint=str(mountpoint), source=source, meta=str(meta) if meta else None,
@@ -226,7 +228,10 @@ def registry_argv(registry: RegistryOptions) -> list[str]:
     argv: list[str] = []
     for flag, value in (("--platform", registry.platform), ("--layer", registry.layer),
                         ("--blob", registry.blob), ("--username", registry.username),
-                        ("--cache-dir", registry.cache_dir)):
+                        ("--cache-dir", registry.cache_dir),
+                        ("--cache-max-size", registry.cache_max_bytes),
+                        ("--retries", registry.retries), ("--retry-delay", registry.retry_delay_s),
+                        ("--failure-memory", registry.failure_ttl_s)):
         if value is not None:
             argv += [flag, str(value)]
     if registry.insecure:

@@ -49,7 +49,9 @@ def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
     registry = RegistryOptions(
         platform=settings.platform, layer=settings.layer, blob=settings.blob,
         username=settings.username, password=password, insecure=settings.insecure,
-        cache_dir=Path(settings.cache_dir) if settings.cache_dir else None)
+        cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
+        cache_max_bytes=settings.cache_max_bytes, retries=settings.retries,
+        retry_delay_s=settings.retry_delay_s, failure_ttl_s=settings.failure_ttl_s)
     if record.is_image:
         layers = [ImageLayer(layer.source, Path(layer.meta),
                              Path(layer.zinfo) if layer.zinfo else None, layer.blob)

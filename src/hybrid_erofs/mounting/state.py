@@ -59,6 +59,10 @@ class RegistrySettings:
     insecure: bool = False
     cache_dir: str | None = None
     password_from: str | None = None
+    cache_max_bytes: int | None = None
+    retries: int = 4
+    retry_delay_s: float = 0.2
+    failure_ttl_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,25 @@ def default_cache_dir() -> Path:
     return base / "hybrid-erofs"
 
 
+DEFAULT_LIMIT_CAP = 10 << 30
+DEFAULT_LIMIT_FRACTION = 0.5
+
+
+def default_cache_limit(cache_dir: Path) -> int:
+    """The size limit when none is given: half of what the cache could grow to on its
+    filesystem (free space plus what it holds now), at most 10 GiB, so it never fills the disk."""
+    probe = cache_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return DEFAULT_LIMIT_CAP
+    held = sum(blob.disk_bytes for blob in scan_blobs(cache_dir, count=False))
+    room = st.f_bavail * st.f_frsize + held
+    return max(1, min(DEFAULT_LIMIT_CAP, int(room * DEFAULT_LIMIT_FRACTION)))
+
+
 @dataclass(frozen=True, slots=True)
 class BlobInfo:
     """One cached blob, as `cache ls` shows it."""

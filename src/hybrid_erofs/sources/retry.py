@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import SourceIOError, is_transient
 from ..source import ByteSource
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryStats:
+    """Counters of one RetrySource since it was opened."""
+
+    retries: int  # tries after a transient failure
+    gave_up: int  # reads that failed for good (attempts or deadline spent, or not transient)
 
 
 class RetrySource:
@@ -58,10 +68,17 @@ class RetrySource:
         self._attempts, self._delay_s, self._max_delay_s = attempts, delay_s, max_delay_s
         self._deadline_s = deadline_s
         self._sleep, self._clock, self._rng = sleep, clock, rng
+        self._lock = threading.Lock()
+        self._counts = [0, 0]  # RetryStats fields, in order
 
     @property
     def size(self) -> int:
         return self.inner.size
+
+    @property
+    def stats(self) -> RetryStats:
+        with self._lock:
+            return RetryStats(*self._counts)
 
     def pread(self, length: int, offset: int) -> bytes:
         started = self._clock()
@@ -71,12 +88,15 @@ class RetrySource:
                 return self.inner.pread(length, offset)
             except Exception as exc:
                 if not is_transient(exc):
+                    self._count(gave_up=isinstance(exc, SourceIOError))
                     raise
                 wait_s = self._wait_s(exc, attempt)
                 elapsed_s = self._clock() - started
                 if attempt >= self._attempts:
+                    self._count(gave_up=True)
                     raise _gave_up(exc, f"after {attempt} attempts") from exc
                 if elapsed_s + wait_s > self._deadline_s:
+                    self._count(gave_up=True)
                     raise _gave_up(
                         exc, f"after {attempt} attempts: next try in {wait_s:.1f} s would pass "
                              f"the {self._deadline_s:g} s deadline") from exc
@@ -84,6 +104,7 @@ class RetrySource:
                           attempt, self._attempts - 1, wait_s, length, offset, exc)
             self._sleep(wait_s)
             attempt += 1
+            self._count(retries=1)
 
     def _wait_s(self, exc: BaseException, attempt: int) -> float:
         backoff_s = min(self._max_delay_s, self._delay_s * 2.0 ** (attempt - 1))
@@ -92,6 +113,11 @@ class RetrySource:
         if isinstance(retry_after_s, int | float) and retry_after_s > wait_s:
             wait_s = float(retry_after_s)
         return wait_s
+
+    def _count(self, *, retries: int = 0, gave_up: int = 0) -> None:
+        with self._lock:
+            self._counts[0] += retries
+            self._counts[1] += gave_up
 
     def close(self) -> None:
         self.inner.close()
