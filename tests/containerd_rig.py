@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -138,9 +139,11 @@ def top_layer_tar() -> bytes:
 
 
 def build_run_image(root: Path, rootfs_tar: Path, *, tag: str = "debian",
+                    base_layers: tuple[bytes, ...] = (),
                     extra_layers: tuple[bytes, ...] = (top_layer_tar(),),
                     cmd: tuple[str, ...] = ("/bin/cat", "/etc/hybrid-erofs-test")) -> RunImage:
-    """A linux/amd64 image: the rootfs tar (gzip, pigz) and then `extra_layers` (tars)."""
+    """A linux/amd64 image: `base_layers`, the rootfs tar (gzip, pigz), then `extra_layers`
+    (tars). Base layers give the same rootfs other chain IDs (another image to containerd)."""
     layout = Layout(root) if not (root / "oci-layout").exists() else _reopen(root)
     rootfs_gz = root / "rootfs.tar.gz"
     if not rootfs_gz.exists():
@@ -152,10 +155,14 @@ def build_run_image(root: Path, rootfs_tar: Path, *, tag: str = "debian",
     blob = root / "blobs" / "sha256" / rootfs_digest
     if not blob.exists():
         os.link(rootfs_gz, blob)
-    descriptors: list[dict[str, object]] = [
-        {"mediaType": GZIP_LAYER, "digest": f"sha256:{rootfs_digest}",
-         "size": rootfs_gz.stat().st_size}]
-    diff_ids = [rootfs_diff]
+    descriptors: list[dict[str, object]] = []
+    diff_ids: list[str] = []
+    for tar in base_layers:
+        descriptors.append(layout.blob(gzip.compress(tar, mtime=0), GZIP_LAYER))
+        diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
+    descriptors.append({"mediaType": GZIP_LAYER, "digest": f"sha256:{rootfs_digest}",
+                        "size": rootfs_gz.stat().st_size})
+    diff_ids.append(rootfs_diff)
     for tar in extra_layers:
         descriptors.append(layout.blob(gzip.compress(tar, mtime=0), GZIP_LAYER))
         diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
@@ -238,10 +245,18 @@ http:
         if self.proc is not None:
             _stop(self.proc)
 
-    def blob_gets(self, digest: str) -> list[str]:
-        """The access-log lines (combined format) of GETs of blob `digest`."""
-        return [line for line in self.log.read_text(errors="replace").splitlines()
-                if '"GET /v2/' in line and f"/blobs/{digest} " in line]
+    def log_lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
+    def blob_gets(self, digest: str, *, since: int = 0) -> list[tuple[int, int]]:
+        """(status, bytes written) of the GETs of blob `digest` in the access log (combined
+        format) from line `since` on."""
+        found = []
+        for line in self.log_lines()[since:]:
+            match = re.search(r'"GET /v2/\S+/blobs/(\S+) HTTP/[\d.]+" (\d+) (\d+)', line)
+            if match and match[1] == digest:
+                found.append((int(match[2]), int(match[3])))
+        return found
 
 
 @dataclass
@@ -252,16 +267,28 @@ class SnapshotterProcess:
     root: Path
     log: Path
     extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.address.parent.mkdir(parents=True, exist_ok=True)
+        self.address.unlink(missing_ok=True)  # a killed instance's socket
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hybrid_erofs", "-v", "snapshotter", "--address",
                  str(self.address), "--root", str(self.root), *self.extra_args],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **self.env})
         _wait_for(self.address, self.proc, self.log)
+
+    def stop_layer_daemons(self) -> None:
+        """`hybrid-erofs umount --lazy` every layer mount the snapshotter left running."""
+        env = {**os.environ, **self.env}
+        status = subprocess.run([sys.executable, "-m", "hybrid_erofs", "status", "--json"],
+                                capture_output=True, text=True, env=env)
+        for entry in json.loads(status.stdout or "[]"):
+            subprocess.run([sys.executable, "-m", "hybrid_erofs", "umount", "--lazy",
+                            entry["mountpoint"]], capture_output=True, env=env)
 
     def stop(self, *, kill: bool = False) -> None:
         if self.proc is None:
@@ -358,6 +385,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                                        request_serializer=None, response_deserializer=None)
             answer = pull(encode_pull_image_request(image), timeout=timeout_s)
         return decode_pull_image_response(answer)
+
+    def wait_for_snapshotter(self, timeout_s: float = 15) -> None:
+        """containerd redials a proxy plugin with back-off (at most 3 s in 1.6): wait until
+        a call goes through."""
+        deadline = time.monotonic() + timeout_s
+        while self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls",
+                       check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("containerd does not reach the snapshotter again")
+            time.sleep(0.5)
 
     def remove_all(self) -> None:
         """Delete every task, container and image of the namespace (best effort)."""

@@ -21,6 +21,8 @@
     + SnapshotExists                   the key or target exists already (ALREADY_EXISTS)
     + SnapshotPrecondition             wrong kind, has children (FAILED_PRECONDITION)
     + SnapshotInvalid                  a malformed filter, field path or parent (INVALID_ARGUMENT)
+    + SnapshotUnavailable              a lazily mounted layer below it is gone (UNAVAILABLE)
+  x LayerFallback                      a layer cannot be mounted lazily: containerd applies it
 """
 
 from __future__ import annotations
@@ -155,3 +157,20 @@ class SnapshotInvalid(SnapshotError, ValueError):
     """A malformed filter or field path, or a parent that is not committed."""
 
     code = "INVALID_ARGUMENT"
+
+
+class SnapshotUnavailable(SnapshotError):
+    """A lazily mounted layer below the snapshot no longer serves and could not be mounted
+    again."""
+
+    code = "UNAVAILABLE"
+
+
+class LayerFallback(HybridErofsError):
+    """A layer cannot (or may not) be mounted lazily; the snapshotter lets containerd download
+    and apply it instead. The message says why; `reason` is a short key for counting
+    (no-labels, no-index, untrusted, unsupported, index-error, mount-failed, conflict)."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -6,11 +6,17 @@ snapshotter's."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import shutil
+import signal
 import subprocess
+import sys
+import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +30,8 @@ from tests.containerd_rig import (
     Registry,
     RunImage,
     SnapshotterProcess,
+    _entry,
+    _tar,
     build_run_image,
     chain_ids,
     missing_prerequisites,
@@ -48,14 +56,23 @@ def _prerequisites() -> Path:
 
 
 class Node:
-    """A registry, the snapshotter and containerd, all private to one test module."""
+    """A registry, the snapshotter (lazy layers on, unbound indexes accepted: the referrers
+    index is the only kind there is until images carry a bound one) and containerd, all
+    private to one test module."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.registry = Registry(workdir / "registry")
-        self.snapshotter = SnapshotterProcess(workdir / "run" / "sn.sock", workdir / "sn-root",
-                                              workdir / "snapshotter.log")
+        self.snapshotter = SnapshotterProcess(
+            workdir / "run" / "sn.sock", workdir / "sn-root", workdir / "snapshotter.log",
+            extra_args=("--accept-unbound-indexes", "--cache-dir", str(workdir / "cache")),
+            env={"HYBRID_EROFS_RUNTIME_DIR": str(workdir / "runtime")})
         self.containerd: Containerd | None = None
+
+    @property
+    def ctrd(self) -> Containerd:
+        assert self.containerd is not None
+        return self.containerd
 
     def start(self) -> None:
         self.registry.start()
@@ -69,8 +86,12 @@ class Node:
             self.containerd.remove_all()
             self.containerd.stop()
         self.snapshotter.stop()
+        self.snapshotter.stop_layer_daemons()
         self.registry.stop()
         unmount_below(self.workdir)
+
+    def log(self) -> str:
+        return self.snapshotter.log.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -96,42 +117,203 @@ def _push(node: Node, image: RunImage, repo: str) -> str:
     return ref
 
 
+@pytest.fixture(scope="module")
+def indexed(node: Node, debian: RunImage, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The image pushed, then indexed and its index pushed as CI would; its REF."""
+    ref = _push(node, debian, "lab/lazy")
+    proc = subprocess.run([sys.executable, "-m", "hybrid_erofs", "index", ref, "--all-layers",
+                           "--min-layer-size", "0", "--push", "-o",
+                           str(tmp_path_factory.mktemp("ci") / "index"), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    return str(summary.get("pull_ref") or ref)
+
+
 def _run(node: Node, ref: str, name: str, *argv: str) -> str:
-    assert node.containerd is not None
-    proc = node.containerd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, name, *argv)
-    return proc.stdout
+    return node.ctrd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, name, *argv).stdout
 
 
-def test_image_without_index_is_pulled_and_run_through_overlay(node: Node, debian: RunImage,
-                                                               tmp_path: Path) -> None:
-    """No hybrid-erofs index: containerd downloads and applies every layer into our
-    snapshots (the fallback), and the container runs."""
-    assert node.containerd is not None
-    ref = _push(node, debian, "lab/plain")
-    assert node.containerd.cri_pull(ref).startswith("sha256:")
-    chains = chain_ids(debian.diff_ids)
-    listed = node.containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls").stdout
-    for chain in chains:
-        assert chain in listed
-    for digest in debian.layer_digests:  # applied by containerd: whole blobs fetched
-        assert node.registry.blob_gets(digest)
-    assert _run(node, ref, "plain-cat", "/bin/cat", "/etc/hybrid-erofs-test") == MARKER.decode()
-    out = _run(node, ref, "plain-ls", "/bin/sh", "-c",
-               f"ls -A /{OPAQUE_DIR}; for p in {' '.join(DELETED)}; do test -e /$p && echo $p; "
-               "done; cat /etc/debian_version")
-    assert out.splitlines()[0] == "only-this" and len(out.splitlines()) == 2
-    # the container's root tree equals the overlayfs snapshotter's
-    node.containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
-    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+def _labels(node: Node, chain: str) -> dict[str, str]:
+    info = json.loads(node.ctrd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "info",
+                                    chain).stdout)
+    return dict(info.get("Labels") or {})
+
+
+def _same_tree_as_overlayfs(node: Node, ref: str, top_chain: str, workdir: Path,
+                            name: str) -> None:
+    """The container's root tree (a view of the top layer) equals the overlayfs
+    snapshotter's for the same image (containerd pulls it whole for that one)."""
+    node.ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
+    ours, theirs = workdir / "ours", workdir / "theirs"
     try:
-        mount_view(node.containerd, SNAPSHOTTER, "cmp-ours", chains[-1], ours)
-        mount_view(node.containerd, "overlayfs", "cmp-theirs", chains[-1], theirs)
-        assert tree_view(ours) == tree_view(theirs)
+        mount_view(node.ctrd, SNAPSHOTTER, f"{name}-ours", top_chain, ours)
+        mount_view(node.ctrd, "overlayfs", f"{name}-theirs", top_chain, theirs)
+        expected = tree_view(theirs)
+        assert len(expected) > 5000  # a whole Debian root filesystem
+        assert tree_view(ours) == expected
     finally:
         for path in (ours, theirs):
             subprocess.run(["umount", "-R", str(path)], capture_output=True)
-        node.containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "rm", "cmp-ours",
-                            check=False)
-        node.containerd.ctr("snapshots", "--snapshotter", "overlayfs", "rm", "cmp-theirs",
-                            check=False)
-    shutil.rmtree(tmp_path, ignore_errors=True)
+        node.ctrd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "rm", f"{name}-ours",
+                      check=False)
+        node.ctrd.ctr("snapshots", "--snapshotter", "overlayfs", "rm", f"{name}-theirs",
+                      check=False)
+
+
+def _check_deletions(node: Node, ref: str, name: str) -> None:
+    out = _run(node, ref, name, "/bin/sh", "-c",
+               f"ls -A /{OPAQUE_DIR}; for p in {' '.join(DELETED)}; do test -e /$p && echo $p; "
+               "done; cat /etc/debian_version")
+    assert out.splitlines()[0] == "only-this" and len(out.splitlines()) == 2, out
+
+
+def test_indexed_layers_are_prepared_remotely(node: Node, debian: RunImage, indexed: str,
+                                              tmp_path: Path) -> None:
+    since = len(node.registry.log_lines())
+    assert node.ctrd.cri_pull(indexed).startswith("sha256:")
+    chains = chain_ids(debian.diff_ids)
+    for chain in chains:  # every layer is a remote snapshot
+        labels = _labels(node, chain)
+        assert labels.get("containerd.io/snapshot/remote") == "remote snapshot", labels
+        assert labels.get("containerd.io/snapshot/hybrid-erofs.restricted") == "nosuid,nodev"
+    assert "mounted lazily" in node.log() and "fallback" not in node.log()
+    assert _run(node, indexed, "lazy-cat", "/bin/cat", "/etc/hybrid-erofs-test") == \
+        MARKER.decode()
+    # the pull and a container's run fetched no layer whole (the registry's log): ranges only,
+    # and only part of the big layer (its tree is in the meta: listing needs no layer data)
+    gets = {digest: node.registry.blob_gets(digest, since=since)
+            for digest in debian.layer_digests}
+    assert all(status == 206 for found in gets.values() for status, _ in found), gets
+    assert any(gets.values()), gets
+    big = debian.layer_digests[0]
+    size = (debian.layout / "blobs" / "sha256" / big.removeprefix("sha256:")).stat().st_size
+    assert sum(length for _, length in gets[big]) < size // 4, (gets[big], size)
+    _check_deletions(node, indexed, "lazy-ls")
+    _same_tree_as_overlayfs(node, indexed, chains[-1], tmp_path, "lazy")
+
+
+def test_image_without_index_runs_through_the_fallback(node: Node, debian: RunImage,
+                                                       tmp_path: Path) -> None:
+    """No hybrid-erofs index: containerd downloads and applies every layer into ordinary
+    snapshots of ours (the fallback, logged), and the container runs. (A base layer below
+    the rootfs makes every chain ID differ from the indexed image's.)"""
+    base = _tar([_entry("base-layer", b"another image\n")])
+    plain = build_run_image(debian.layout, Path(os.environ["HYBRID_EROFS_ROOTFS_TAR"]),
+                            tag="plain", base_layers=(base,))
+    ref = _push(node, plain, "lab/plain")
+    since, fallbacks = len(node.registry.log_lines()), node.log().count("(fallback, no-index)")
+    assert node.ctrd.cri_pull(ref).startswith("sha256:")
+    chains = chain_ids(plain.diff_ids)
+    for chain in chains:
+        assert "containerd.io/snapshot/remote" not in _labels(node, chain)
+    assert node.log().count("(fallback, no-index)") == fallbacks + len(chains)
+    # applied by containerd: the new base layer's blob was fetched whole (the others were in
+    # its content store already, from the overlayfs pull of the previous test)
+    base_blob = plain.layout / "blobs" / "sha256" / plain.layer_digests[0].removeprefix("sha256:")
+    assert node.registry.blob_gets(plain.layer_digests[0], since=since) == [
+        (200, base_blob.stat().st_size)]
+    assert _run(node, ref, "plain-cat", "/bin/cat", "/etc/hybrid-erofs-test") == MARKER.decode()
+    _check_deletions(node, ref, "plain-ls")
+    _same_tree_as_overlayfs(node, ref, chains[-1], tmp_path, "plain")
+    del debian
+
+
+def test_containers_survive_a_snapshotter_restart(node: Node, debian: RunImage,
+                                                  indexed: str) -> None:
+    """kill -9 of the snapshotter while a container runs: the layer daemons live on (their
+    own sessions), so the container keeps reading files never read before; a new snapshotter
+    restores its view and new containers start."""
+    node.ctrd.cri_pull(indexed)
+    node.ctrd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, indexed, "survivor", "/bin/sleep",
+                  "600")
+    try:
+        node.snapshotter.stop(kill=True)
+        _evict(node, "usr/bin/dpkg")  # earlier tests read it: make the next read reach a daemon
+        served = _bytes_served(node)
+        proc = node.ctrd.ctr("tasks", "exec", "--exec-id", "r1", "survivor", "/bin/sh", "-c",
+                             "sha256sum /usr/bin/dpkg | cut -c1-64")
+        assert proc.stdout.strip() == _sha256_in_layer(debian, "usr/bin/dpkg")
+        time.sleep(2.5)  # the daemons write their stats every 2 s
+        assert _bytes_served(node) > served
+        node.snapshotter.start()
+        node.ctrd.wait_for_snapshotter()
+        assert _run(node, indexed, "after-restart", "/bin/cat", "/etc/hybrid-erofs-test") == \
+            MARKER.decode()
+        proc = node.ctrd.ctr("tasks", "exec", "--exec-id", "r2", "survivor", "/bin/cat",
+                             "/etc/hybrid-erofs-test")
+        assert proc.stdout == MARKER.decode()
+    finally:
+        node.ctrd.ctr("tasks", "kill", "-s", "SIGKILL", "survivor", check=False)
+        for _ in range(50):
+            if node.ctrd.ctr("tasks", "delete", "survivor", check=False).returncode == 0:
+                break
+            time.sleep(0.2)
+        node.ctrd.ctr("containers", "delete", "survivor", check=False)
+
+
+def _status(node: Node) -> list[dict[str, Any]]:
+    env = {**os.environ, **node.snapshotter.env}
+    proc = subprocess.run([sys.executable, "-m", "hybrid_erofs", "status", "--json"],
+                          capture_output=True, text=True, env=env, check=True)
+    found: list[dict[str, Any]] = json.loads(proc.stdout)
+    return found
+
+
+def _bytes_served(node: Node) -> int:
+    return sum(int(entry["stats"].get("bytes_served") or 0) for entry in _status(node))
+
+
+def _evict(node: Node, name: str) -> None:
+    """Drop the page cache of `name` in every layer mount and of the daemons' FUSE disk
+    files (posix_fadvise DONTNEED: this file only, not the machine's whole cache)."""
+    paths = [Path(entry["mountpoint"]) / name for entry in _status(node)]
+    for dirpath, _dirs, files in os.walk(node.workdir / "runtime"):  # errors (dead FUSE) skipped
+        paths += [Path(dirpath, f) for f in files if f == "disk.img"]
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # a dead daemon's file: nothing cached can be read through it anyway
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _sha256_in_layer(image: RunImage, name: str) -> str:
+    rootfs = Path(os.environ["HYBRID_EROFS_ROOTFS_TAR"])
+    with tarfile.open(rootfs) as tar:
+        member = tar.extractfile(f"./{name}")
+        assert member is not None
+        return hashlib.sha256(member.read()).hexdigest()
+
+
+def test_a_dead_layer_daemon_is_mounted_again_for_new_containers(node: Node, debian: RunImage,
+                                                                 indexed: str) -> None:
+    """kill -9 of a layer's mount daemon: a running container's reads of data not in the
+    page cache fail with EIO (FUSE cannot resume; docs/containerd.md says so), and the next
+    container's Prepare mounts the layer again, so new containers start."""
+    node.ctrd.cri_pull(indexed)
+    node.ctrd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, indexed, "orphan", "/bin/sleep",
+                  "600")
+    try:
+        daemons = [entry["daemon_pid"] for entry in _status(node)]
+        assert len(daemons) == len(debian.layer_digests)
+        for pid in daemons:
+            os.kill(pid, signal.SIGKILL)
+        _evict(node, "usr/bin/apt")
+        proc = node.ctrd.ctr("tasks", "exec", "--exec-id", "r1", "orphan", "/bin/cat",
+                             "/usr/bin/apt", check=False)
+        assert proc.returncode != 0, "read a file whose layer daemon is dead"
+        assert _run(node, indexed, "new-after-death", "/bin/cat",
+                    "/etc/hybrid-erofs-test") == MARKER.decode()
+        assert "its mount daemon is gone; mounting it again" in node.log()
+        assert all(entry["daemon_alive"] for entry in _status(node)), _status(node)
+    finally:
+        node.ctrd.ctr("tasks", "kill", "-s", "SIGKILL", "orphan", check=False)
+        for _ in range(50):
+            if node.ctrd.ctr("tasks", "delete", "orphan", check=False).returncode == 0:
+                break
+            time.sleep(0.2)
+        node.ctrd.ctr("containers", "delete", "orphan", check=False)

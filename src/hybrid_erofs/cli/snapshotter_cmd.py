@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..mounting.lifecycle import READY_TIMEOUT_S, VIAS
+
 DEFAULT_ADDRESS = Path("/run/hybrid-erofs/snapshotter.sock")
 DEFAULT_ROOT = Path("/var/lib/hybrid-erofs/snapshotter")
 
@@ -18,10 +20,29 @@ DEFAULT_ROOT = Path("/var/lib/hybrid-erofs/snapshotter")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               default=DEFAULT_ROOT, show_default=True,
               help="State: metadata.db and snapshots/ID/{fs,work}.")
-def snapshotter_command(address: Path, root: Path) -> None:
+@click.option("--accept-unbound-indexes", is_flag=True,
+              help="Use indexes found through the registry's referrers that the image digest "
+                   "does not cover; their layers are mounted nosuid,nodev for containers.")
+@click.option("--no-remote", is_flag=True,
+              help="Never mount layers lazily: a plain overlay snapshotter.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Chunk and index cache [default: /var/cache/hybrid-erofs].")
+@click.option("--insecure", is_flag=True,
+              help="Allow plain HTTP to registries that are not on localhost.")
+@click.option("--via", type=click.Choice(VIAS), default="auto", show_default=True,
+              help="How layer daemons export their device (see `mount --help`).")
+@click.option("--mount-timeout", "timeout_s", type=float, default=READY_TIMEOUT_S,
+              show_default=True, help="Seconds to wait for a layer's mount to answer.")
+def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
+                        no_remote: bool, cache_dir: Path | None, insecure: bool, via: str,
+                        timeout_s: float) -> None:
     """Serve containerd's snapshots API on ADDRESS, in the foreground, until SIGTERM.
 
-    Register it in containerd's config as a proxy plugin and select it for CRI:
+    Layers of images that carry a hybrid-erofs index (`hybrid-erofs index REF --all-layers
+    --push`) are mounted lazily when containerd's CRI plugin pulls them with its
+    remote-snapshot labels; every other layer is downloaded and applied by containerd into
+    ordinary overlay snapshots. Registry credentials come from auth.json / the docker
+    config, as for `mount`. Register it in containerd's config as a proxy plugin:
 
     \b
         [proxy_plugins.hybrid-erofs]
@@ -33,14 +54,20 @@ def snapshotter_command(address: Path, root: Path) -> None:
 
     See docs/containerd.md. Needs root.
     """
+    from ..device import RegistryOptions
+    from ..snapshotter.remote import LazyLayers, TrustPolicy
     from ..snapshotter.server import serve
     from ..snapshotter.snapshotter import Snapshotter
 
     package_log = logging.getLogger("hybrid_erofs.snapshotter")
     if package_log.getEffectiveLevel() > logging.INFO:
         package_log.setLevel(logging.INFO)  # a daemon says what it does with each layer
-    snapshotter = Snapshotter(root)
+    remote = None if no_remote else LazyLayers(
+        registry=RegistryOptions(cache_dir=cache_dir, insecure=insecure),
+        policy=TrustPolicy(accept_unbound=accept_unbound_indexes), via=via, timeout_s=timeout_s)
+    snapshotter = Snapshotter(root, remote=remote)
     try:
+        snapshotter.restore()
         serve(snapshotter, address)
     finally:
         snapshotter.close()

@@ -7,26 +7,35 @@ ROOT/snapshots/ID/fs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import threading
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import SnapshotExists, SnapshotInvalid, SnapshotPrecondition
+from ..errors import (
+    HybridErofsError,
+    LayerFallback,
+    SnapshotExists,
+    SnapshotInvalid,
+    SnapshotPrecondition,
+    SnapshotUnavailable,
+)
 from .filters import Filter, matches, snapshot_fields
+from .remote import LABEL_LAYER_DIGEST, LABEL_SNAPSHOT_REF, LayerRequest, RemoteLayer
 from .store import Kind, Snapshot, SnapshotStore
 
 log = logging.getLogger(__name__)
 
-# containerd's labels (snapshots/snapshotter.go, pkg/snapshotters/annotations.go)
-LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
-LABEL_REMOTE = "containerd.io/snapshot/remote"
-LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
-LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+LABEL_REMOTE = "containerd.io/snapshot/remote"  # as stargz and soci mark their snapshots
+LABEL_INDEX = "containerd.io/snapshot/hybrid-erofs.index"  # the artifact a layer's index is from
+LABEL_RESTRICTED = "containerd.io/snapshot/hybrid-erofs.restricted"  # "nosuid,nodev"
+_PENDING = ""  # the store's `remote` while a layer is being mounted
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,19 +54,22 @@ class Usage:
 
 
 class RemoteLayers(Protocol):
-    """Lazily mounted layers: the seam between the snapshotter and the mount lifecycle.
+    """Lazily mounted layers: the seam between the snapshotter and the mount lifecycle
+    (remote.LazyLayers; tests swap in their own).
 
-    `mount` returns a record (JSON text, kept in the store) once the layer's EROFS answers on
-    `mountpoint`, or None when the layer must be applied by containerd (fallback; the reason
-    is logged and counted by the implementation). `unmount` takes a record's mount down;
-    `alive` tells whether a record's mount still serves reads.
+    `mount` returns once the layer's EROFS answers on `mountpoint`, or raises LayerFallback
+    (containerd then applies the layer). `alive` tells whether a mount still serves reads;
+    `restore` mounts a layer again whose daemon died; `unmount` takes a mount down (a
+    `layer` of None: whatever a crash left on `mountpoint`).
     """
 
-    def mount(self, labels: Mapping[str, str], mountpoint: Path) -> str | None: ...
+    def mount(self, request: LayerRequest, mountpoint: Path) -> RemoteLayer: ...
 
-    def unmount(self, record: str, mountpoint: Path) -> None: ...
+    def unmount(self, layer: RemoteLayer | None, mountpoint: Path) -> None: ...
 
-    def alive(self, record: str, mountpoint: Path) -> bool: ...
+    def alive(self, layer: RemoteLayer, mountpoint: Path) -> bool: ...
+
+    def restore(self, layer: RemoteLayer, mountpoint: Path) -> None: ...
 
 
 def _disk_usage(path: Path) -> Usage:
@@ -83,11 +95,16 @@ class Snapshotter:
     Args:
         root: the state directory (created 0700).
         remote: lazily mounted layers; None makes this a plain overlay snapshotter.
+
+    `lazy` counts layers mounted lazily, `fallbacks` layers left to containerd by reason.
     """
 
     def __init__(self, root: Path, *, remote: RemoteLayers | None = None) -> None:
         self.root = root
         self.remote = remote
+        self.lazy = 0
+        self.fallbacks: Counter[str] = Counter()
+        self._remote_lock = threading.Lock()  # one remote Prepare or restore at a time
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         (root / "snapshots").mkdir(exist_ok=True, mode=0o700)
         self.store = SnapshotStore(root / "metadata.db")
@@ -192,8 +209,13 @@ class Snapshotter:
 
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         """As containerd's overlay snapshotter: bind for no parents (or a view of one),
-        overlay with the parents as lowerdirs (nearest first) otherwise."""
-        parents = self.store.parent_ids(snap)
+        overlay with the parents as lowerdirs (nearest first) otherwise. Lazily mounted
+        parents must answer (else UNAVAILABLE, as stargz); nosuid,nodev when one is
+        restricted."""
+        parents = self.store.ancestors(snap)
+        remote = [self._check_remote(p) for p in parents if p.remote]  # every one, no short cut
+        restricted = any(layer.restricted for layer in remote)
+        guard = ("nosuid", "nodev") if restricted else ()
         if not parents:
             flag = "ro" if snap.kind == Kind.VIEW else "rw"
             return [Mount("bind", str(self.fs_dir(snap.id)), (flag, "rbind"))]
@@ -202,21 +224,107 @@ class Snapshotter:
             options += [f"workdir={self.snapshot_dir(snap.id) / 'work'}",
                         f"upperdir={self.fs_dir(snap.id)}"]
         elif len(parents) == 1:
-            return [Mount("bind", str(self.fs_dir(parents[0])), ("ro", "rbind"))]
-        options.append("lowerdir=" + ":".join(str(self.fs_dir(p)) for p in parents))
-        return [Mount("overlay", "overlay", tuple(options))]
+            return [Mount("bind", str(self.fs_dir(parents[0].id)), ("ro", "rbind", *guard))]
+        options.append("lowerdir=" + ":".join(str(self.fs_dir(p.id)) for p in parents))
+        return [Mount("overlay", "overlay", (*options, *guard))]
+
+    def _check_remote(self, snap: Snapshot) -> RemoteLayer:
+        """A lazily mounted layer that answers, mounted again if its daemon died."""
+        assert snap.remote
+        layer = RemoteLayer.from_json(snap.remote)
+        if self.remote is None:
+            raise SnapshotUnavailable(f"snapshot {snap.name!r}: a lazily mounted layer, but "
+                                      f"this snapshotter runs without remote layers")
+        fs = self.fs_dir(snap.id)
+        if self.remote.alive(layer, fs):
+            return layer
+        with self._remote_lock:
+            if self.remote.alive(layer, fs):
+                return layer
+            log.warning("layer %s (snapshot %s): its mount daemon is gone; mounting it again",
+                        layer.blob, snap.name)
+            try:
+                self.remote.restore(layer, fs)
+            except (HybridErofsError, OSError) as exc:
+                raise SnapshotUnavailable(f"snapshot {snap.name!r}: layer {layer.blob} cannot "
+                                          f"be mounted again: {exc}") from exc
+        return layer
 
     def _prepare_remote(self, key: str, parent: str, labels: Mapping[str, str]) -> bool:
-        """Mount the layer lazily and record it as committed snapshot `target`; False when
-        containerd must apply the layer itself."""
-        raise NotImplementedError  # slice 2
+        """Mount the layer lazily and record it as committed snapshot `target` (the chain ID):
+        True. False (logged, counted) when containerd must apply the layer itself."""
+        target = labels[LABEL_SNAPSHOT_REF]
+        what = labels.get(LABEL_LAYER_DIGEST) or target
+        try:
+            request = LayerRequest.from_labels(labels)
+            with self._remote_lock:
+                existing = self.store.find(target)
+                if existing is not None:
+                    if existing.kind == Kind.COMMITTED and existing.parent == parent:
+                        return True
+                    raise LayerFallback(f"snapshot {target} exists with another parent "
+                                        f"({existing.parent!r})", reason="conflict")
+                layer = self._mount_remote(target, parent, labels, request)
+        except LayerFallback as exc:
+            self.fallbacks[exc.reason] += 1
+            log.info("layer %s: containerd applies it (fallback, %s): %s", what, exc.reason, exc)
+            return False
+        self.lazy += 1
+        log.info("layer %s: mounted lazily as snapshot %s (index %s%s)", what, target,
+                 layer.index, ", nosuid,nodev" if layer.restricted else "")
+        return True
+
+    def _mount_remote(self, target: str, parent: str, labels: Mapping[str, str],
+                      request: LayerRequest) -> RemoteLayer:
+        assert self.remote is not None
+        snap = self.store.create(target, parent, Kind.COMMITTED,
+                                 {**labels, LABEL_REMOTE: "remote snapshot"}, remote=_PENDING)
+        directory = self.snapshot_dir(snap.id)
+        try:
+            directory.mkdir(mode=0o700)
+            (directory / "fs").mkdir(mode=0o755)
+            layer = self.remote.mount(request, directory / "fs")
+        except BaseException as exc:
+            self.store.remove(target)
+            self._discard_dir(directory)
+            if isinstance(exc, (HybridErofsError, OSError)) and not isinstance(exc,
+                                                                               LayerFallback):
+                raise LayerFallback(f"{request.layer_digest}: {exc}",
+                                    reason="mount-failed") from exc
+            raise
+        extra = {LABEL_INDEX: layer.index}
+        if layer.restricted:
+            extra[LABEL_RESTRICTED] = "nosuid,nodev"
+        self.store.set_remote(target, layer.to_json())
+        self.store.set_labels(target, {**snap.labels, **extra})
+        return layer
+
+    def restore(self) -> None:
+        """At start: a layer whose mount was under way when the last instance died is
+        forgotten; lazily mounted layers whose daemon died are mounted again; directories
+        no snapshot owns are removed. Running containers are left alone."""
+        for snap in self.store.all():
+            if snap.remote is None:
+                continue
+            if snap.remote == _PENDING:
+                log.warning("snapshot %s: its layer was being mounted when the snapshotter "
+                            "stopped; forgetting it", snap.name)
+                with contextlib.suppress(HybridErofsError):
+                    self.store.remove(snap.name)
+                self._discard(snap.id, snap.remote)
+                continue
+            try:
+                self._check_remote(snap)
+            except SnapshotUnavailable as exc:
+                log.warning("%s", exc)
+        self.cleanup()
 
     def _discard(self, snap_id: int, remote: str | None) -> None:
         directory = self.snapshot_dir(snap_id)
-        if remote is not None and self.remote is not None:
+        if remote and self.remote is not None:
             try:
-                self.remote.unmount(remote, directory / "fs")
-            except OSError as exc:
+                self.remote.unmount(RemoteLayer.from_json(remote), directory / "fs")
+            except (HybridErofsError, OSError) as exc:
                 log.warning("snapshot %d: cannot unmount its layer (%s); Cleanup retries",
                             snap_id, exc)
                 return
@@ -224,6 +332,11 @@ class Snapshotter:
 
     def _discard_dir(self, directory: Path) -> None:
         fs = directory / "fs"
+        if fs.is_mount() and self.remote is not None:
+            try:
+                self.remote.unmount(None, fs)
+            except (HybridErofsError, OSError) as exc:
+                log.warning("%s: cannot unmount (%s); Cleanup retries", fs, exc)
         if fs.is_mount():
             log.warning("%s: still mounted; left for a later Cleanup", fs)
             return

@@ -120,17 +120,17 @@ class SnapshotStore:
         with self._lock:
             return [self._row(row) for row in self._conn.execute(self._SELECT + " ORDER BY s.id")]
 
-    def parent_ids(self, snap: Snapshot) -> list[int]:
-        """Ids of the ancestors, nearest first."""
+    def ancestors(self, snap: Snapshot) -> list[Snapshot]:
+        """The parent, its parent, ... (nearest first)."""
         with self._lock:
-            ids: list[int] = []
-            row = self._conn.execute("SELECT parent_id FROM snapshots WHERE id = ?",
-                                     (snap.id,)).fetchone()
-            while row is not None and row[0] is not None:
-                ids.append(row[0])
-                row = self._conn.execute("SELECT parent_id FROM snapshots WHERE id = ?",
-                                         (row[0],)).fetchone()
-            return ids
+            found: list[Snapshot] = []
+            current = snap
+            while current.parent:
+                parent = self._get(self._conn, current.parent)
+                assert parent is not None, "a parent cannot be removed before its children"
+                found.append(parent)
+                current = parent
+            return found
 
     def create(self, name: str, parent: str, kind: Kind, labels: Mapping[str, str], *,
                remote: str | None = None) -> Snapshot:

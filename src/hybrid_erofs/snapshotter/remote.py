@@ -1,0 +1,239 @@
+"""Remote layers: from containerd's Prepare labels to a layer mounted lazily as EROFS by the
+project's own mount daemon (mounting/), or a LayerFallback saying why containerd must apply it.
+
+resolve_layer() is the one place where the index of a layer is found and trusted or refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+from ..device import RegistryOptions
+from ..errors import (
+    HybridErofsError,
+    InvalidInput,
+    LayerFallback,
+    MountError,
+    RegistryError,
+)
+from ..mounting.discovery import discover_image_index
+from ..mounting.kernel import mounted_at, umount
+from ..mounting.layer import mount_layer
+from ..mounting.lifecycle import (
+    READY_TIMEOUT_S,
+    cleanup_mount,
+    daemon_alive,
+    find_mount,
+    fs_mounted,
+)
+from ..mounting.lifecycle import unmount as unmount_layer
+from ..oci.reference import parse_reference
+
+log = logging.getLogger(__name__)
+
+# containerd's labels (snapshots/snapshotter.go, pkg/snapshotters/annotations.go)
+LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
+LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRequest:
+    """What containerd's Prepare labels say about the layer being unpacked. `labels` keeps
+    them all: annotations of the layer descriptor prefixed `containerd.io/snapshot/` arrive
+    here too (a bound index is announced that way)."""
+
+    chain_id: str
+    image_ref: str
+    manifest_digest: str
+    layer_digest: str
+    labels: Mapping[str, str]
+
+    @classmethod
+    def from_labels(cls, labels: Mapping[str, str]) -> LayerRequest:
+        values = [labels.get(key, "") for key in (LABEL_SNAPSHOT_REF, LABEL_IMAGE_REF,
+                                                   LABEL_MANIFEST_DIGEST, LABEL_LAYER_DIGEST)]
+        if not all(values):
+            raise LayerFallback(
+                "no remote-snapshot labels (containerd.io/snapshot/cri.*): CRI's "
+                "disable_snapshot_annotations is true, or the client (ctr pull, the 2.x "
+                "transfer service) does not add them", reason="no-labels")
+        chain, image_ref, manifest, layer = values
+        for name, digest in (("manifest", manifest), ("layer", layer)):
+            if not _DIGEST.fullmatch(digest):
+                raise LayerFallback(f"{image_ref}: malformed {name} digest label {digest!r}",
+                                    reason="no-labels")
+        return cls(chain, image_ref, manifest, layer, dict(labels))
+
+
+@dataclass(frozen=True, slots=True)
+class LayerIndex:
+    """A layer's index files as found: `source` is REPO@MANIFEST (pinned), `index` the
+    digest of the artifact they came from, `bound` whether the image digest covers it."""
+
+    source: str
+    meta: Path
+    zinfo: Path
+    index: str
+    bound: bool
+
+
+class IndexFinder(Protocol):
+    """Finds the index of a layer; raises LayerFallback when there is none to use."""
+
+    def find(self, request: LayerRequest) -> LayerIndex: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TrustPolicy:
+    """Which indexes may be mounted: bound ones always; unbound ones (an artifact attached
+    through the registry's referrers, which anyone with push rights can add) only when
+    `accept_unbound`, and then with nosuid,nodev on every mount a container execs from."""
+
+    accept_unbound: bool = False
+
+    def restricted(self, index: LayerIndex) -> bool:
+        """True: mount it nosuid,nodev. Raises LayerFallback when the index may not be used."""
+        if index.bound:
+            return False
+        if not self.accept_unbound:
+            raise LayerFallback(
+                f"{index.source}: index {index.index} is not bound to the image (found "
+                f"through the registry's referrers); --accept-unbound-indexes uses such "
+                f"indexes (mounted nosuid,nodev)", reason="untrusted")
+        return True
+
+
+def resolve_layer(request: LayerRequest, *, finder: IndexFinder,
+                  policy: TrustPolicy) -> tuple[LayerIndex, bool]:
+    """The one seam where a layer's index is found and trusted: (index, restricted), or
+    LayerFallback."""
+    index = finder.find(request)
+    return index, policy.restricted(index)
+
+
+class DiscoveryFinder:
+    """The index attached to the image in its registry (mounting/discovery.py: referrers or
+    the `sha256-<hex>` tag, digests verified, files cached). Thread-safe (no shared state)."""
+
+    def __init__(self, registry: RegistryOptions) -> None:
+        self.registry = registry
+
+    def find(self, request: LayerRequest) -> LayerIndex:
+        try:
+            ref = parse_reference(request.image_ref)
+        except InvalidInput as exc:
+            raise LayerFallback(str(exc), reason="no-labels") from exc
+        pinned = f"{ref.registry}/{ref.repository}@{request.manifest_digest}"
+        try:
+            found = discover_image_index(
+                pinned, registry=replace(self.registry, platform=None, layer=None, blob=None),
+                layers=lambda image: [layer for layer in image.layers
+                                      if layer.digest == request.layer_digest])
+        except RegistryError as exc:
+            raise LayerFallback(str(exc), reason="no-index") from exc
+        except InvalidInput as exc:
+            raise LayerFallback(str(exc), reason="unsupported") from exc
+        except HybridErofsError as exc:
+            raise LayerFallback(str(exc), reason="index-error") from exc
+        layer = next((layer for layer in found.image.layers
+                      if layer.digest == request.layer_digest), None)
+        if layer is None or layer.digest not in found.layer_dirs:
+            raise LayerFallback(f"{pinned}: layer {request.layer_digest} is not in the index "
+                                f"{found.artifact}", reason="index-error")
+        meta, zinfo = found.layer_paths(layer)
+        return LayerIndex(pinned, meta, zinfo, found.artifact, bound=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLayer:
+    """What the store keeps about a lazily mounted layer (JSON in its row)."""
+
+    source: str
+    blob: str
+    meta: str
+    zinfo: str
+    index: str
+    restricted: bool
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RemoteLayer:
+        return cls(**json.loads(text))
+
+
+class LazyLayers:
+    """Layers mounted by the project's mount daemons (one `hybrid-erofs mount` daemon per
+    layer, in a session of its own: it outlives the snapshotter). Thread-safe.
+
+    Args:
+        finder: where indexes come from (default: discovery in the image's registry).
+        policy: which indexes may be used.
+        registry: credentials, cache and plain-HTTP settings for the registries.
+        via: how the daemons export the device (mounting/lifecycle.VIAS).
+    """
+
+    def __init__(self, *, registry: RegistryOptions, policy: TrustPolicy,
+                 finder: IndexFinder | None = None, via: str = "auto",
+                 timeout_s: float = READY_TIMEOUT_S) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.finder = finder or DiscoveryFinder(registry)
+        self.via = via
+        self.timeout_s = timeout_s
+
+    def mount(self, request: LayerRequest, mountpoint: Path) -> RemoteLayer:
+        index, restricted = resolve_layer(request, finder=self.finder, policy=self.policy)
+        layer = RemoteLayer(source=index.source, blob=request.layer_digest,
+                            meta=str(index.meta), zinfo=str(index.zinfo), index=index.index,
+                            restricted=restricted)
+        self._mount(layer, mountpoint)
+        return layer
+
+    def _mount(self, layer: RemoteLayer, mountpoint: Path) -> None:
+        try:
+            mount_layer(layer.source, mountpoint, meta=Path(layer.meta), zinfo=Path(layer.zinfo),
+                        registry=replace(self.registry, blob=layer.blob, layer=None,
+                                         platform=None),
+                        via=self.via, timeout_s=self.timeout_s)
+        except (HybridErofsError, OSError) as exc:
+            raise LayerFallback(f"{layer.blob}: mounting failed: {exc}",
+                                reason="mount-failed") from exc
+
+    def unmount(self, layer: RemoteLayer | None, mountpoint: Path) -> None:
+        """Take the layer's EROFS and daemon down (lazily: a container may still read it)."""
+        try:
+            unmount_layer(mountpoint, lazy=True)
+        except MountError:
+            # no record (a crash between mount and record): whatever is mounted there goes
+            while mounted_at(mountpoint) is not None:
+                umount(mountpoint, lazy=True)
+
+    def alive(self, layer: RemoteLayer, mountpoint: Path) -> bool:
+        try:
+            _path, _paths, record = find_mount(mountpoint)
+        except MountError:
+            return False
+        return daemon_alive(record) and fs_mounted(mountpoint, "erofs")
+
+    def restore(self, layer: RemoteLayer, mountpoint: Path) -> None:
+        """Mount a layer again whose daemon died: what it left is cleaned up first."""
+        try:
+            path, paths, record = find_mount(mountpoint)
+        except MountError:
+            record = None
+        if record is not None:
+            cleanup_mount(paths, record)
+        while mounted_at(mountpoint) is not None:
+            umount(mountpoint, lazy=True)
+        self._mount(layer, mountpoint)
