@@ -4,7 +4,8 @@ open_layer(): a local layer file or a registry reference -> its uncompressed lay
   local .tar:    FileSource
   local .tar.gz: FileSource -> VerifiedSource -> GzipSource
   registry:      RegistryBlobSource -> RetrySource -> FailureMemorySource -> ChunkCacheSource
-                 -> VerifiedSource -> GzipSource
+                 -> VerifiedSource -> GzipSource -> StoredLayerSource (decoded spans kept
+                 beside the chunks)
   oci:DIR[:TAG]: FileSource (the layout's blob file) -> VerifiedSource -> GzipSource
 open_device(): meta || layer data, checked against each other.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from .erofs.reader import ErofsImage
-from .errors import IndexFormatError, InvalidInput
+from .errors import CacheError, IndexFormatError, InvalidInput
 from .gzindex.build import detect_format
 from .gzindex.format import parse_index
 from .gzindex.sidecar import load_sidecar, sidecar_path
@@ -29,13 +30,21 @@ from .oci.layout import is_layout_reference, open_layout_blob
 from .source import ByteSource, FileSource
 from .sources.cachedir import default_cache_dir, default_cache_limit
 from .sources.chunkcache import ChunkCacheSource
+from .sources.chunkstore import blob_dir
 from .sources.concat import open_disk
 from .sources.failmemory import DEFAULT_TTL_S, FailureMemorySource
+from .sources.layerstore import LayerStore
 from .sources.registry import open_registry_blob
 from .sources.retry import RetrySource
+from .sources.stored import StoredLayerSource
 from .sources.verify import VerifiedSource
 
 log = logging.getLogger("hybrid_erofs.device")
+
+# Spans decoded ahead of a sequential reader, and the threads doing it (tools/bench_full_read.py:
+# both cores busy on a whole-layer read).
+DECODE_AHEAD = 3
+DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +141,11 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
         if zinfo is None:
             raise InvalidInput(f"{path}: a registry layer needs its zinfo (--zinfo FILE)")
         remote, digest = open_registry_layer_blob(str(path), registry or RegistryOptions())
+        store_dir = (blob_dir(remote.cache_dir, digest) if isinstance(remote, ChunkCacheSource)
+                     else None)
         try:
             return open_gzip_layer(remote, zinfo=zinfo, name=str(path), blob_digest=digest,
-                                   size=size, cache_bytes=cache_bytes)
+                                   size=size, cache_bytes=cache_bytes, store_dir=store_dir)
         except BaseException:
             remote.close()
             raise
@@ -156,8 +167,12 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
 
 def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: str,
                     blob_digest: str | None = None, size: int | None = None,
-                    cache_bytes: int = 64 << 20) -> GzipSource:
+                    cache_bytes: int = 64 << 20,
+                    store_dir: Path | None = None) -> GzipSource | StoredLayerSource:
     """Layer data of a gzip `blob` through its zinfo.
+
+    With `store_dir` (a registry blob's cache directory) and a sidecar, spans decoded in
+    full are kept there (LayerStore) and served from local disk from then on.
 
     With the zinfo's sidecar (`layer.zinfo.json`, written by `index`), a blob of another size
     or digest than the one indexed is refused here, every span is verified against its
@@ -180,7 +195,16 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
         size = sidecar.layer_size if size is None else size
     else:
         log.warning("%s: no %s beside the zinfo: spans are not verified", name, side_path.name)
-    return GzipSource(inner, index, size=size, cache_bytes=cache_bytes)
+    layer = GzipSource(inner, index, size=size, cache_bytes=cache_bytes,
+                       decode_ahead=DECODE_AHEAD, decode_workers=DECODE_WORKERS)
+    if store_dir is None or not side_path.exists():
+        return layer
+    try:
+        store = LayerStore(store_dir, size=layer.size, starts=[cp.out_offset for cp in index.checkpoints])
+    except CacheError as exc:
+        log.warning("%s; decoded spans are not kept", exc)
+        return layer
+    return StoredLayerSource(layer, store)
 
 
 def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:

@@ -5,6 +5,8 @@ Exact bytes, ValueError outside the source, empty reads, `size` fixed, close() c
 
 from __future__ import annotations
 
+import gzip
+import io
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from hybrid_erofs.gzindex.build import build_index
+from hybrid_erofs.gzindex.source import GzipSource
 from hybrid_erofs.source import ByteSource, FileSource, MemorySource
 from hybrid_erofs.sources.chunkcache import ChunkCacheSource
+from hybrid_erofs.sources.layerstore import LayerStore
+from hybrid_erofs.sources.stored import StoredLayerSource
 from tests.doubles import CountingSource
 
 DATA = random.Random(2024).randbytes(3 * 65536 + 777)
@@ -43,10 +49,30 @@ def _chunkcache(data: bytes, tmp_path: Path) -> Case:
                                  chunk_size=65536, readahead=2), inner)
 
 
+def _gzip(data: bytes, tmp_path: Path) -> tuple[GzipSource, CountingSource]:
+    blob = gzip.compress(data)
+    inner = CountingSource(blob)
+    index = build_index(io.BytesIO(blob), span=32768).index  # type: ignore[arg-type]
+    return GzipSource(inner, index, size=len(data), decode_ahead=2), inner
+
+
+def _gzip_ahead(data: bytes, tmp_path: Path) -> Case:
+    return Case(*_gzip(data, tmp_path))
+
+
+def _stored(data: bytes, tmp_path: Path) -> Case:
+    layer, inner = _gzip(data, tmp_path)
+    starts = [cp.out_offset for cp in layer.index.checkpoints]
+    return Case(StoredLayerSource(layer, LayerStore(tmp_path / "store", size=len(data),
+                                                    starts=starts)), inner)
+
+
 SOURCES: dict[str, Callable[[bytes, Path], Case]] = {
     "memory": _memory,
     "file": _file,
     "chunkcache": _chunkcache,
+    "gzip-decode-ahead": _gzip_ahead,
+    "stored-layer": _stored,
 }
 
 

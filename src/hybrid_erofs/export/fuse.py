@@ -24,7 +24,7 @@ from types import FrameType, ModuleType
 from typing import Any, Literal, overload
 
 from ..errors import HybridErofsError
-from ..source import ByteSource
+from ..source import ByteSource, FileRanged
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,25 @@ DEFAULT_READ_AHEAD_KB = 1024
 MAX_THREADS = 16
 _START_TIMEOUT_S = 30.0
 _MNT_DETACH = 2
+
+
+# fuse_common.h (libfuse 3): enum fuse_buf_flags, FUSE_CAP_SPLICE_WRITE.
+FUSE_BUF_IS_FD = 1 << 1
+FUSE_BUF_FD_SEEK = 1 << 2
+FUSE_CAP_SPLICE_WRITE = 1 << 7
+
+
+class _FuseBuf(ctypes.Structure):
+    # struct fuse_buf { size_t size; enum fuse_buf_flags flags; void *mem; int fd; off_t pos; }
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _FuseBufvec(ctypes.Structure):
+    # struct fuse_bufvec { size_t count, idx, off; struct fuse_buf buf[1]; }: the buffer is
+    # inline (mfusepy declares a pointer there, so its own struct cannot be used).
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t),
+                ("buf", _FuseBuf * 1)]
 
 
 class ExportError(HybridErofsError, OSError):
@@ -96,6 +115,10 @@ class _DiskOperations:
                                             "st_blocks": (self._size + 511) // 512}
 
     def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None and conn.capable & FUSE_CAP_SPLICE_WRITE:
+            # Replies from a file range (read_buf) go fd -> pipe -> /dev/fuse, never through
+            # user space; replies from memory are written as before.
+            conn.want |= FUSE_CAP_SPLICE_WRITE
         if config is not None:
             config.kernel_cache = 1
             config.entry_timeout = config.attr_timeout = CACHE_TIMEOUT_S
@@ -125,7 +148,40 @@ class _DiskOperations:
         # the source returns every byte or raises.
         if offset >= self._size:
             return b""
-        length = min(size, self._size - offset)
+        return self._read(min(size, self._size - offset), offset)
+
+    def read_buf(self, path: str | None, bufpp: Any, size: int, offset: int, fh: int) -> int:
+        """libfuse's read_buf: answer with a file range of the source where it has one (the
+        meta file, stored layer data), else with the bytes read. libfuse frees what we
+        malloc here (fuse_free_buf: the vector, and `mem` of memory buffers)."""
+        length = max(0, min(size, self._size - offset))
+        where = None
+        if length and isinstance(self._source, FileRanged):
+            where = self._source.file_range(length, offset)
+        data = self._read(length, offset) if where is None and length else b""
+        libc = _get_libc()
+        vector = libc.malloc(ctypes.sizeof(_FuseBufvec))
+        if not vector:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        ctypes.memset(vector, 0, ctypes.sizeof(_FuseBufvec))
+        view = _FuseBufvec.from_address(vector)
+        view.count = 1
+        buf = view.buf[0]
+        buf.size = length
+        if where is not None:
+            buf.flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK
+            buf.fd, buf.pos = where
+        elif length:
+            memory = libc.malloc(length)
+            if not memory:
+                libc.free(vector)
+                raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+            ctypes.memmove(memory, data, length)
+            buf.mem = memory
+        bufpp[0] = ctypes.cast(vector, type(bufpp[0]))
+        return 0
+
+    def _read(self, length: int, offset: int) -> bytes:
         try:
             return self._source.pread(length, offset)
         except OSError as exc:
@@ -191,6 +247,7 @@ class FuseExport:
         if not self.mountpoint.is_dir():
             raise ExportError(f"{self.mountpoint}: mountpoint is not a directory")
         mfusepy = load_mfusepy()
+        fuse_class = _fuse_class(mfusepy)
         operations = _DiskOperations(self.source, self.name, self._initialized)
         options: dict[str, Any] = {
             "foreground": True, "ro": True, "fsname": "hybrid-erofs", "subtype": "hybrid-erofs",
@@ -203,7 +260,7 @@ class FuseExport:
 
         def loop() -> None:
             try:
-                mfusepy.FUSE(operations, str(self.mountpoint), **options)
+                fuse_class(operations, str(self.mountpoint), **options)
             except BaseException as exc:
                 self._error = exc
 
@@ -272,6 +329,22 @@ class FuseExport:
 
 
 _libc: ctypes.CDLL | None = None
+_FUSE_CLASSES: dict[int, type] = {}
+
+
+def _fuse_class(mfusepy: ModuleType) -> Any:
+    """mfusepy.FUSE with a read_buf that passes a NULL path on (flag_nopath: reads carry
+    none, and mfusepy's own read_buf would decode it)."""
+    found = _FUSE_CLASSES.get(id(mfusepy))
+    if found is None:
+        class _Fuse(mfusepy.FUSE):  # type: ignore[name-defined,misc]
+            def read_buf(self, path: bytes | None, bufpp: Any, size: int, offset: int,
+                         fip: Any) -> int:
+                result: int = self.operations.read_buf(None, bufpp, size, offset, 0)
+                return result
+
+        found = _FUSE_CLASSES[id(mfusepy)] = _Fuse
+    return found
 
 
 def _get_libc() -> ctypes.CDLL:
@@ -279,6 +352,10 @@ def _get_libc() -> ctypes.CDLL:
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _libc.malloc.argtypes = [ctypes.c_size_t]
+        _libc.malloc.restype = ctypes.c_void_p
+        _libc.free.argtypes = [ctypes.c_void_p]
+        _libc.free.restype = None
     return _libc
 
 

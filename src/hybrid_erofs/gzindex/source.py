@@ -5,10 +5,13 @@ Sits above the compressed-blob stages (file, registry, cache) and below ConcatSo
 
 from __future__ import annotations
 
+import logging
 import threading
 import zlib as _stdlib_zlib
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -18,6 +21,7 @@ from ..source import ByteSource, check_range
 from .format import WINDOW_SIZE, GzipIndex
 from .prime import primed_start
 
+log = logging.getLogger(__name__)
 
 def _load_codec() -> ModuleType:
     """Fastest first; all three honour zdict for raw inflate and release the GIL."""
@@ -91,15 +95,24 @@ class GzipSource:
         size: uncompressed size. None decodes the last span once, here, to learn it.
         cache_bytes: bound of the decoded-span cache (default 64 MiB; a span being read may
             exceed it briefly).
+        decode_ahead: spans to decode in the background ahead of a forward reader (default
+            0: none). Spans are independent once their checkpoint is known, so with
+            `decode_workers` threads a sequential read uses every core.
+        decode_workers: threads for decode-ahead (default 2).
 
     Thread-safe: concurrent readers of different spans decode in parallel (the codecs release
     the GIL); readers of the same span wait for one decode.
     """
 
     def __init__(self, inner: ByteSource, index: GzipIndex, *, size: int | None = None,
-                 cache_bytes: int = 64 << 20) -> None:
+                 cache_bytes: int = 64 << 20, decode_ahead: int = 0,
+                 decode_workers: int = 2) -> None:
         if cache_bytes < 0:
             raise ValueError(f"'cache_bytes' must be >= 0 (got {cache_bytes})")
+        if decode_ahead < 0:
+            raise ValueError(f"'decode_ahead' must be >= 0 (got {decode_ahead})")
+        if decode_workers < 1:
+            raise ValueError(f"'decode_workers' must be >= 1 (got {decode_workers})")
         self._inner = inner
         self._index = index
         self._starts = [cp.out_offset for cp in index.checkpoints]
@@ -109,6 +122,15 @@ class GzipSource:
         self._lock = threading.Lock()
         self.decoded_bytes = 0  # bytes inflated so far (statistics)
         self.fetched_bytes = 0  # compressed bytes read from `inner`
+        self._ahead = min(decode_ahead, max(0, len(self._starts) - 1))
+        self._workers = decode_workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._queued: set[int] = set()  # spans submitted for decode-ahead, not yet done
+        self._last_number = -2  # span of the previous read's end (forward-reader detection)
+        self._closed = False
+        # Called with (span number, its bytes) when a span is decoded in full and checked
+        # (next checkpoint's window, or the member CRC at the end); a LayerStore keeps them.
+        self.on_span: Callable[[int, bytearray], None] | None = None
         self._size = _UNKNOWN if size is None else size
         if size is None:
             self._size = self._measure()
@@ -123,6 +145,11 @@ class GzipSource:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
             self._spans.clear()
             self._cached = 0
         self._inner.close()
@@ -133,6 +160,9 @@ class GzipSource:
             return b""
         parts: list[bytes] = []
         end = offset + length
+        number = bisect_right(self._starts, offset) - 1
+        if self._ahead:
+            self._decode_ahead(number)
         while offset < end:
             number = bisect_right(self._starts, offset) - 1
             span = self._span(number)
@@ -141,10 +171,63 @@ class GzipSource:
             with span.lock:
                 if len(span.data) < rel + take:
                     self._decode(span, rel + take)
-                parts.append(bytes(span.data[rel : rel + take]))
+                # One copy out of the span (a bytearray slice would copy twice).
+                with memoryview(span.data) as view, view[rel : rel + take] as piece:
+                    parts.append(bytes(piece))
             self._account(span)
             offset += take
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @property
+    def span_count(self) -> int:
+        return len(self._starts)
+
+    def load_span(self, number: int) -> None:
+        """Decode span `number` in full (a background fetch): its compressed bytes are fetched
+        and checked, `on_span` sees it. Raises what a read of it would raise."""
+        if not 0 <= number < len(self._starts):
+            raise ValueError(f"span {number} is outside 0..{len(self._starts) - 1}")
+        span = self._span(number)
+        with span.lock:
+            if not span.complete:
+                self._decode(span, span.end - span.start)
+        self._account(span)
+
+    # -- decode-ahead -------------------------------------------------------------------------
+
+    def _decode_ahead(self, number: int) -> None:
+        """A read at span `number` right after one at the same or the previous span: decode
+        the next `decode_ahead` spans on the worker threads, each from its own checkpoint."""
+        with self._lock:
+            forward = self._last_number <= number <= self._last_number + 1
+            self._last_number = number
+            if not forward or self._closed:
+                return
+            wanted = []
+            for ahead in range(number + 1, min(number + 1 + self._ahead, len(self._starts))):
+                span = self._spans.get(ahead)
+                if ahead in self._queued or (span is not None and span.complete):
+                    continue
+                self._queued.add(ahead)
+                wanted.append(ahead)
+            if not wanted:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="decode-ahead")
+            for ahead in wanted:
+                self._pool.submit(self._decode_whole, ahead)
+
+    def _decode_whole(self, number: int) -> None:
+        """Decode span `number` to its end (a worker's job); a failure is left for the reader
+        who needs the span to meet again, and report."""
+        try:
+            if not self._closed:
+                self.load_span(number)
+        except Exception as exc:
+            log.debug("decode-ahead of span %d failed: %s", number, exc)
+        finally:
+            with self._lock:
+                self._queued.discard(number)
 
     # -- span cache -------------------------------------------------------------------------
 
@@ -288,8 +371,10 @@ class GzipSource:
                 if number >= len(self._starts):
                     if span.crc is not None and decoder is not None:
                         self._check_last_member(span, decoder)
+                    self._completed(span)
                     return
                 extra = self._check_window(span, number, decoder, extra)
+                self._completed(span)
                 # Sequential reads: the decoder sits exactly at the next span's start, so seed
                 # that span with it instead of restarting from its checkpoint later.
                 nxt = _Span(number, self._starts[number], self._span_end(number))
@@ -314,6 +399,10 @@ class GzipSource:
         finally:
             if held is not None:
                 held.lock.release()
+
+    def _completed(self, span: _Span) -> None:
+        if self.on_span is not None:
+            self.on_span(span.number, span.data)
 
     def _next_member(self, span: _Span) -> bool:
         """Skip a member trailer and the next gzip header; False at the end of the blob."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .chunkstore import FORMAT_DIR, count_records, read_header
+from .layerstore import DATA_NAME as LAYER_DATA
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _info(directory: Path, digest: str, *, count: bool) -> BlobInfo:
     size = chunk_size = present = 0
     disk = 0
     last = 0.0
-    for name in ("data", "index"):
+    for name in ("data", "index", LAYER_DATA):  # chunks, their records, decoded layer
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(directory / name)
             disk += st.st_blocks * 512

@@ -1,0 +1,230 @@
+"""LayerStore: a blob's decoded layer data on local disk, filled span by span as GzipSource
+completes them; `layer` (sparse, the layer's size) plus `layer.spans-<geometry>` (which spans
+are in it, and whether the whole layer was verified), in the blob's cache directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import struct
+import threading
+from bisect import bisect_right
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import CacheError
+from .chunkstore import DIR_MODE, FILE_MODE
+
+log = logging.getLogger(__name__)
+
+DATA_NAME = "layer"
+_MAGIC = b"HELAYER1"
+_HEADER = struct.Struct("<8sQIB")  # magic, layer size, span count, verified
+_HEADER_SIZE = 64
+FLUSH_EVERY_S = 5.0
+
+
+def spans_name(size: int, starts: Sequence[int]) -> str:
+    """The record's file name: one per span geometry (two zinfos of one blob may cut it
+    differently; the data file is the same layer data either way)."""
+    geometry = hashlib.sha256(struct.pack(f"<Q{len(starts)}Q", size, *starts)).hexdigest()
+    return f"{DATA_NAME}.spans-{geometry[:16]}"
+
+
+class LayerStore:
+    """The decoded layer data of one blob, kept on local disk so a span is decoded once.
+
+    `put(number, data)` writes a completed span (bytes GzipSource checked against the next
+    checkpoint's window or the member's CRC-32) and serves it at once from this process;
+    other processes and later mounts see it after `flush()`, which makes the data durable
+    (fdatasync) before the record says it is there, so a crash never leaves a record for
+    bytes that are not on disk. Like an extracted layer on disk, stored bytes are trusted
+    as they are (no per-read checksum): that is what makes `fd` servable by splice.
+
+    Args:
+        directory: the blob's cache directory (ChunkStore's, which holds its open.lock).
+        size: layer data size.
+        starts: uncompressed offset of each span (the zinfo's checkpoints).
+
+    Thread-safe. `close()` flushes.
+    """
+
+    def __init__(self, directory: Path, *, size: int, starts: Sequence[int]) -> None:
+        self.directory = directory
+        self.size = size
+        self._starts = list(starts)
+        self._count = len(self._starts)
+        self.spans_path = directory / spans_name(size, self._starts)
+        try:
+            directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            self._fd = os.open(directory / DATA_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                               FILE_MODE)
+        except OSError as exc:
+            raise CacheError(f"{directory}: cannot open the layer store: "
+                             f"{exc.strerror or exc}") from exc
+        self._lock = threading.Lock()
+        self._present = bytearray(self._count)
+        self._durable = bytearray(self._count)  # what the record on disk says (or will)
+        self._verified = False
+        self._dirty = False
+        self._closed = False
+        self._wake = threading.Event()
+        self._flusher: threading.Thread | None = None
+        try:
+            if os.fstat(self._fd).st_size != size:
+                os.ftruncate(self._fd, size)
+            self._load()
+        except OSError as exc:
+            os.close(self._fd)
+            raise CacheError(f"{directory}: cannot open the layer store: "
+                             f"{exc.strerror or exc}") from exc
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def span_count(self) -> int:
+        return self._count
+
+    def spans_present(self) -> int:
+        with self._lock:
+            return sum(self._present)
+
+    def has_span(self, number: int) -> bool:
+        return bool(self._present[number])
+
+    @property
+    def complete(self) -> bool:
+        return self.spans_present() == self._count
+
+    @property
+    def verified(self) -> bool:
+        return self._verified
+
+    def span_range(self, number: int) -> tuple[int, int]:
+        """(length, offset) of span `number` in the layer data."""
+        end = self._starts[number + 1] if number + 1 < self._count else self.size
+        return end - self._starts[number], self._starts[number]
+
+    def has(self, length: int, offset: int) -> bool:
+        """True when every byte of the range is in the store."""
+        if length <= 0 or self._closed:
+            return length == 0
+        first = bisect_right(self._starts, offset) - 1
+        last = bisect_right(self._starts, offset + length - 1) - 1
+        present = self._present
+        return all(present[first : last + 1])
+
+    def put(self, number: int, data: bytes | bytearray | memoryview) -> None:
+        """Store span `number` (exactly its bytes); a failure to write is logged, not raised
+        (the span is still served from memory by the caller)."""
+        length, offset = self.span_range(number)
+        if len(data) != length:
+            raise ValueError(f"span {number} has {length} bytes, got {len(data)}")
+        if self._present[number] or self._closed:
+            return
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < length:
+                done += os.pwrite(self._fd, view[done:], offset + done)
+        except OSError as exc:
+            log.warning("%s: cannot store span %d: %s", self.directory, number,
+                        exc.strerror or exc)
+            return
+        with self._lock:
+            self._present[number] = 1
+            self._dirty = True
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                                 name="layer-store-flush")
+                self._flusher.start()
+
+    def mark_verified(self) -> None:
+        """The complete layer passed verification: the record says so from the next flush."""
+        with self._lock:
+            self._verified = True
+            self._dirty = True
+        self.flush()
+
+    def flush(self) -> None:
+        """Make stored spans durable, then merge them into the record (under its flock)."""
+        with self._lock:
+            if not self._dirty or self._closed:
+                return
+            present = bytes(self._present)
+            verified = self._verified
+            self._dirty = False
+        try:
+            os.fdatasync(self._fd)
+            self._merge(present, verified)
+        except OSError as exc:
+            log.warning("%s: cannot record stored spans: %s", self.spans_path, exc.strerror or exc)
+            with self._lock:
+                self._dirty = True
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake.set()
+        os.close(self._fd)
+
+    # -- the record -------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        with contextlib.suppress(FileNotFoundError), open(self.spans_path, "rb") as record:
+            raw = record.read()
+            header = self._header(raw)
+            if header is None:
+                return
+            present = raw[_HEADER_SIZE : _HEADER_SIZE + self._count]
+            self._present[:] = present
+            self._durable[:] = present
+            self._verified = bool(header) and all(present)
+
+    def _header(self, raw: bytes) -> int | None:
+        """The verified flag of a record of this geometry, or None when it is not one."""
+        if len(raw) != _HEADER_SIZE + self._count:
+            return None
+        magic, size, count, verified = _HEADER.unpack_from(raw)
+        if magic != _MAGIC or size != self.size or count != self._count:
+            return None
+        return int(verified)
+
+    def _merge(self, present: bytes, verified: bool) -> None:
+        fd = os.open(self.spans_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.pread(fd, _HEADER_SIZE + self._count, 0)
+            ours = bytearray(present)
+            flag = int(verified)
+            header = self._header(raw)
+            if header is not None:  # another process's spans count too
+                theirs = raw[_HEADER_SIZE:]
+                ours = bytearray(a | b for a, b in zip(ours, theirs, strict=True))
+                flag |= header
+            head = _HEADER.pack(_MAGIC, self.size, self._count, flag).ljust(_HEADER_SIZE, b"\0")
+            os.pwrite(fd, head + bytes(ours), 0)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._durable[:] = ours
+            for number, bit in enumerate(ours):
+                if bit and not self._present[number]:
+                    self._present[number] = 1  # stored by another process meanwhile
+
+    def _flush_loop(self) -> None:
+        while not self._wake.wait(FLUSH_EVERY_S):
+            self.flush()
+
+
+__all__ = ["DATA_NAME", "LayerStore", "spans_name"]

@@ -1,0 +1,159 @@
+"""Decode-ahead in GzipSource, the LayerStore of decoded spans and StoredLayerSource above it."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hybrid_erofs.gzindex.source import GzipSource
+from hybrid_erofs.source import FileRanged, MemorySource
+from hybrid_erofs.sources.layerstore import LayerStore
+from hybrid_erofs.sources.stored import StoredLayerSource
+
+from ..doubles import CountingSource
+from .test_gzip_source import BLOB, DATA, INDEX, check_random_reads
+
+STARTS = [cp.out_offset for cp in INDEX.checkpoints]
+
+
+def _span(number: int) -> bytes:
+    end = STARTS[number + 1] if number + 1 < len(STARTS) else len(DATA)
+    return DATA[STARTS[number] : end]
+
+
+def _wait_for(condition: object, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_decode_ahead_decodes_the_next_spans_of_a_forward_reader() -> None:
+    done: list[int] = []
+    lock = threading.Lock()
+    source = GzipSource(MemorySource(BLOB), INDEX, size=len(DATA), decode_ahead=2,
+                        decode_workers=2)
+
+    def record(number: int, data: bytearray) -> None:
+        assert bytes(data) == _span(number)
+        with lock:
+            done.append(number)
+
+    source.on_span = record
+    assert len(STARTS) >= 6
+    assert source.pread(4096, 0) == DATA[:4096]
+    assert source.pread(4096, 4096) == DATA[4096:8192]  # forward: spans 1 and 2 go ahead
+    _wait_for(lambda: {1, 2} <= set(done))
+    assert 3 not in done  # only `decode_ahead` spans beyond the reader
+    check_random_reads(source, DATA, INDEX, count=60)
+    source.close()
+
+
+def test_decode_ahead_leaves_random_readers_alone() -> None:
+    inner = CountingSource(BLOB)
+    source = GzipSource(inner, INDEX, size=len(DATA), decode_ahead=3)
+    source.pread(100, STARTS[4] + 10)
+    source.pread(100, STARTS[1] + 10)  # backwards: no decode-ahead
+    source.close()
+    fetched = {offset for _, offset in inner.calls}
+    assert all(offset < INDEX.checkpoints[5].in_offset for offset in fetched)
+
+
+def test_decode_ahead_failure_is_met_by_the_reader_who_needs_the_span() -> None:
+    broken = bytearray(BLOB)
+    cp = INDEX.checkpoints[2]
+    broken[cp.in_offset + 100 : cp.in_offset + 400] = bytes(300)
+    source = GzipSource(MemorySource(bytes(broken)), INDEX, size=len(DATA), decode_ahead=2)
+    source.pread(10, 0)
+    source.pread(10, 20)
+    with pytest.raises(OSError):
+        source.pread(STARTS[3] - STARTS[2], STARTS[2])
+    assert source.pread(10, STARTS[1]) == DATA[STARTS[1] : STARTS[1] + 10]
+    source.close()
+
+
+def test_layer_store_serves_spans_after_put_and_persists_them_after_flush(tmp_path: Path) -> None:
+    store = LayerStore(tmp_path, size=len(DATA), starts=STARTS)
+    assert not store.has(1, 0) and store.has(0, 0)
+    store.put(1, _span(1))
+    assert store.has(len(_span(1)), STARTS[1]) and not store.has(2, STARTS[1] - 1)
+    assert os.pread(store.fd, 100, STARTS[1]) == _span(1)[:100]
+    other = LayerStore(tmp_path, size=len(DATA), starts=STARTS)
+    assert not other.has_span(1)  # not durable yet: another process does not trust it
+    store.flush()
+    again = LayerStore(tmp_path, size=len(DATA), starts=STARTS)
+    assert again.has_span(1) and again.spans_present() == 1
+    other.put(3, _span(3))
+    other.flush()  # merges: 1 (from the record) and 3
+    assert other.has_span(1) and other.has_span(3)
+    for s in (store, other, again):
+        s.close()
+    assert LayerStore(tmp_path, size=len(DATA), starts=STARTS).spans_present() == 2
+
+
+def test_layer_store_of_another_geometry_starts_empty(tmp_path: Path) -> None:
+    store = LayerStore(tmp_path, size=len(DATA), starts=STARTS)
+    store.put(0, _span(0))
+    store.close()
+    other = LayerStore(tmp_path, size=len(DATA), starts=STARTS[:1] + STARTS[2:])
+    assert other.spans_present() == 0
+    other.close()
+
+
+def test_layer_store_refuses_a_span_of_the_wrong_length(tmp_path: Path) -> None:
+    store = LayerStore(tmp_path, size=len(DATA), starts=STARTS)
+    with pytest.raises(ValueError, match="span 0 has"):
+        store.put(0, b"short")
+    store.close()
+
+
+def test_layer_store_verified_flag_needs_every_span(tmp_path: Path) -> None:
+    store = LayerStore(tmp_path, size=len(DATA), starts=STARTS)
+    for number in range(len(STARTS)):
+        store.put(number, _span(number))
+    assert store.complete
+    store.mark_verified()
+    store.close()
+    again = LayerStore(tmp_path, size=len(DATA), starts=STARTS)
+    assert again.complete and again.verified
+    assert os.pread(again.fd, len(DATA), 0) == DATA
+    again.close()
+
+
+def test_stored_layer_source_keeps_decoded_spans_and_serves_them_from_disk(
+        tmp_path: Path) -> None:
+    inner = CountingSource(BLOB)
+    source = StoredLayerSource(GzipSource(inner, INDEX, size=len(DATA)),
+                               LayerStore(tmp_path, size=len(DATA), starts=STARTS))
+    assert isinstance(source, FileRanged)
+    assert source.file_range(10, 0) is None
+    check_random_reads(source, DATA, INDEX, count=30)  # type: ignore[arg-type]
+    for number in range(len(STARTS)):
+        source.inner.load_span(number)
+    assert source.store.complete
+    where = source.file_range(1000, 5000)
+    assert where is not None and os.pread(where[0], 1000, where[1]) == DATA[5000:6000]
+    source.close()
+    cold = CountingSource(BLOB)
+    again = StoredLayerSource(GzipSource(cold, INDEX, size=len(DATA)),
+                              LayerStore(tmp_path, size=len(DATA), starts=STARTS))
+    assert again.pread(len(DATA), 0) == DATA
+    assert cold.calls == []  # every byte from the store, nothing fetched or decoded
+    again.close()
+
+
+def test_stored_layer_source_refuses_a_store_of_another_layer(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        StoredLayerSource(GzipSource(MemorySource(BLOB), INDEX, size=len(DATA)),
+                          LayerStore(tmp_path, size=len(DATA) + 1, starts=STARTS))
+
+
+def test_load_span_checks_its_argument() -> None:
+    source = GzipSource(MemorySource(gzip.compress(b"x" * 100)), INDEX, size=len(DATA))
+    with pytest.raises(ValueError, match="outside"):
+        source.load_span(len(STARTS))

@@ -1,0 +1,194 @@
+"""Full read of a mounted layer with one reader (`tar -C MNT -cf - . | cat > /dev/null`) against
+its floors and peers, side by side in one run, medians of N rounds (root; drops caches).
+
+Methods, in a rotating order each round:
+  tar-xzf          `tar -xzf LAYER -C tmpfs` (the peer to beat by 2x), page cache dropped
+  floor-tmpfs      the tar read of an extracted copy on tmpfs
+  floor-inflate    raw inflate of the blob on one core (isal), blob in the page cache
+  disk-cold        the tar read of an extracted copy on local disk, page cache dropped
+  mount-cold       `hybrid-erofs mount` from a loopback registry, empty cache, page cache
+                   dropped, then the tar read (the mount's own time not counted)
+  mount-local      the same mount after its layer is complete (every span fetched and
+                   decoded), page cache dropped, then the tar read
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench_mount import CLI, drop_caches, ensure_index, push, registry
+
+READ = "tar -C {dir} -cf - . | cat > /dev/null"
+INFLATE = """
+import sys, time
+from isal import isal_zlib
+data = open(sys.argv[1], 'rb').read()
+started = time.perf_counter()
+view, d = memoryview(data), isal_zlib.decompressobj(31)
+for i in range(0, len(data), 1 << 20):
+    d.decompress(view[i:i + (1 << 20)])
+print(time.perf_counter() - started)
+"""
+
+
+def timed_shell(command: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, shell=True, check=True)
+    return time.perf_counter() - started
+
+
+def status(env: dict[str, str], mnt: Path) -> dict[str, Any]:
+    out = subprocess.run([*CLI, "status", "--json"], env=env, check=True, capture_output=True,
+                         text=True).stdout
+    for entry in json.loads(out):
+        if entry["mountpoint"] == str(mnt):
+            found: dict[str, Any] = entry
+            return found
+    raise RuntimeError(f"{mnt}: not in status")
+
+
+class Bench:
+    def __init__(self, layer: Path, work: Path, ref: str, meta: Path, zinfo: Path) -> None:
+        self.layer, self.work, self.ref, self.meta, self.zinfo = layer, work, ref, meta, zinfo
+        self.tmpfs = work / "tmpfs"
+        self.disk_tree = work / "disk-tree"
+        self.mnt = work / "mnt"
+        self.env = {**os.environ, "HYBRID_EROFS_RUNTIME_DIR": str(work / "run")}
+
+    def prepare(self) -> None:
+        self.tmpfs.mkdir(parents=True, exist_ok=True)
+        if not any(line.split()[1] == str(self.tmpfs)
+                   for line in Path("/proc/mounts").read_text().splitlines()):
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=90%", "tmpfs", str(self.tmpfs)],
+                           check=True)
+        for tree in (self.tmpfs / "tree", self.disk_tree):
+            if not tree.exists():
+                tree.mkdir(parents=True)
+                subprocess.run(["tar", "-xzf", str(self.layer), "-C", str(tree)], check=True)
+        self.mnt.mkdir(exist_ok=True)
+
+    def close(self) -> None:
+        subprocess.run(["umount", str(self.tmpfs)], check=False)
+
+    def tar_xzf(self) -> float:
+        out = self.tmpfs / "x"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        drop_caches()
+        took = timed_shell(f"tar -xzf {self.layer} -C {out}")
+        shutil.rmtree(out)
+        return took
+
+    def floor_tmpfs(self) -> float:
+        return timed_shell(READ.format(dir=self.tmpfs / "tree"))
+
+    def floor_inflate(self) -> float:
+        subprocess.run(["cat", str(self.layer)], stdout=subprocess.DEVNULL, check=True)
+        out = subprocess.run([sys.executable, "-c", INFLATE, str(self.layer)], check=True,
+                             capture_output=True, text=True).stdout
+        return float(out)
+
+    def disk_cold(self) -> float:
+        drop_caches()
+        return timed_shell(READ.format(dir=self.disk_tree))
+
+    def _mount(self, cache: Path, *extra: str) -> None:
+        subprocess.run([*CLI, "mount", "--via", "fuse", "--meta", str(self.meta), "--zinfo",
+                        str(self.zinfo), "--cache-dir", str(cache), *extra, self.ref,
+                        str(self.mnt)], env=self.env, check=True, capture_output=True)
+
+    def _umount(self) -> None:
+        subprocess.run([*CLI, "umount", str(self.mnt)], env=self.env, check=True,
+                       capture_output=True)
+
+    def mount_cold(self) -> float:
+        cache = self.work / "cache-cold"
+        shutil.rmtree(cache, ignore_errors=True)
+        self._mount(cache, "--no-background-fetch")
+        try:
+            drop_caches()
+            return timed_shell(READ.format(dir=self.mnt))
+        finally:
+            self._umount()
+
+    def mount_local(self) -> float:
+        """Complete the layer once (kept across rounds: the cache stays), then time a read."""
+        cache = self.work / "cache-local"
+        self._mount(cache)
+        try:
+            deadline = time.monotonic() + 1800
+            while not status(self.env, self.mnt)["stats"].get("complete"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("background fetch did not complete")
+                time.sleep(1)
+            drop_caches()
+            return timed_shell(READ.format(dir=self.mnt))
+        finally:
+            self._umount()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("layer", type=Path, help="a gzip layer (indexed beside it if needed)")
+    parser.add_argument("--work", type=Path, required=True,
+                        help="scratch directory (extracted copies, registry storage, caches)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", default="tar-xzf,floor-tmpfs,floor-inflate,disk-cold,"
+                        "mount-cold,mount-local")
+    parser.add_argument("--json", type=Path, help="write the figures here too")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        parser.error("needs root (mounts, drop_caches)")
+    layer = args.layer.resolve()
+    stem = layer.name.removesuffix(".gz").removesuffix(".tar")
+    zinfo, meta = layer.with_name(stem + ".zinfo"), layer.with_name(stem + ".meta")
+    ensure_index(layer, zinfo, meta)
+    digest = json.loads(zinfo.with_name(zinfo.name + ".json").read_text())["blob"]["digest"]
+    args.work.mkdir(parents=True, exist_ok=True)
+    times: dict[str, list[float]] = {}
+    with registry(args.work / "registry") as host:
+        bench = Bench(layer, args.work.resolve(), push(host, layer, digest), meta, zinfo)
+        bench.prepare()
+        methods: dict[str, Callable[[], float]] = {
+            "tar-xzf": bench.tar_xzf, "floor-tmpfs": bench.floor_tmpfs,
+            "floor-inflate": bench.floor_inflate, "disk-cold": bench.disk_cold,
+            "mount-cold": bench.mount_cold, "mount-local": bench.mount_local}
+        chosen = [m for m in args.methods.split(",") if m]
+        try:
+            for number in range(args.rounds):
+                order = chosen[number % len(chosen):] + chosen[:number % len(chosen)]
+                for name in order:
+                    took = methods[name]()
+                    times.setdefault(name, []).append(took)
+                    load = os.getloadavg()[0]
+                    print(f"round {number + 1} {name:14s} {took:7.2f} s  (load {load:.1f})",
+                          file=sys.stderr)
+        finally:
+            bench.close()
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    summary = {"layer": str(layer), "blob_bytes": layer.stat().st_size, "medians_s": medians,
+               "runs_s": times, "load_after": os.getloadavg()[0]}
+    if "tar-xzf" in medians:
+        summary["mount_cold_vs_tar_xzf"] = medians.get("mount-cold", 0) / medians["tar-xzf"]
+    if "disk-cold" in medians:
+        summary["mount_local_vs_disk"] = medians.get("mount-local", 0) / medians["disk-cold"]
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
