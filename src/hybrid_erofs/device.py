@@ -25,7 +25,6 @@ from .gzindex.build import detect_format
 from .gzindex.format import parse_index
 from .gzindex.sidecar import load_sidecar, sidecar_path
 from .gzindex.source import GzipSource
-from .indexing.imageindex import file_digest
 from .oci.layout import is_layout_reference, open_layout_blob
 from .source import ByteSource, FileSource
 from .sources.cachedir import default_cache_dir, default_cache_limit
@@ -38,6 +37,7 @@ from .sources.registry import open_registry_blob
 from .sources.retry import RetrySource
 from .sources.stored import StoredLayerSource
 from .sources.verify import VerifiedSource
+from .trust.binding import BlobIdentity, check_binding
 
 log = logging.getLogger("hybrid_erofs.device")
 
@@ -116,12 +116,21 @@ def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
                zinfo: str | os.PathLike[str] | None = None,
                registry: RegistryOptions | None = None) -> ErofsImage:
     """The meta image for reading without a mount, with LAYER (uncompressed through
-    open_layer) as its device 1 when given."""
+    open_layer) as its device 1 when given. The meta, zinfo, sidecar and layer must belong
+    together (trust/binding.py); with a zinfo but no layer, the meta is checked against the
+    zinfo's sidecar."""
+    meta_path = Path(meta)
+    if layer is None and zinfo is not None:
+        zinfo_bytes = _read_zinfo(zinfo)
+        side_path = sidecar_path(zinfo)
+        if side_path.exists():
+            sidecar = load_sidecar(side_path, zinfo_bytes=zinfo_bytes)
+            check_binding(blob=None, meta=meta_path, zinfo=Path(zinfo), sidecar=sidecar)
     meta_source = FileSource(meta)
     devices: list[ByteSource] = []
     try:
         if layer is not None:
-            devices.append(open_layer(layer, zinfo=zinfo, registry=registry))
+            devices.append(open_layer(layer, zinfo=zinfo, registry=registry, meta=meta_path))
         return ErofsImage(meta_source, devices=devices)
     except BaseException:
         for source in (meta_source, *devices):
@@ -131,12 +140,15 @@ def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
 
 def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | None = None,
                size: int | None = None, cache_bytes: int = 64 << 20,
-               registry: RegistryOptions | None = None) -> ByteSource:
+               registry: RegistryOptions | None = None,
+               meta: str | os.PathLike[str] | None = None) -> ByteSource:
     """Open a layer as uncompressed layer data: a local file, or a registry reference when
     no such file exists.
 
-    A plain tar is read directly; a gzip layer needs its zinfo (see `open_gzip_layer`).
+    A plain tar is read directly; a gzip layer needs its zinfo (see `open_gzip_layer`). With
+    `meta`, the meta must belong to this layer too (trust/binding.py).
     """
+    meta_path = Path(meta) if meta is not None else None
     if not is_local(str(path)):
         if zinfo is None:
             raise InvalidInput(f"{path}: a registry layer needs its zinfo (--zinfo FILE)")
@@ -145,7 +157,8 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
                      else None)
         try:
             return open_gzip_layer(remote, zinfo=zinfo, name=str(path), blob_digest=digest,
-                                   size=size, cache_bytes=cache_bytes, store_dir=store_dir)
+                                   size=size, cache_bytes=cache_bytes, store_dir=store_dir,
+                                   meta=meta_path)
         except BaseException:
             remote.close()
             raise
@@ -153,13 +166,15 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
     try:
         kind = detect_format(blob.pread(min(512, blob.size), 0))
         if kind == "tar":
+            identity = BlobIdentity(str(path), blob.size, local_path=Path(path))
+            check_binding(blob=identity, meta=meta_path)
             return blob
         if kind != "gzip":
             raise InvalidInput(f"{path}: {kind} file, not a gzip or tar layer")
         if zinfo is None:
             raise InvalidInput(f"{path}: gzip layer: give its zinfo (--zinfo FILE)")
         return open_gzip_layer(blob, zinfo=zinfo, name=str(path), size=size,
-                               cache_bytes=cache_bytes)
+                               cache_bytes=cache_bytes, meta=meta_path, local_path=Path(path))
     except BaseException:
         blob.close()
         raise
@@ -167,8 +182,9 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
 
 def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: str,
                     blob_digest: str | None = None, size: int | None = None,
-                    cache_bytes: int = 64 << 20,
-                    store_dir: Path | None = None) -> GzipSource | StoredLayerSource:
+                    cache_bytes: int = 64 << 20, store_dir: Path | None = None,
+                    meta: Path | None = None,
+                    local_path: Path | None = None) -> GzipSource | StoredLayerSource:
     """Layer data of a gzip `blob` through its zinfo.
 
     With `store_dir` (a registry blob's cache directory) and a sidecar, spans decoded in
@@ -177,23 +193,26 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
     With the zinfo's sidecar (`layer.zinfo.json`, written by `index`), a blob of another size
     or digest than the one indexed is refused here, every span is verified against its
     sha256 before it is decoded (VerifiedSource), and the layer size needs no I/O. Without
-    it (a zinfo from erofs-utils or SOCI) reads are not verified: a warning says so.
+    it (a zinfo from erofs-utils or SOCI) reads are not verified: a warning says so. `meta`
+    (when given) must belong to the same layer; `local_path` lets the binding check hash a
+    local blob that has no sidecar.
     """
     zinfo_bytes = _read_zinfo(zinfo)
-    index = parse_index(zinfo_bytes, name=str(zinfo), blob_size=blob.size)
     side_path = sidecar_path(zinfo)
+    identity = BlobIdentity(name, blob.size, digest=blob_digest, local_path=local_path)
     inner: ByteSource = blob
     if side_path.exists():
         sidecar = load_sidecar(side_path, zinfo_bytes=zinfo_bytes)
-        if sidecar.blob_size != blob.size or (blob_digest and blob_digest != sidecar.blob_digest):
-            actual = f"{blob_digest} " if blob_digest else ""
-            raise InvalidInput(
-                f"{name}: not the layer {zinfo} was built for: that was {sidecar.blob_digest} "
-                f"({sidecar.blob_size} bytes), this is {actual}({blob.size} bytes)"
-            )
+        check_binding(blob=identity, meta=meta, zinfo=Path(zinfo), sidecar=sidecar)
+        index = parse_index(zinfo_bytes, name=str(zinfo), blob_size=blob.size,
+                            layer_size=sidecar.layer_size)
         inner = VerifiedSource(blob, sidecar.spans, name=name)
         size = sidecar.layer_size if size is None else size
     else:
+        # A zinfo of another tool (erofs-utils, SOCI): runs of checkpoints at one offset
+        # (empty gzip members) are folded; ours are refused for them (a forgery).
+        index = parse_index(zinfo_bytes, name=str(zinfo), blob_size=blob.size, strict=False)
+        check_binding(blob=identity, meta=meta, zinfo=Path(zinfo))
         log.warning("%s: no %s beside the zinfo: spans are not verified", name, side_path.name)
     layer = GzipSource(inner, index, size=size, cache_bytes=cache_bytes,
                        decode_ahead=DECODE_AHEAD, decode_workers=DECODE_WORKERS)
@@ -218,47 +237,18 @@ def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:
         raise IndexFormatError(f"{zinfo}: cannot read: {exc.strerror}") from exc
 
 
-def check_meta_binding(meta: str | os.PathLike[str], zinfo: str | os.PathLike[str]) -> None:
-    """Refuse a meta that is not the one built with `zinfo` (when its sidecar says which)."""
-    side_path = sidecar_path(zinfo)
-    if not side_path.exists():
-        return
-    expected = load_sidecar(side_path).meta_sha256
-    if expected is None:
-        return
-    try:
-        actual, _ = file_digest(meta)
-    except FileNotFoundError as exc:
-        raise IndexFormatError(f"{meta}: no such file") from exc
-    except OSError as exc:
-        raise IndexFormatError(f"{meta}: cannot read: {exc.strerror}") from exc
-    if actual != f"sha256:{expected}":
-        raise IndexFormatError(
-            f"{meta}: not the meta built with {zinfo} (its sha256 is {actual[7:19]}..., "
-            f"{side_path.name} records {expected[:12]}...): index the layer again or pass "
-            f"the matching --meta"
-        )
-
-
 def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
                 registry: RegistryOptions | None = None) -> ByteSource:
     """Open the device the kernel mounts: the meta image followed by the layer's data.
 
-    `meta` is checked against the layer (device table, sizes) before anything is served, and
-    against the sha256 the zinfo's sidecar records when `index` built both in one pass (a meta
-    of another layer is refused); closing the result closes both files.
+    `meta` is checked against the layer (device table, sizes, the blob it records) and the
+    zinfo's sidecar (trust/binding.py) before anything is served; closing the result
+    closes both files.
     """
     meta_source = FileSource(meta)
     try:
-        layer_source = open_layer(layer, zinfo=zinfo, registry=registry)
+        layer_source = open_layer(layer, zinfo=zinfo, registry=registry, meta=meta)
     except BaseException:
-        meta_source.close()
-        raise
-    try:
-        if zinfo is not None:
-            check_meta_binding(meta, zinfo)
-    except BaseException:
-        layer_source.close()
         meta_source.close()
         raise
     try:
@@ -271,7 +261,6 @@ def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
 
 __all__ = [
     "RegistryOptions",
-    "check_meta_binding",
     "is_local",
     "open_device",
     "open_gzip_layer",

@@ -7,6 +7,9 @@
     + TarFormatError                   a tar stream is malformed
     + ErofsFormatError                 an EROFS image is malformed
     + InvalidReference                 a "registry/repo:tag@digest" string is malformed
+    + BindingError                     index files that do not belong together or to the layer
+  x TrustError                         an index found in a registry is not bound to the image
+                                       and the node's policy refuses it; a bad signature
   x OutputError (OSError)              an output file could not be written
   x RegistryError                      a registry answered, but not as required (status, digest,
                                        media type, platform); `.transient` as for SourceIOError
@@ -56,6 +59,16 @@ class ErofsFormatError(InvalidInput):
 
 class InvalidReference(InvalidInput):
     """An image reference string does not follow the distribution grammar."""
+
+
+class BindingError(InvalidInput):
+    """Index files (meta, zinfo, sidecar) that do not belong together, or not to the layer
+    they are used with; the message names both digests."""
+
+
+class TrustError(HybridErofsError):
+    """An index found by discovery is not bound to the image (nor signed by a trusted key)
+    and the node's policy does not accept it; or a signature is invalid."""
 
 
 class OutputError(HybridErofsError, OSError):

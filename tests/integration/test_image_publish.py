@@ -248,7 +248,7 @@ def test_inspect_of_the_test_image_matches_skopeo(pushed: dict[str, str], image:
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     assert info["manifest"]["digest"] == platform.manifest_digest
-    assert [x["digest"] for x in info["layers"]] == list(platform.layer_digests)
+    assert [x["blob"]["digest"] for x in info["layers"]] == list(platform.layer_digests)
     override = ["--override-os", platform.os, "--override-arch", platform.architecture]
     if platform.variant:
         override += ["--override-variant", platform.variant]
@@ -261,7 +261,7 @@ def test_inspect_of_the_test_image_matches_skopeo(pushed: dict[str, str], image:
     assert info["entrypoint"] == run["Entrypoint"] and info["cmd"] == run["Cmd"]
     assert info["env"] == run["Env"] and info["working_dir"] == run["WorkingDir"]
     assert info["user"] == run["User"] and info["labels"] == run["Labels"]
-    assert [x["diff_id"] for x in info["layers"]] == config["rootfs"]["diff_ids"]
+    assert [x["layer"]["digest"] for x in info["layers"]] == config["rootfs"]["diff_ids"]
 
 
 def test_inspect_refuses_broken_images_in_one_line(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ def test_inspect_matches_skopeo(rig: Rig, tag: str, platform: str | None, name: 
     info = json.loads(result.output)
     image = rig.images[name]
     assert info["manifest"]["digest"] == image.manifest_digest
-    assert [(x["digest"], x["size"]) for x in info["layers"]] == [
+    assert [(x["blob"]["digest"], x["blob"]["size"]) for x in info["layers"]] == [
         (image.layer_digest, len(image.layer))]
 
     override = []
@@ -42,7 +42,7 @@ def test_inspect_matches_skopeo(rig: Rig, tag: str, platform: str | None, name: 
     assert info["labels"] == run.get("Labels", {})
     assert info["entrypoint"] == run.get("Entrypoint") and info["cmd"] == run.get("Cmd")
     assert info["env"] == run.get("Env", []) and info["user"] == run.get("User", "")
-    assert [x["diff_id"] for x in info["layers"]] == config["rootfs"]["diff_ids"]
+    assert [x["layer"]["digest"] for x in info["layers"]] == config["rootfs"]["diff_ids"]
 
 
 def test_inspect_missing_tag_is_one_line(rig: Rig) -> None:

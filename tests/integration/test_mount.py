@@ -334,7 +334,7 @@ def test_failures_are_one_line_and_leave_nothing(
     args, mnt = _failure_args(case, layer, other_layer, tmp_path)
     line = one_error_line(_run(args, env, timeout=60))
     expected = {
-        "bad-meta": "", "meta-of-another-layer": "not the meta built with", "zinfo-of-another-layer": "not the layer",
+        "bad-meta": "", "meta-of-another-layer": "this meta was built for another layer", "zinfo-of-another-layer": "not the layer",
         "unreachable-registry": "127.0.0.1", "missing-mountpoint": "does not exist",
         "not-a-dir": "not a directory", "nbd-without-module": "no /dev/nbd* (modprobe nbd)",
     }[case]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -41,10 +42,12 @@ def test_index_writes_zinfo_and_reports(layer: Path, tmp_path: Path) -> None:
     assert code == 0, out
     report = json.loads(out)
     index = load_index(tmp_path / "l.zinfo")
-    assert report["checkpoints"] == len(index) >= 5
-    assert report["layer_size"] == len(DATA)
-    assert report["blob_size"] == layer.stat().st_size
-    assert report["span"] == index.span == 512 << 10
+    assert report["zinfo"]["checkpoints"] == len(index) >= 5
+    assert report["layer"]["size"] == len(DATA)
+    assert report["blob"]["size"] == layer.stat().st_size
+    assert report["blob"]["digest"] == "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest()
+    assert report["zinfo"]["span"] == index.span == 512 << 10
+    assert report["meta"] is None
     code, out = run("index", str(layer), "-o", str(tmp_path / "m.zinfo"), "--no-meta")
     assert code == 0 and "checkpoints" in out and "MB/s" in out and out.count("\n") == 1
 
@@ -147,7 +150,7 @@ def test_index_writes_the_meta_beside_the_zinfo_by_default(tmp_path: Path) -> No
     code, out = run("index", str(layer), "-o", str(tmp_path / "layer.zinfo"), "--json")
     assert code == 0, out
     report = json.loads(out)
-    assert report["meta"] == str(tmp_path / "m.erofs") and report["entries"] == 1
+    assert report["meta"]["path"] == str(tmp_path / "m.erofs") and report["meta"]["entries"] == 1
     assert (tmp_path / "m.erofs").stat().st_size % 512 == 0
     # A bad tar inside good gzip: one line naming the layer, the entry and the offset.
     bad = bytearray(raw.getvalue())

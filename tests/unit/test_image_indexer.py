@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from hybrid_erofs.cli import main
 from hybrid_erofs.device import open_device
-from hybrid_erofs.errors import HybridErofsError, IndexFormatError, InvalidInput
+from hybrid_erofs.errors import BindingError, HybridErofsError, InvalidInput
 from hybrid_erofs.indexing.image import existing_outputs, index_image, meta_uuid
 from hybrid_erofs.indexing.imageindex import (
     INDEXED,
@@ -148,7 +148,8 @@ def test_meta_of_another_layer_is_refused(image: TestImage, tmp_path: Path) -> N
     blob = image.layout / "blobs" / "sha256" / digests[1].split(":")[1]
     device = open_device(str(blob), meta=tmp_path / a["meta"], zinfo=tmp_path / a["zinfo"])
     device.close()
-    with pytest.raises(IndexFormatError, match="not the meta built with"):
+    with pytest.raises(BindingError, match=rf"this meta was built for another layer \(blob "
+                                               rf"{digests[2]}\); .* is for blob {digests[1]}"):
         open_device(str(blob), meta=tmp_path / b["meta"], zinfo=tmp_path / a["zinfo"])
 
 

@@ -87,7 +87,7 @@ def test_inspect_layout_by_tag(layout: Layout) -> None:
     assert [d.digest for d in info.layers] == [AMD64.layer_digest, ARM64.layer_digest]
     assert [d.size for d in info.layers] == [len(AMD64.layer), len(ARM64.layer)]
     assert {d.media_type for d in info.layers} == {GZIP_LAYER}
-    assert info.to_json()["layers"][1]["diff_id"] == _diff_id(ARM64.layer)  # type: ignore[index]
+    assert info.to_json()["layers"][1]["layer"]["digest"] == _diff_id(ARM64.layer)  # type: ignore[index]
 
 
 @pytest.mark.parametrize(("tag", "platform", "image"), [
@@ -264,8 +264,9 @@ def test_cli_inspect_layout(layout: Layout) -> None:
     assert code == 0, out
     data = json.loads(out)
     assert data["manifest"]["digest"] == ARM64.manifest_digest
-    assert data["layers"] == [{"digest": ARM64.layer_digest, "mediaType": GZIP_LAYER,
-                               "size": len(ARM64.layer), "diff_id": _diff_id(ARM64.layer)}]
+    assert data["layers"] == [{"blob": {"digest": ARM64.layer_digest, "mediaType": GZIP_LAYER,
+                                        "size": len(ARM64.layer)},
+                               "layer": {"digest": _diff_id(ARM64.layer)}}]
     code, out = run("inspect", f"oci:{layout.root}:app")
     assert code == 0 and '  entrypoint: ["/bin/app"]' in out and "2 layers" in out
     _broken(layout, rootfs={"type": "layers", "diff_ids": []})

@@ -148,12 +148,12 @@ def test_wrong_layer_or_wrong_sidecar_is_refused(indexed: tuple[Path, Path], tmp
     with pytest.raises(InvalidInput, match=r"not the layer .* was built for: that was sha256:"):
         open_layer(other, zinfo=zinfo)
     side = json.loads(sidecar_path(zinfo).read_text())
-    side["zinfo_sha256"] = "0" * 64
+    side["zinfo"]["digest"] = "sha256:" + "0" * 64
     sidecar_path(zinfo).write_text(json.dumps(side))
     with pytest.raises(IndexFormatError, match="belongs to another zinfo"):
         open_layer(layer, zinfo=zinfo)
     sidecar_path(zinfo).write_text("{not json")
-    with pytest.raises(IndexFormatError, match="not a readable JSON sidecar"):
+    with pytest.raises(IndexFormatError, match="not a readable JSON zinfo sidecar"):
         open_layer(layer, zinfo=zinfo)
 
 

@@ -62,8 +62,8 @@ def test_v1_is_detected_by_length_and_gets_the_implied_first_checkpoint() -> Non
         (_raw(0, []), "no checkpoints"),
         (_raw(2, [(10, 5, 0), (20, 30, 1)]), "first checkpoint is at uncompressed offset 5"),
         (_raw(2, [(10, 0, 0), (20, 30, 9)]), "checkpoint 1: bits is 9, at most 7"),
-        (_raw(3, [(10, 0, 0), (200, 30, 1), (100, 60, 0)]), "compressed offset goes backwards (200 -> 100)"),
-        (_raw(3, [(10, 0, 0), (200, 90, 1), (300, 60, 0)]), "uncompressed offset goes backwards (90 -> 60)"),
+        (_raw(3, [(10, 0, 0), (200, 30, 1), (100, 60, 0)]), "compressed offset does not increase (200 -> 100)"),
+        (_raw(3, [(10, 0, 0), (200, 90, 1), (300, 60, 0)]), "uncompressed offset does not increase (90 -> 60)"),
     ],
     ids=["empty", "short-header", "truncated-record", "count-mismatch", "zero-count",
          "first-not-zero", "bits", "in-backwards", "out-backwards"],
@@ -79,9 +79,20 @@ def test_bad_files_give_one_line_errors_naming_the_file(data: bytes, message: st
 
 def test_checkpoint_past_the_blob_is_refused() -> None:
     data = dump_index(_index((10, 0, 0), (5000, 1 << 21, 3)))
-    parse_index(data, blob_size=5000)
-    with pytest.raises(IndexFormatError, match="compressed offset 5000 is past the end of the 4999-byte blob"):
-        parse_index(data, name="z", blob_size=4999)
+    parse_index(data, blob_size=5001, layer_size=(1 << 21) + 1)
+    with pytest.raises(IndexFormatError, match="compressed offset 5000 is past the end of the 5000-byte blob"):
+        parse_index(data, name="z", blob_size=5000)
+    with pytest.raises(IndexFormatError, match=r"uncompressed offset 2097152 is past the end of the "
+                                               r"2097152 bytes of layer data"):
+        parse_index(data, name="z", layer_size=1 << 21)
+
+
+@pytest.mark.parametrize("second", [(5000, 0, 0), (10, 1 << 21, 0)], ids=["same-out", "same-in"])
+def test_checkpoints_must_strictly_increase(second: tuple[int, int, int]) -> None:
+    # Issue 14, item 1: a second checkpoint at uncompressed offset 0 made reads at offset 0
+    # decode from the middle of the stream.
+    with pytest.raises(IndexFormatError, match="does not increase"):
+        parse_index(dump_index(_index((10, 0, 0), second)), name="z")
 
 
 def test_load_and_write(tmp_path: Path) -> None:

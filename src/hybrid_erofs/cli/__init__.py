@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ..errors import HybridErofsError
+from ..printable import printable_message
 
 
 class _Group(click.Group):
@@ -21,7 +22,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except HybridErofsError as exc:
-            raise click.ClickException(str(exc)) from exc
+            # Messages quote archive data (names, link targets): no control character may
+            # reach the terminal, and the message stays one line.
+            raise click.ClickException(printable_message(str(exc))) from exc
         except BrokenPipeError:
             # `hybrid-erofs cat ... | head`: the reader went away; not an error of ours.
             sys.stderr.close()

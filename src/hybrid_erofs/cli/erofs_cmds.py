@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from ..erofs.layout import Inode
 from ..erofs.reader import ErofsImage
 from ..erofs.verify import verify_image
 from ..errors import InvalidInput
+from ..printable import format_time, printable, printable_message
 from .options import Progress, human
 
 _meta_option = click.option(
@@ -45,10 +45,9 @@ def _entry(image: ErofsImage, path: str, inode: Inode) -> dict[str, Any]:
 
 def _long_line(info: dict[str, Any]) -> str:
     size = (f"{info['rdev'][0]}, {info['rdev'][1]}" if "rdev" in info else str(info["size"]))
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info["mtime"]))
     line = (f"{info['mode']} {info['nlink']:>3} {info['uid']:>5} {info['gid']:>5} {size:>10} "
-            f"{when} {info['name']}")
-    return line + (f" -> {info['target']}" if "target" in info else "")
+            f"{format_time(info['mtime'])} {printable(info['name'])}")
+    return line + (f" -> {printable(info['target'])}" if "target" in info else "")
 
 
 def _split_ls_args(args: tuple[str, ...]) -> tuple[str | None, str]:
@@ -107,9 +106,9 @@ def ls(meta: Path, zinfo: Path | None, args: tuple[str, ...], long: bool, recurs
         return
     for number, (header, infos) in enumerate(groups):
         if header is not None:
-            click.echo(("\n" if number else "") + f"{header}:")
+            click.echo(("\n" if number else "") + f"{printable(header)}:")
         for info in infos:
-            click.echo(_long_line(info) if long else info["name"])
+            click.echo(_long_line(info) if long else printable(info["name"]))
 
 
 @click.command("cat")
@@ -174,11 +173,11 @@ def verify(ctx: click.Context, meta: Path, zinfo: Path | None, layer: str | None
             "problems": list(report.problems), "warnings": list(report.warnings)}, indent=2))
     else:
         for line in report.problems:
-            click.echo(f"problem: {line}")
+            click.echo(f"problem: {printable_message(line)}")
         if report.problem_count > len(report.problems):
             click.echo(f"problem: ... and {report.problem_count - len(report.problems)} more")
         for line in report.warnings:
-            click.echo(f"warning: {line}")
+            click.echo(f"warning: {printable_message(line)}")
         summary = (f"{meta}: {'OK' if report.ok else f'{report.problem_count} problems'}: "
                    f"{report.files} files, {report.dirs} dirs, {report.symlinks} symlinks, "
                    f"{report.others} others")

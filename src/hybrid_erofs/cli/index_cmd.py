@@ -103,6 +103,7 @@ def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span
             raise click.UsageError("--meta and --no-meta contradict each other")
     elif meta is None and zinfo is not None:
         meta = zinfo.parent / "m.erofs"
+    replaced = _recorded_blob(meta)
     total = os.path.getsize(layer) if is_local(layer) and os.path.isfile(layer) else None
     bar = Progress("indexing", total, enabled=progress)
     try:
@@ -111,6 +112,11 @@ def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span
                              progress=bar, registry=registry)
     finally:
         bar.done()
+    if replaced is not None and replaced != report.blob_digest:
+        # m.erofs is the default name for every layer: say so when another layer's meta
+        # was replaced (commands given that layer's zinfo now refuse this meta by name).
+        click.echo(f"note: replaced {meta}, which was built for another layer (blob "
+                   f"{replaced}); give each layer its own --meta", err=True)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
         return
@@ -124,6 +130,26 @@ def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span
     parts.append(f"{report.elapsed_s:.2f}s, {report.mb_per_s:.0f} MB/s")
     click.echo("; ".join(parts))
 
+
+
+def _recorded_blob(meta: Path | None) -> str | None:
+    """The blob an existing meta at `meta` was built for, if it says."""
+    if meta is None or not meta.is_file():
+        return None
+    from ..errors import HybridErofsError
+    from ..source import FileSource
+    from ..trust.binding import meta_blob_digest
+
+    try:
+        source = FileSource(meta)
+    except (HybridErofsError, OSError):
+        return None
+    try:
+        return meta_blob_digest(source, name=str(meta))
+    except (HybridErofsError, OSError):
+        return None
+    finally:
+        source.close()
 
 
 def _index_all(reference: str, directory: Path, *, all_platforms: bool, min_layer_size: int,

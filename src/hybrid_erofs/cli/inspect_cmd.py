@@ -11,7 +11,7 @@ import click
 
 from ..device import RegistryOptions, is_local, open_layer
 from ..gzindex.format import load_index
-from ..gzindex.sidecar import load_sidecar, sidecar_path
+from ..gzindex.sidecar import Sidecar, load_sidecar, sha256_digest, sidecar_json, sidecar_path
 from ..oci.image import ImageInfo, inspect_image, open_image_client
 from .options import SizeType, human, registry_options
 
@@ -64,39 +64,40 @@ def _show_image(info: ImageInfo, *, as_json: bool) -> None:
 
 
 def _inspect_zinfo(zinfo: Path, *, show_all: bool, as_json: bool) -> None:
-    """Summarise a zinfo file (and its sidecar when present)."""
+    """Summarise a zinfo file (and its sidecar when present); the JSON vocabulary is
+    docs/formats.md's, the checkpoint list only with --checkpoints."""
     index = load_index(zinfo)
+    data = zinfo.read_bytes()
     cps = index.checkpoints
     info: dict[str, object] = {
-        "file": str(zinfo),
-        "version": index.version,
-        "span": index.span,
-        "checkpoints": len(cps),
-        "file_size": zinfo.stat().st_size,
-        "last_in_offset": cps[-1].in_offset,
-        "last_out_offset": cps[-1].out_offset,
+        "path": str(zinfo), "digest": sha256_digest(data), "size": len(data),
+        "version": index.version, "span": index.span, "checkpoints": len(cps),
         "unaligned": sum(1 for cp in cps if cp.bits),
+        "last_checkpoint": {"in": cps[-1].in_offset, "out": cps[-1].out_offset},
     }
     side = sidecar_path(zinfo)
+    sidecar: Sidecar | None = None
     if side.exists():
-        sidecar = load_sidecar(side, zinfo_bytes=zinfo.read_bytes())
-        info["sidecar"] = {"file": str(side), "blob_digest": sidecar.blob_digest,
-                           "blob_size": sidecar.blob_size, "layer_size": sidecar.layer_size,
-                           "span_digests": len(sidecar.spans), "tool": sidecar.tool}
-    if show_all or as_json:
-        info["list"] = [{"in": cp.in_offset, "out": cp.out_offset, "bits": cp.bits} for cp in cps]
+        sidecar = load_sidecar(side, zinfo_bytes=data)
+        side_json = sidecar_json(sidecar)
+        info["sidecar"] = {"path": str(side), "digest": sha256_digest(side.read_bytes()),
+                           "tool": sidecar.tool, "blob": side_json["blob"],
+                           "layer": side_json["layer"], "meta": side_json.get("meta"),
+                           "span_digests": len(sidecar.spans)}
+    if show_all:
+        info["checkpoint_list"] = [{"in": cp.in_offset, "out": cp.out_offset, "bits": cp.bits}
+                                   for cp in cps]
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"{zinfo}: zinfo v{index.version}, {len(cps)} checkpoints, span {human(index.span)}, "
-               f"{human(int(info['file_size']))}")  # type: ignore[call-overload]
+               f"{human(len(data))}")
     click.echo(f"  last checkpoint: compressed {cps[-1].in_offset}, uncompressed {cps[-1].out_offset}; "
                f"{info['unaligned']} start mid-byte")
-    if "sidecar" in info:
-        side_info: dict[str, object] = info["sidecar"]  # type: ignore[assignment]
-        click.echo(f"  built for {side_info['blob_digest']} ({side_info['blob_size']} bytes, "
-                   f"{side_info['layer_size']} bytes of layer data); "
-                   f"{side_info['span_digests']} span digests in {side_info['file']}")
+    if sidecar is not None:
+        click.echo(f"  built for {sidecar.blob_digest} ({sidecar.blob_size} bytes, "
+                   f"{sidecar.layer_size} bytes of layer data); "
+                   f"{len(sidecar.spans)} span digests in {side}")
     else:
         click.echo(f"  no {side.name}: reads through this zinfo are not verified")
     if show_all:

@@ -81,6 +81,20 @@ def dir_blocks(names: list[bytes]) -> tuple[list[tuple[int, int]], int]:
     return ranges, BLOCK * (len(ranges) - 1) + used
 
 
+def set_device_tag(image: bytes | bytearray, tag: bytes) -> bytes:
+    """`image` (a meta this module wrote) with device slot #1's tag set to `tag` (at most 64
+    bytes) and the superblock checksum updated. The kernel reads the tag only for non-flat
+    mounts (as a device path, §1.4); hybrid-erofs records the layer blob's digest there, as
+    Nydus names its data blobs."""
+    if len(tag) > 64:
+        raise ValueError(f"'tag' must be at most 64 bytes (got {len(tag)})")
+    out = bytearray(image)
+    out[SLOT_OFFSET:SLOT_OFFSET + 64] = tag.ljust(64, b"\0")
+    struct.pack_into("<I", out, SB_OFFSET + 4, 0)
+    struct.pack_into("<I", out, SB_OFFSET + 4, crc32c(out[SB_OFFSET:SB_OFFSET + BLOCK]))
+    return bytes(out)
+
+
 class _Plan:
     """Layout of an inode written after the data blocks are placed (dirs, long symlinks)
     or through the general path (xattrs, empty files, devices)."""

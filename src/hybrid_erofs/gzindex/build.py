@@ -266,8 +266,14 @@ class _Builder:
             data_type = strm.data_type
             # zlib.h: bit 7 = stopped at a block end (or after the gzip header), bit 6 = in the
             # last block, bits 0-2 = unused bits of the last input byte.
-            if data_type & 128 and not data_type & 64 and (
-                totout == 0 or totout - last_out > span or force
+            if data_type & 128 and not data_type & 64 and force and checkpoints and (
+                totout == last_out
+            ):
+                # A member start right after an empty member: a checkpoint at this
+                # uncompressed offset exists (readers need both offsets to increase).
+                force = False
+            elif data_type & 128 and not data_type & 64 and (
+                not checkpoints or totout - last_out > span or force
             ):
                 consumed = self.blob_read - strm.avail_in
                 window = bytes(outview[pos - WINDOW_SIZE : pos])

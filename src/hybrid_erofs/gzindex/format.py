@@ -59,8 +59,15 @@ class GzipIndex:
         return lo
 
 
-def parse_index(data: bytes, *, name: str = "zinfo", blob_size: int | None = None) -> GzipIndex:
-    """Parse and validate a zinfo file's bytes; raise IndexFormatError naming `name` and numbers."""
+def parse_index(data: bytes, *, name: str = "zinfo", blob_size: int | None = None,
+                layer_size: int | None = None, strict: bool = True) -> GzipIndex:
+    """Parse and validate a zinfo file's bytes; raise IndexFormatError naming `name` and numbers.
+
+    `strict=False` is for zinfos of other tools: erofs-utils puts a checkpoint at every gzip
+    member start, so empty members give several checkpoints at one uncompressed offset; the
+    first of each such run is kept (decoding from it passes through the empty members) and
+    the rest dropped, which is safe also when those were forged.
+    """
     size = len(data)
     if size < HEADER.size:
         raise IndexFormatError(
@@ -91,13 +98,27 @@ def parse_index(data: bytes, *, name: str = "zinfo", blob_size: int | None = Non
         window = bytes(view[offset + TUPLE.size : offset + RECORD_SIZE])
         checkpoints.append(Checkpoint(in_offset, out_offset, bits, window))
         offset += RECORD_SIZE
+    if not strict:
+        kept = checkpoints[:1]
+        for cp in checkpoints[1:]:
+            if cp.out_offset != kept[-1].out_offset:
+                kept.append(cp)
+        checkpoints = kept
     index = GzipIndex(span=span, checkpoints=tuple(checkpoints), version=version)
-    validate_index(index, name=name, blob_size=blob_size)
+    validate_index(index, name=name, blob_size=blob_size, layer_size=layer_size)
     return index
 
 
-def validate_index(index: GzipIndex, *, name: str = "zinfo", blob_size: int | None = None) -> None:
-    """Check the invariants a reader relies on; raise IndexFormatError otherwise."""
+def validate_index(index: GzipIndex, *, name: str = "zinfo", blob_size: int | None = None,
+                   layer_size: int | None = None) -> None:
+    """Check the invariants a reader relies on; raise IndexFormatError otherwise.
+
+    Both offsets strictly increase (two checkpoints at one uncompressed offset would make a
+    read start decoding at the wrong place), compressed offsets lie inside the blob and
+    uncompressed ones inside the layer data when their sizes are known, `bits` is 0..7.
+    Forged windows at plausible offsets are not caught here: only binding (the sidecar's
+    zinfo digest) or verification against the blob catch them (docs/security.md).
+    """
     cps = index.checkpoints
     if not cps:
         raise IndexFormatError(f"{name}: zinfo has no checkpoints")
@@ -107,7 +128,7 @@ def validate_index(index: GzipIndex, *, name: str = "zinfo", blob_size: int | No
         )
     previous: Checkpoint | None = None
     for number, cp in enumerate(cps):
-        if cp.bits > 7:
+        if not 0 <= cp.bits <= 7:
             raise IndexFormatError(f"{name}: checkpoint {number}: bits is {cp.bits}, at most 7")
         if cp.bits and cp.in_offset == 0:
             raise IndexFormatError(f"{name}: checkpoint {number}: bits {cp.bits} at compressed offset 0")
@@ -116,25 +137,31 @@ def validate_index(index: GzipIndex, *, name: str = "zinfo", blob_size: int | No
                 f"{name}: checkpoint {number}: window is {len(cp.window)} bytes, not {WINDOW_SIZE}"
             )
         if previous is not None:
-            if cp.in_offset < previous.in_offset:
+            if cp.in_offset <= previous.in_offset:
                 raise IndexFormatError(
-                    f"{name}: checkpoint {number}: compressed offset goes backwards "
+                    f"{name}: checkpoint {number}: compressed offset does not increase "
                     f"({previous.in_offset} -> {cp.in_offset})"
                 )
-            if cp.out_offset < previous.out_offset:
+            if cp.out_offset <= previous.out_offset:
                 raise IndexFormatError(
-                    f"{name}: checkpoint {number}: uncompressed offset goes backwards "
+                    f"{name}: checkpoint {number}: uncompressed offset does not increase "
                     f"({previous.out_offset} -> {cp.out_offset})"
                 )
-        if blob_size is not None and cp.in_offset > blob_size:
+        if blob_size is not None and cp.in_offset >= blob_size:
             raise IndexFormatError(
                 f"{name}: checkpoint {number}: compressed offset {cp.in_offset} "
                 f"is past the end of the {blob_size}-byte blob"
             )
+        if layer_size is not None and number and cp.out_offset >= layer_size:
+            raise IndexFormatError(
+                f"{name}: checkpoint {number}: uncompressed offset {cp.out_offset} "
+                f"is past the end of the {layer_size} bytes of layer data"
+            )
         previous = cp
 
 
-def load_index(path: str | os.PathLike[str], *, blob_size: int | None = None) -> GzipIndex:
+def load_index(path: str | os.PathLike[str], *, blob_size: int | None = None,
+               strict: bool = True) -> GzipIndex:
     """Read a zinfo file (v1 or v2) and validate it."""
     path = Path(path)
     try:
@@ -145,7 +172,7 @@ def load_index(path: str | os.PathLike[str], *, blob_size: int | None = None) ->
         raise IndexFormatError(f"{path}: is a directory, not a zinfo file") from exc
     except OSError as exc:
         raise IndexFormatError(f"{path}: cannot read: {exc.strerror}") from exc
-    return parse_index(data, name=str(path), blob_size=blob_size)
+    return parse_index(data, name=str(path), blob_size=blob_size, strict=strict)
 
 
 def dump_index(index: GzipIndex) -> bytes:

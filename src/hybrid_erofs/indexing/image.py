@@ -151,16 +151,17 @@ def existing_outputs(directory: Path, digest: str, *, span: int) -> dict[str, Fi
     try:
         zinfo_bytes = paths["zinfo"].read_bytes()
         sidecar = load_sidecar(paths["sidecar"], zinfo_bytes=zinfo_bytes)
-        if sidecar.blob_digest != digest or sidecar.span != span or not sidecar.meta_sha256:
+        if (sidecar.blob_digest != digest or sidecar.span != span or not sidecar.meta_digest
+                or sidecar.whiteouts != ("overlay" if OVERLAY_WHITEOUTS else "tar")):
             return None
         meta_digest, meta_size = file_digest(paths["meta"])
-        if meta_digest != f"sha256:{sidecar.meta_sha256}":
+        if meta_digest != sidecar.meta_digest:
             return None
         side_digest, side_size = file_digest(paths["sidecar"])
     except (IndexFormatError, OSError):
         return None
     return {
-        "zinfo": FileRef(names["zinfo"], f"sha256:{sidecar.zinfo_sha256}", len(zinfo_bytes)),
+        "zinfo": FileRef(names["zinfo"], sidecar.zinfo_digest, len(zinfo_bytes)),
         "sidecar": FileRef(names["sidecar"], side_digest, side_size),
         "meta": FileRef(names["meta"], meta_digest, meta_size),
     }

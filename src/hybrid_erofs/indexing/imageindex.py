@@ -20,17 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IndexFormatError
+from ..gzindex.sidecar import parse_versioned, require_sha256
 from ..outfile import write_atomic
 
 FORMAT = "hybrid-erofs/image-index"
-VERSION = 1
+VERSION = 2
 INDEX_NAME = "index.json"
 # OCI artifact types and the media types of its blobs (see oci/artifact.py).
 ARTIFACT_TYPE = "application/vnd.hybrid-erofs.index.v1"
 INDEX_MEDIA_TYPE = "application/vnd.hybrid-erofs.index.v1+json"
 ZINFO_MEDIA_TYPE = "application/vnd.hybrid-erofs.zinfo.v2"
-SIDECAR_MEDIA_TYPE = "application/vnd.hybrid-erofs.zinfo-sidecar.v1+json"
-META_MEDIA_TYPE = "application/vnd.hybrid-erofs.meta.erofs.v1"
+SIDECAR_MEDIA_TYPE = "application/vnd.hybrid-erofs.zinfo-sidecar.v2+json"
+META_MEDIA_TYPE = "application/vnd.hybrid-erofs.meta.erofs.v2"
 
 INDEXED = "indexed"
 SKIPPED_SMALL = "skipped-small"  # below --min-layer-size: a node indexes it itself (cheap)
@@ -88,11 +89,12 @@ class LayerEntry:
                                             ("meta", self.meta)) if ref is not None}
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"digest": self.digest, "mediaType": self.media_type,
-                                "size": self.size, "diff_id": self.diff_id,
-                                "status": self.status}
+        layer: dict[str, Any] = {"digest": self.diff_id}
+        data: dict[str, Any] = {"blob": {"digest": self.digest, "mediaType": self.media_type,
+                                         "size": self.size},
+                                "layer": layer, "status": self.status}
         if self.status == INDEXED:
-            data["layer_size"] = self.layer_size
+            layer["size"] = self.layer_size
             data["files"] = {kind: ref.to_json() for kind, ref in self.files.items()}
         return data
 
@@ -111,7 +113,7 @@ class ImageEntry:
     def to_json(self) -> dict[str, Any]:
         return {"manifest": {"digest": self.manifest, "mediaType": self.manifest_media_type,
                              "size": self.manifest_size},
-                "platform": self.platform, "config": self.config,
+                "platform": self.platform, "config": {"digest": self.config},
                 "layers": [layer.to_json() for layer in self.layers]}
 
 
@@ -154,23 +156,24 @@ def _file_ref(raw: Any, where: str) -> FileRef:
         raise IndexFormatError(f"{where}: not an object")
     name, digest, size = raw.get("name"), raw.get("digest"), raw.get("size")
     if (not isinstance(name, str) or not name or "/" in name or name.startswith(".")
-            or not isinstance(digest, str) or not digest.startswith("sha256:")
+            or not isinstance(digest, str) or not _is_sha256(digest)
             or not isinstance(size, int) or size < 0):
         raise IndexFormatError(f"{where}: needs a plain file name, a sha256 digest and a size")
     return FileRef(name, digest, size)
 
 
+def _is_sha256(value: str) -> bool:
+    try:
+        require_sha256(value, "")
+    except IndexFormatError:
+        return False
+    return True
+
+
 def parse_image_index(data: bytes, *, name: str = INDEX_NAME) -> ImageIndex:
     """Parse and validate index.json; IndexFormatError naming the bad field otherwise."""
-    try:
-        raw = json.loads(data)
-    except ValueError as exc:
-        raise IndexFormatError(f"{name}: not JSON: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise IndexFormatError(f"{name}: not a hybrid-erofs image index (format {FORMAT!r})")
-    if raw.get("version") != VERSION:
-        raise IndexFormatError(f"{name}: image index version {raw.get('version')!r} is not "
-                               f"supported (this tool reads version {VERSION})")
+    raw = parse_versioned(data, name=name, kind="image index", format_name=FORMAT,
+                          version=VERSION, again="index the image again")
     images: list[ImageEntry] = []
     try:
         for n, image in enumerate(raw["images"]):
@@ -187,15 +190,19 @@ def parse_image_index(data: bytes, *, name: str = INDEX_NAME) -> ImageIndex:
                 if status == INDEXED and len(refs) != 3:
                     raise IndexFormatError(f"{lwhere}: an indexed layer needs zinfo, sidecar "
                                            f"and meta files")
+                blob, facts = layer["blob"], layer["layer"]
                 layers.append(LayerEntry(
-                    digest=str(layer["digest"]), media_type=str(layer["mediaType"]),
-                    size=int(layer["size"]), diff_id=str(layer["diff_id"]), status=status,
-                    layer_size=int(layer.get("layer_size", 0)), **refs))
+                    digest=require_sha256(blob["digest"], f"{lwhere}.blob.digest"),
+                    media_type=str(blob["mediaType"]), size=int(blob["size"]),
+                    diff_id=require_sha256(facts["digest"], f"{lwhere}.layer.digest"), status=status,
+                    layer_size=int(facts.get("size", 0)), **refs))
             manifest = image["manifest"]
             images.append(ImageEntry(
-                manifest=str(manifest["digest"]), manifest_media_type=str(manifest["mediaType"]),
+                manifest=require_sha256(manifest["digest"], f"{where}.manifest.digest"),
+                manifest_media_type=str(manifest["mediaType"]),
                 manifest_size=int(manifest["size"]), platform=str(image["platform"]),
-                config=str(image["config"]), layers=tuple(layers)))
+                config=require_sha256(image["config"]["digest"], f"{where}.config.digest"),
+                layers=tuple(layers)))
         return ImageIndex(tuple(images), int(raw["span"]), str(raw.get("tool", "")),
                           str(raw.get("whiteouts", "overlay")))
     except IndexFormatError:

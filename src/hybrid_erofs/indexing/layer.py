@@ -17,31 +17,32 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from ..device import RegistryOptions, is_local
-from ..errors import InvalidInput, OutputError, SourceIOError, TarFormatError
+from ..errors import InvalidInput, SourceIOError, TarFormatError
 from ..gzindex.build import DEFAULT_SPAN, build_index, detect_format
 from ..gzindex.format import dump_index
-from ..gzindex.sidecar import Sidecar, dump_sidecar, sidecar_path
+from ..gzindex.sidecar import Sidecar, dump_sidecar, sha256_digest, sidecar_path
 from ..oci.layout import is_layout_reference, open_layout_blob
-from ..outfile import check_writable, write_atomic
+from ..outfile import OutputSet, check_writable
 from ..source import ByteSource
 from ..sources.registry import iter_blob, open_registry_blob
+from ..trust.binding import stamp_meta
 
 READ_SIZE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class IndexReport:
-    """What `index_layer` did; `asdict()` is the `--json` output."""
+    """What `index_layer` did; `to_json()` is the `--json` output (docs/formats.md)."""
 
     layer: str
     format: str  # "gzip" or "tar"
     blob_size: int
-    blob_sha256: str
+    blob_digest: str  # "sha256:<hex>"
     layer_size: int
     checkpoints: int
     span: int
@@ -53,6 +54,12 @@ class IndexReport:
     entries: int
     elapsed_s: float
     engine: str
+    layer_digest: str | None = None  # the layer data's sha256, when it was computed
+    zinfo_digest: str | None = None
+    meta_digest: str | None = None
+    sidecar: str | None = None
+    sidecar_digest: str | None = None
+    sidecar_size: int = 0
 
     @property
     def mb_per_s(self) -> float:
@@ -60,10 +67,23 @@ class IndexReport:
         return self.layer_size / 1e6 / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def to_json(self) -> dict[str, object]:
-        data = asdict(self)
-        data["mb_per_s"] = round(self.mb_per_s, 1)
-        data["elapsed_s"] = round(self.elapsed_s, 3)
-        return data
+        layer: dict[str, object] = {"size": self.layer_size}
+        if self.layer_digest is not None:
+            layer["digest"] = self.layer_digest
+        return {
+            "source": self.layer, "format": self.format,
+            "blob": {"digest": self.blob_digest, "size": self.blob_size},
+            "layer": layer,
+            "zinfo": None if self.zinfo is None else {
+                "path": self.zinfo, "digest": self.zinfo_digest, "size": self.zinfo_size,
+                "span": self.span, "checkpoints": self.checkpoints, "members": self.members},
+            "meta": None if self.meta is None else {
+                "path": self.meta, "digest": self.meta_digest, "size": self.meta_size,
+                "entries": self.entries},
+            "sidecar": None if self.sidecar is None else {
+                "path": self.sidecar, "digest": self.sidecar_digest, "size": self.sidecar_size},
+            "engine": self.engine, "elapsed_s": round(self.elapsed_s, 3),
+        }
 
 
 class _PeekReader:
@@ -247,17 +267,15 @@ def index_layer(
             index_bytes = dump_index(result.index)
             sidecar = Sidecar(
                 blob_digest=f"sha256:{digest}", blob_size=blob_size, layer_size=layer_size,
-                span=span, checkpoints=checkpoints,
-                zinfo_sha256=hashlib.sha256(index_bytes).hexdigest(),
-                spans=result.span_digests, tool=f"hybrid-erofs {_version()}",
+                span=span, checkpoints=checkpoints, zinfo_digest=sha256_digest(index_bytes),
+                zinfo_size=len(index_bytes), spans=result.span_digests,
+                tool=f"hybrid-erofs {_version()}", every_member=every_member,
             )
         if hasher is not None:
             hasher.check(f"{layer}: layer {expected_digest or digest}")
         if worker is not None:
             worker.close()
         meta_bytes = builder.finish() if builder is not None else b""
-        if sidecar is not None and meta is not None:
-            sidecar = replace(sidecar, meta_sha256=hashlib.sha256(meta_bytes).hexdigest())
         elapsed = time.perf_counter() - started
     except TarFormatError as exc:
         raise TarFormatError(f"{'<stdin>' if layer == '-' else layer}: {exc}") from exc
@@ -269,28 +287,42 @@ def index_layer(
         if stream is not sys.stdin.buffer:
             stream.close()
 
-    written: list[Path] = []
-    try:
-        if zinfo is not None:
-            sidecar_path(zinfo).unlink(missing_ok=True)  # a stale one would vouch for new files
-            write_atomic(zinfo, index_bytes)
-            written.append(Path(zinfo))
+    blob_digest = f"sha256:{digest}"
+    if meta is not None:
+        meta_bytes = stamp_meta(meta_bytes, blob_digest)  # the meta names its layer
+    sidecar_bytes = b""
+    if zinfo is not None:
+        assert sidecar is not None  # a zinfo is only made from gzip input
         if meta is not None:
-            write_atomic(meta, meta_bytes)
-            written.append(Path(meta))
+            sidecar = replace(sidecar, meta_digest=sha256_digest(meta_bytes),
+                              meta_size=len(meta_bytes),
+                              whiteouts="overlay" if aufs else "tar")
+        if hasher is not None:
+            sidecar = replace(sidecar, layer_digest=hasher.digest)
+        sidecar_bytes = dump_sidecar(sidecar)
+    # One set: everything is written under temporary names first; the sidecar, which names
+    # the digests of the zinfo and the meta, is renamed into place first, so a crash at any
+    # point leaves either the old files or files that the readers' checks refuse together.
+    with OutputSet() as files:
         if zinfo is not None:
-            assert sidecar is not None  # a zinfo is only made from gzip input
-            write_atomic(sidecar_path(zinfo), dump_sidecar(sidecar))
-    except OutputError:
-        for path in written:  # all or nothing: do not leave half the outputs
-            path.unlink(missing_ok=True)
-        raise
+            files.add(sidecar_path(zinfo), sidecar_bytes)
+            files.add(zinfo, index_bytes)
+        if meta is not None:
+            files.add(meta, meta_bytes)
+        files.commit()
     return IndexReport(
         layer=layer, format=kind if kind == "tar" else "gzip", blob_size=blob_size,
-        blob_sha256=digest, layer_size=layer_size, checkpoints=checkpoints, span=span,
+        blob_digest=blob_digest, layer_size=layer_size, checkpoints=checkpoints, span=span,
         members=members, zinfo=None if zinfo is None else str(zinfo), zinfo_size=len(index_bytes),
         meta=None if meta is None else str(meta), meta_size=len(meta_bytes),
         entries=getattr(builder, "entries", 0), elapsed_s=elapsed, engine=engine_name,
+        layer_digest=hasher.digest if hasher is not None else (
+            blob_digest if kind == "tar" else None),
+        zinfo_digest=sha256_digest(index_bytes) if zinfo is not None else None,
+        meta_digest=sha256_digest(meta_bytes) if meta is not None else None,
+        sidecar=str(sidecar_path(zinfo)) if zinfo is not None else None,
+        sidecar_digest=sha256_digest(sidecar_bytes) if zinfo is not None else None,
+        sidecar_size=len(sidecar_bytes),
     )
 
 
@@ -462,6 +494,11 @@ class _DiffIdHasher:
         self._pending.append(self._pool.submit(self._hash.update, bytes(chunk)))
         if self._inner is not None:
             self._inner(chunk)
+
+    @property
+    def digest(self) -> str:
+        """"sha256:<hex>" of everything fed (after `check`)."""
+        return f"sha256:{self._hash.hexdigest()}"
 
     def check(self, subject: str) -> None:
         while self._pending:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from ..device import RegistryOptions, is_local
 from ..errors import HybridErofsError, MountBusy, MountError
+from ..printable import printable_message
 from .kernel import (
     detach_loop,
     loops_backed_by,
@@ -189,7 +190,7 @@ class _Reporter:
         if self._fd is None:
             return
         with contextlib.suppress(OSError):
-            os.write(self._fd, (line.replace("\n", " ") + "\n").encode())
+            os.write(self._fd, (printable_message(line) + "\n").encode())
         self.close()
 
     def ready(self) -> None:

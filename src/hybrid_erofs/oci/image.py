@@ -73,8 +73,9 @@ class ImageInfo:
             "cmd": list(c.cmd) if c.cmd is not None else None,
             "env": list(c.env), "working_dir": c.working_dir, "user": c.user,
             "labels": dict(c.labels),
-            "layers": [{"digest": d.digest, "mediaType": d.media_type, "size": d.size,
-                        "diff_id": diff_id} for d, diff_id in zip(self.layers, c.diff_ids, strict=True)],
+            "layers": [{"blob": {"digest": d.digest, "mediaType": d.media_type, "size": d.size},
+                        "layer": {"digest": diff_id}}
+                       for d, diff_id in zip(self.layers, c.diff_ids, strict=True)],
         }
 
 
