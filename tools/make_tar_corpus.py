@@ -231,11 +231,25 @@ def raw_features() -> bytes:
     out += member(b"./target", b"one\n")
     out += member(b"./t-link", typeflag=b"1", linkname=b"target")
     out += member(b"./target", b"two, replaced\n")
-    out += member(b"./self", b"self\n")
-    out += member(b"./self", typeflag=b"1", linkname=b"./self")
-    out += member(b"./skipme", b"data of an unknown type\n", typeflag=b"D")
     out += END
     return bytes(out)
+
+
+def refused() -> dict[str, bytes]:
+    """Archives containerd's archive.Apply refuses, so the meta writer must refuse them too."""
+    return {
+        "refused-self-link.tar": member(b"./self", b"self\n")
+        + member(b"./self", typeflag=b"1", linkname=b"./self") + END,
+        "refused-dumpdir.tar": member(b"./d", b"data of a GNU dumpdir\n", typeflag=b"D") + END,
+        "refused-volume.tar": member(b"label", typeflag=b"V") + member(b"f", b"f\n") + END,
+        "refused-contiguous.tar": member(b"c", b"contiguous\n", typeflag=b"7") + END,
+        "refused-zero-gap.tar": member(b"a", b"a\n") + bytes(BLOCK) + member(b"b", b"b\n") + END,
+        "refused-missing-link.tar": member(b"l", typeflag=b"1", linkname=b"nowhere") + END,
+        "refused-dir-link.tar": member(b"d/", typeflag=b"5") + member(b"l", typeflag=b"1",
+                                                                   linkname=b"d") + END,
+        "refused-truncated.tar": member(b"f", b"x" * 1000)[:BLOCK + 700],
+        "refused-whiteout-name.tar": member(b"a/.wh..", b"") + END,
+    }
 
 
 def whiteouts() -> bytes:
@@ -288,6 +302,7 @@ def corpus() -> dict[str, bytes]:
         "raw-features.tar": raw_features(),
         "whiteouts.tar": whiteouts(),
         **root_variants(),
+        **refused(),
     }
 
 

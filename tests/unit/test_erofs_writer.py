@@ -120,8 +120,9 @@ def test_pax_fraction_negative_mtime_and_globals() -> None:
             + pax([(b"mtime", b"-1.5")]) + member(b"a", b"x")
             + pax([(b"mtime", b"5.000000001"), (b"uid", b"7")]) + member(b"b", b"y")
             + END)
-    a, b = parse(data)
-    assert (a.mtime, a.mtime_nsec, a.uid, a.xattrs) == (-2, 500_000_000, 42, ((b"user.g", b"G"),))
+    g, a, b = parse(data)  # Go: global records apply to no other entry
+    assert (g.name, g.kind) == (b"./PaxHeaders/x", ord("g"))
+    assert (a.mtime, a.mtime_nsec, a.uid, a.xattrs) == (-2, 500_000_000, 0, ())
     assert (b.mtime, b.mtime_nsec, b.uid) == (5, 1, 7)
 
 
@@ -186,22 +187,27 @@ def test_bad_checksum_names_entry_and_offset() -> None:
     assert "bad-one" in message and "checksum" in message and "offset 1024" in message
 
 
-@pytest.mark.parametrize("cut", [600, 1100, 1536 + 10])
+@pytest.mark.parametrize("cut", [1100, 1536 + 10])
 def test_truncated_archive(cut: int) -> None:
     data = member(b"first", b"1") + member(b"second", b"x" * 700)
     message = _error(data[:cut])
     assert "truncated" in message and f"offset {cut}" in message
 
 
-@pytest.mark.parametrize("value", [b"abc", b"-1", str(2**64).encode(), b""])
+@pytest.mark.parametrize("value", [b"abc", b"-1", str(2**64).encode()])
 def test_absurd_pax_size(value: bytes) -> None:
     message = _error(pax([(b"path", b"big"), (b"size", value)]) + member(b"x") + END)
-    assert "big" in message and "size" in message and "offset 0" in message
+    assert "big" in message and "size" in message and "offset 1024" in message
+
+
+def test_empty_pax_value_keeps_the_header_field() -> None:
+    (entry,) = parse(pax([(b"size", b""), (b"path", b"")]) + member(b"x", b"abc") + END)
+    assert (entry.name, entry.size) == (b"x", 3)
 
 
 def test_nul_in_pax_path() -> None:
     message = _error(pax([(b"path", b"evil\0name")]) + member(b"x") + END)
-    assert "NUL" in message and "evil" in message
+    assert "invalid pax record path" in message and "offset 0" in message
 
 
 def test_garbage_header() -> None:
@@ -211,16 +217,24 @@ def test_garbage_header() -> None:
 
 def test_sparse_is_refused() -> None:
     assert "sparse" in _error(member(b"gnu-sparse", b"x", typeflag=b"S") + END)
-    message = _error(pax([(b"GNU.sparse.major", b"1"), (b"path", b"ps")]) + member(b"x") + END)
+    message = _error(pax([(b"GNU.sparse.major", b"0"), (b"GNU.sparse.minor", b"1"),
+                          (b"GNU.sparse.numblocks", b"1"), (b"GNU.sparse.map", b"0,1"),
+                          (b"GNU.sparse.size", b"9"), (b"path", b"ps")]) + member(b"x", b"a")
+                     + END)
     assert "sparse" in message and "ps" in message
 
 
-@pytest.mark.parametrize(("data", "words"), ids=["missing", "to-dir", "root", "long", "notdir"],
+def test_unknown_pax_sparse_version_is_a_plain_file() -> None:
+    (entry,) = parse(pax([(b"GNU.sparse.major", b"1"), (b"path", b"ps")]) + member(b"x", b"a")
+                     + END)
+    assert (entry.name, entry.size, entry.sparse) == (b"ps", 1, None)
+
+
+@pytest.mark.parametrize(("data", "words"), ids=["missing", "to-dir", "long", "notdir"],
                          argvalues=[
     (member(b"h", typeflag=b"1", linkname=b"missing") + END, ["h", "missing", "not exist"]),
     (member(b"d/", typeflag=b"5") + member(b"h", typeflag=b"1", linkname=b"d") + END,
      ["h", "directory"]),
-    (member(b"./", b"x") + END, ["root"]),
     (pax([(b"path", b"n" * 256)]) + member(b"x") + END, ["nnnn", "256", "255"]),
     (member(b"f", b"1") + member(b"f/child", b"2") + END, ["f/child", "not a directory"]),
 ])
@@ -237,7 +251,7 @@ def test_crc32c_matches_the_standard_check_value() -> None:
     assert crc32c(b"123456789") ^ 0xFFFFFFFF == 0xE3069283
 
 
-@pytest.mark.parametrize("name", sorted(CORPUS))
+@pytest.mark.parametrize("name", sorted(n for n in CORPUS if not n.startswith("refused-")))
 def test_superblock_and_determinism(name: str) -> None:
     image = meta(CORPUS[name])
     assert image == meta(CORPUS[name])
@@ -263,10 +277,10 @@ def test_inode_rules() -> None:
     data = (member(b"./", typeflag=b"5", mode=0o755, mtime=T)
             + member(b"compact", b"c", mtime=T) + member(b"ids", b"i", uid=70000, mtime=T)
             + pax([(b"mtime", b"1700000000.5")]) + member(b"nsec", b"n")
-            + member(b"old", b"o", mtime=-5)
+            + member(b"old", b"o", mtime=-5, base256=("mtime",))
             + member(b"empty") + pax([(b"linkpath", b"t" * 600)]) + member(b"link", typeflag=b"2")
             + pax([(b"linkpath", b"t" * 1001)]) + member(b"link2", typeflag=b"2")
-            + member(b"hl", typeflag=b"1", linkname=b"compact")
+            + member(b"hl", typeflag=b"1", linkname=b"compact", mtime=T)
             + member(b"chr", typeflag=b"3", devmajor=300, devminor=70000) + END)
     image = meta(data)
     get = {name: inode(image, lookup(image, name)) for name in
@@ -274,7 +288,7 @@ def test_inode_rules() -> None:
     assert not get[b"compact"]["extended"] and get[b"compact"]["nlink"] == 2
     assert get[b"ids"]["extended"] and get[b"ids"]["uid"] == 70000
     assert get[b"nsec"]["extended"] and get[b"nsec"]["nsec"] == 500_000_000
-    assert get[b"old"]["extended"] and get[b"old"]["mtime"] == -5
+    assert get[b"old"]["extended"] and get[b"old"]["mtime"] == 0  # containerd: not < 1970
     assert get[b"empty"]["layout"] == 0 and get[b"empty"]["size"] == 0
     assert get[b"link"]["layout"] == 2 and get[b"link2"]["layout"] == 0
     assert read_data(image, lookup(image, b"link")) == b"t" * 600
@@ -340,12 +354,12 @@ def test_aufs_conversion() -> None:
     assert opq.xattrs == {b"trusted.overlay.opaque": b"y"} and not opq.children
 
 
-def test_implicit_parents_follow_mkfs_mode_rule() -> None:
+def test_implicit_parents_follow_containerd_mkparent() -> None:
     data = member(b"./", typeflag=b"5", mode=0o775, uid=3, mtime=T + 9) + member(b"a/b/c", b"")
-    a = _child(_load_tree(data + END).root, b"a")
-    assert (a.mode, a.uid, a.mtime) == (0o40775, 3, T + 9)
-    root = _load_tree(member(b"x/y", b"") + END).root
-    assert root.mode == 0o40777 and _child(root, b"x").mode == 0o40777
+    root = _load_tree(data + END).root
+    a = _child(root, b"a")
+    assert (a.mode, a.uid, a.mtime) == (0o40755, 0, T)
+    assert (root.mode, root.uid, root.mtime) == (0o40755, 0, T)
 
 
 def test_feed_after_finish_is_a_caller_bug() -> None:
@@ -357,7 +371,7 @@ def test_feed_after_finish_is_a_caller_bug() -> None:
 
 def test_directory_entry_kinds() -> None:
     kinds = {m.name: m.kind for m in parse(CORPUS["raw-features.tar"])}
-    assert kinds[b"./child/"] == DIRECTORY and b"./skipme" not in kinds
+    assert kinds[b"./child/"] == DIRECTORY
 
 
 def test_corpus_script_is_deterministic(tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ class MetaBuilder:
         aufs: convert aufs whiteouts like `mkfs.erofs --aufs`.
         uuid: 16 bytes for the superblock; None -> zeros (reproducible).
         build_time: superblock epoch; None -> $SOURCE_DATE_EPOCH, else now.
-        root_uid / root_gid: root owner when the tar has no './' entry; None -> this process's.
+        root_uid / root_gid: owner of the root directory (0755; containerd ignores a './'
+            entry) [default: 0, root, as containerd's snapshot directories].
 
     Memory: metadata only (about a few hundred bytes per entry); file data is skipped.
     Not thread-safe.
@@ -53,8 +54,8 @@ class MetaBuilder:
             raise ValueError(f"'build_time' must be >= 0 (got {self._epoch})")
         self._tree = Tree(
             aufs=aufs,
-            root_uid=os.getuid() if root_uid is None else root_uid,
-            root_gid=os.getgid() if root_gid is None else root_gid,
+            root_uid=0 if root_uid is None else root_uid,
+            root_gid=0 if root_gid is None else root_gid,
             root_mtime=self._epoch,
         )
         self._parser = TarParser(self._add)
@@ -67,6 +68,11 @@ class MetaBuilder:
                 f"{member.name.decode('utf-8', 'backslashreplace')}: data ends past 2 TiB "
                 f"(offset {member.data_offset}, size {member.size}); 48-bit EROFS images "
                 "are not supported"
+            )
+        if member.sparse is not None:
+            raise TarFormatError(
+                f"{member.name.decode('utf-8', 'backslashreplace')}: sparse file at offset "
+                f"{member.header_offset} is not supported"
             )
         self._tree.add(member)
 
@@ -93,7 +99,7 @@ class MetaBuilder:
             self._parser.close()
             writer = ImageWriter(
                 self._tree.root, epoch=self._epoch, uuid=self._uuid,
-                volume_label=self._parser.volume_label, tar_size=self._parser.end_offset,
+                volume_label=b"", tar_size=self._parser.end_offset,
             )
             # Laying out makes no garbage cycles, and full collections would walk the whole
             # tree several times: pause the cyclic GC (a third of the time on big layers).

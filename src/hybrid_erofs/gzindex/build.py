@@ -35,11 +35,30 @@ _MAGICS: tuple[tuple[bytes, str], ...] = (
 )
 
 
+def _tar_header(block: bytes) -> bool:
+    """A tar header block (any format, v7 included: its checksum is right) or a zero block
+    (an archive that is only its end marker)."""
+    if len(block) < 512:
+        return False
+    if block[:512] == bytes(512):
+        return True
+    try:
+        stored = int(block[148:156].strip(b" \0").partition(b"\0")[0] or b"-1", 8)
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 256 + sum(block[156:512])
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:512] if b > 127)
+    return stored in (unsigned, signed)
+
+
 def detect_format(head: bytes) -> str:
     """Name the container of a blob from its first bytes: gzip, zstd, xz, bzip2, lz4, lzo,
-    tar (uncompressed, ustar magic at 257), empty, or unknown."""
+    tar (uncompressed: ustar magic at 257, a v7 header, or only end blocks), empty, or
+    unknown."""
     if not head:
         return "empty"
+    if _tar_header(head):
+        return "tar"
     for magic, name in _MAGICS:
         if head.startswith(magic):
             return name

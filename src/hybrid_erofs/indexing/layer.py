@@ -212,7 +212,7 @@ def index_layer(
 
     `diff_id`: the layer data's expected sha256 (the image config's rootfs.diff_ids entry);
     a layer whose uncompressed bytes hash otherwise is refused. `root_owner`: uid/gid of the
-    root directory when the tar has no "./" entry [default: this process's].
+    root directory (containerd ignores a "./" entry) [default: 0, 0].
     """
     if zinfo is None and meta is None:
         raise InvalidInput(f"{layer}: nothing to write: give -o ZINFO and/or --meta FILE")
