@@ -5,6 +5,10 @@
 // that containerd's overlay snapshotter runs when it pulls a layer; "overlay" converts
 // whiteouts like the overlay snapshotter does (archive.OverlayConvertWhiteout).
 //
+// "write-unclosed" writes a small archive to stdout with Go's tar.Writer and never closes it:
+// the stream ends right after the last file's data (no padding, no end blocks), as layers
+// written by tools that forget Close() do.
+//
 // "list" prints one JSON line per entry as Go's archive/tar reader sees it, with a hole-aware
 // map of the data (runs of 4 KiB blocks that are not all zeros, and the sha256 of their bytes):
 // for archives too big to unpack (60 GB sparse members).
@@ -22,6 +26,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
+	"time"
 
 	"github.com/containerd/containerd/archive"
 )
@@ -114,6 +120,38 @@ func list() error {
 	}
 }
 
+func writeUnclosed() error {
+	tw := tar.NewWriter(os.Stdout)
+	when := time.Unix(1600000000, 123456789)
+	long := strings.Repeat("long-name/", 12) + "file"
+	entries := []struct {
+		hdr  tar.Header
+		data string
+	}{
+		{tar.Header{Typeflag: tar.TypeDir, Name: "dir/", Mode: 0o750, ModTime: when}, ""},
+		{tar.Header{Typeflag: tar.TypeReg, Name: "dir/file", Mode: 0o644, Uid: 1000,
+			Gid: 1000, ModTime: when, Format: tar.FormatPAX}, "hello\n"},
+		{tar.Header{Typeflag: tar.TypeLink, Name: "dir/link", Linkname: "dir/file",
+			ModTime: when}, ""},
+		{tar.Header{Typeflag: tar.TypeSymlink, Name: "sym", Linkname: "dir/file", Mode: 0o777,
+			ModTime: when}, ""},
+		{tar.Header{Typeflag: tar.TypeReg, Name: long, Mode: 0o600, Uid: 3000000,
+			ModTime: when, PAXRecords: map[string]string{"SCHILY.xattr.user.go": "x"}}, "deep\n"},
+		{tar.Header{Typeflag: tar.TypeReg, Name: "last", Mode: 0o644, ModTime: when},
+			"the last file, unpadded\n"},
+	}
+	for _, e := range entries {
+		e.hdr.Size = int64(len(e.data))
+		if err := tw.WriteHeader(&e.hdr); err != nil {
+			return err
+		}
+		if _, err := io.WriteString(tw, e.data); err != nil {
+			return err
+		}
+	}
+	return nil // no tw.Close(): that is the point
+}
+
 func main() {
 	var err error
 	switch {
@@ -123,10 +161,13 @@ func main() {
 			opts = append(opts, archive.WithConvertWhiteout(archive.OverlayConvertWhiteout))
 		}
 		_, err = archive.Apply(context.Background(), os.Args[2], os.Stdin, opts...)
+	case len(os.Args) == 2 && os.Args[1] == "write-unclosed":
+		err = writeUnclosed()
 	case len(os.Args) == 2 && os.Args[1] == "list":
 		err = list()
 	default:
-		fmt.Fprintln(os.Stderr, "usage: containerd-apply apply ROOT [overlay|naive] <TAR | list <TAR")
+		fmt.Fprintln(os.Stderr, "usage: containerd-apply apply ROOT [overlay|naive] <TAR"+
+			" | list <TAR | write-unclosed >TAR")
 		os.Exit(2)
 	}
 	if err != nil {
