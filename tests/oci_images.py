@@ -131,8 +131,10 @@ def _symlink(name: str, target: str) -> Entry:
     return info, None
 
 
-def _hardlink(name: str, target: str) -> Entry:
-    info = _info(name, tarfile.LNKTYPE, 0o644)
+def _hardlink(name: str, target: str, mode: int = 0o644, uid: int = 0, gid: int = 0) -> Entry:
+    # Tar writers store the shared inode's attributes in a link's header too; containerd
+    # applies them to the inode (umoci does not), so both agree only when they match.
+    info = _info(name, tarfile.LNKTYPE, mode, uid, gid)
     info.linkname = target
     return info, None
 
@@ -187,7 +189,7 @@ def _base_layer() -> list[Entry]:
     return [
         _dir("bin"),
         _file("bin/tool", b"#!/bin/sh\necho base tool\n", 0o755),
-        _hardlink("bin/tool-hardlink", "bin/tool"),  # bin/tool is replaced in layer 2
+        _hardlink("bin/tool-hardlink", "bin/tool", 0o755),  # bin/tool is replaced in layer 2
         _symlink("bin/sh", "tool"),
         _file("bin/su", b"\x7fELF not really su\n", 0o4755),
         _file("bin/wall", b"\x7fELF not really wall\n", 0o2755, gid=5),
@@ -248,7 +250,7 @@ def _opaque_layer(arch: str) -> list[Entry]:
         _dir("bin"),
         _file("bin/tool", f"#!/bin/sh\necho {arch} tool\n".encode(), 0o755),
         _file("bin/newtool", f"new tool for {arch}\n".encode(), 0o755, 1000, 1000),
-        _hardlink("bin/newtool-link", "bin/newtool"),
+        _hardlink("bin/newtool-link", "bin/newtool", 0o755, 1000, 1000),
         _dir("opq"), _opaque("opq"),
         _file("opq/new.txt", f"only this ({arch}) and olddir/z.txt remain\n".encode()),
         _dir("opq/olddir", 0o700), _file("opq/olddir/z.txt", b"z\n"),
