@@ -79,8 +79,9 @@ def sym(name: str, target: str) -> Member:
     return Member(name, "symlink", mode=0o777, link=target)
 
 
-def hard(name: str, target: str) -> Member:
-    return Member(name, "hardlink", link=target)
+def hard(name: str, target: str, mode: int = 0o644, uid: int = 0, gid: int = 0) -> Member:
+    # As tar writers store it: the shared inode's attributes in the link's header too.
+    return Member(name, "hardlink", mode=mode, uid=uid, gid=gid, link=target)
 
 
 def wh(path: str) -> Member:
@@ -110,7 +111,7 @@ LAYERS: list[list[Member]] = [
         d("etc"), f("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"), f("etc/hosts", b"127.0.0.1\n"),
         f("etc/keep", b"deleted by layer 1\n", mode=0o600),
         d("usr"), d("usr/bin"), f("usr/bin/tool", BIG, mode=0o755),
-        hard("usr/bin/tool-link", "usr/bin/tool"), sym("usr/bin/sh", "tool"),
+        hard("usr/bin/tool-link", "usr/bin/tool", 0o755), sym("usr/bin/sh", "tool"),
         f("usr/bin/su", b"#!/bin/true\n", mode=0o4755), d("usr/lib"),
         f("usr/lib/libc.so", b"\x7fELF" + bytes(5000)), sym("lib", "usr/lib"),
         d("gone"), f("gone/a", b"a"), d("gone/sub"), f("gone/sub/b", b"b"),
@@ -127,7 +128,8 @@ LAYERS: list[list[Member]] = [
         d("file-to-dir", mode=0o750, uid=5, gid=6), f("file-to-dir/inner", b"inner\n"),
         d("opaque"), opq("opaque"), f("opaque/new", b"new\n"),
         d("usr"), d("usr/bin"), f("usr/bin/tool2", b"tool two\n" * 100, mode=0o750, uid=2, gid=3),
-        hard("usr/bin/tool2-hard", "usr/bin/tool2"), sym("usr/bin/sh", "/usr/bin/tool2"),
+        hard("usr/bin/tool2-hard", "usr/bin/tool2", 0o750, 2, 3),
+        sym("usr/bin/sh", "/usr/bin/tool2"),
     ],
     [  # 2: re-creates a deleted directory, changes attributes, deletes a symlink
         d("gone"), f("gone/new", b"back again\n"),
@@ -172,7 +174,8 @@ def _drop(tree: Tree, path: str, *, keep_self: bool = False) -> None:
 def apply_layers(layers: list[list[Member]]) -> Tree:
     """Changesets in order: whiteouts delete from the layers below only, then entries apply
     (a non-directory replaces whatever was there, a directory over a directory changes only
-    its attributes, a hard link shares its target's file)."""
+    its attributes, a hard link shares its target's file and, as containerd applies it, sets
+    that file's attributes from its own header)."""
     tree: Tree = {}
     for layer_number, members in enumerate(layers):
         entries: list[Member] = []
@@ -194,6 +197,7 @@ def apply_layers(layers: list[list[Member]]) -> Tree:
                 continue
             _drop(tree, name)
             if member.kind == "hardlink":
+                tree[member.link].update(attrs)
                 tree[name] = dict(tree[member.link])
                 tree[name]["link"] = (layer_number, member.link)
                 tree[member.link]["link"] = (layer_number, member.link)

@@ -215,13 +215,16 @@ def test_garbage_header() -> None:
     assert "offset 1024" in message
 
 
-def test_sparse_is_refused() -> None:
-    assert "sparse" in _error(member(b"gnu-sparse", b"x", typeflag=b"S") + END)
-    message = _error(pax([(b"GNU.sparse.major", b"0"), (b"GNU.sparse.minor", b"1"),
-                          (b"GNU.sparse.numblocks", b"1"), (b"GNU.sparse.map", b"0,1"),
+def test_old_gnu_sparse_needs_a_gnu_header() -> None:
+    assert "GNU sparse" in _error(member(b"gnu-sparse", b"x", typeflag=b"S") + END)
+
+
+def test_pax_sparse_member() -> None:
+    (entry,) = parse(pax([(b"GNU.sparse.major", b"0"), (b"GNU.sparse.minor", b"1"),
+                          (b"GNU.sparse.numblocks", b"1"), (b"GNU.sparse.map", b"4,1"),
                           (b"GNU.sparse.size", b"9"), (b"path", b"ps")]) + member(b"x", b"a")
                      + END)
-    assert "sparse" in message and "ps" in message
+    assert (entry.name, entry.size, entry.sparse) == (b"ps", 9, ((4, 1),))
 
 
 def test_unknown_pax_sparse_version_is_a_plain_file() -> None:

@@ -9,9 +9,10 @@
 // the stream ends right after the last file's data (no padding, no end blocks), as layers
 // written by tools that forget Close() do.
 //
-// "list" prints one JSON line per entry as Go's archive/tar reader sees it, with a hole-aware
-// map of the data (runs of 4 KiB blocks that are not all zeros, and the sha256 of their bytes):
-// for archives too big to unpack (60 GB sparse members).
+// "list" prints one JSON line per entry as Go's archive/tar reader sees it, with a map of the
+// data (runs of 4 KiB blocks that are not all zeros, and the sha256 of their bytes); for a
+// sparse member, the holes Go's reader parsed (read from its state with reflect) and the sha256
+// of the stored data instead, so that a 60 GB sparse member costs what it stores.
 //
 // Built in GOPATH mode by the tests (GO111MODULE=off GOPATH=/usr/share/gocode).
 package main
@@ -26,8 +27,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"reflect"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/containerd/containerd/archive"
 )
@@ -53,6 +56,26 @@ type entry struct {
 	Xattrs   map[string]string `json:"xattrs"`
 	Data     []run             `json:"data"`
 	DataHash string            `json:"data_sha256"`
+	Holes    []run             `json:"holes,omitempty"`
+	Stored   string            `json:"stored_sha256,omitempty"`
+}
+
+// sparseState returns the holes and the stored-data reader of the current entry when Go's
+// reader expands a sparse member (tar.Reader.curr is a *sparseFileReader), else nil.
+func sparseState(tr *tar.Reader) ([]run, io.Reader) {
+	curr := reflect.ValueOf(tr).Elem().FieldByName("curr").Elem()
+	if curr.Kind() != reflect.Ptr || curr.Elem().Type().Name() != "sparseFileReader" {
+		return nil, nil
+	}
+	state := curr.Elem()
+	sp := state.FieldByName("sp")
+	holes := make([]run, sp.Len())
+	for i := range holes {
+		holes[i] = run{sp.Index(i).Field(0).Int(), sp.Index(i).Field(1).Int()}
+	}
+	fr := state.FieldByName("fr")
+	stored := reflect.NewAt(fr.Type(), unsafe.Pointer(fr.UnsafeAddr())).Elem().Interface()
+	return holes, stored.(io.Reader)
 }
 
 // dataMap reads the entry's logical bytes: runs of non-zero 4 KiB blocks and their hash.
@@ -111,7 +134,13 @@ func list() error {
 				e.Xattrs[k[13:]] = hex.EncodeToString([]byte(v))
 			}
 		}
-		if e.Data, e.DataHash, err = dataMap(tr); err != nil {
+		if holes, stored := sparseState(tr); holes != nil {
+			hash := sha256.New()
+			if _, err := io.Copy(hash, stored); err != nil {
+				return fmt.Errorf("%s: %w", hdr.Name, err)
+			}
+			e.Holes, e.Stored = holes, hex.EncodeToString(hash.Sum(nil))
+		} else if e.Data, e.DataHash, err = dataMap(tr); err != nil {
 			return fmt.Errorf("%s: %w", hdr.Name, err)
 		}
 		if err := out.Encode(e); err != nil {

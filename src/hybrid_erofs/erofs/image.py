@@ -11,6 +11,7 @@ import struct
 from itertools import accumulate, repeat
 
 from hybrid_erofs.erofs.crc32c import crc32c
+from hybrid_erofs.erofs.sparse import HOLE, SparseLayout
 from hybrid_erofs.erofs.tree import Node, split_xattr_name
 from hybrid_erofs.errors import TarFormatError
 
@@ -99,8 +100,8 @@ class _Plan:
     """Layout of an inode written after the data blocks are placed (dirs, long symlinks)
     or through the general path (xattrs, empty files, devices)."""
 
-    __slots__ = ("blocks", "extended", "ino", "layout", "listing", "nlink", "node", "startblk",
-                 "tail", "xbody")
+    __slots__ = ("blocks", "copyblk", "extended", "ino", "layout", "listing", "nlink", "node",
+                 "sparse", "startblk", "tail", "xbody")
 
     def __init__(self, node: Node, ino: int, nlink: int, xbody: bytes,
                  listing: Listing | None) -> None:
@@ -111,6 +112,8 @@ class _Plan:
         self.layout = LAYOUT_FLAT_PLAIN
         self.tail = 0
         self.startblk = NULL_ADDR
+        self.sparse: tuple[SparseLayout, list[bytearray]] | None = None
+        self.copyblk: list[int] = []
 
 
 class ImageWriter:
@@ -125,7 +128,8 @@ class ImageWriter:
     """
 
     def __init__(self, root: Node, *, epoch: int, uuid: bytes, volume_label: bytes,
-                 tar_size: int) -> None:
+                 tar_size: int,
+                 sparse: dict[int, tuple[SparseLayout, list[bytearray]]] | None = None) -> None:
         if len(uuid) != 16:
             raise ValueError(f"'uuid' must be 16 bytes (got {len(uuid)})")
         if tar_size > MAX_TAR_SIZE:
@@ -138,6 +142,7 @@ class ImageWriter:
         self._uuid = uuid
         self._label = volume_label[:16]
         self._tar_size = tar_size
+        self._sparse = sparse or {}
         self.inodes = 0
 
     def _order(self) -> tuple[list[Node], dict[Node, int], dict[Node, Listing]]:
@@ -189,7 +194,7 @@ class ImageWriter:
             size = node.size
             nlink = nlinks[node]
             if 0 < size <= _ONE_CHUNK_MAX and node.mode & 0o170000 == stat.S_IFREG \
-                    and not node.xattrs:
+                    and not node.xattrs and node.sparse is None:
                 node.nid = len(image) >> 5
                 i_u = CHUNK_FORMAT_INDEXES | (max(9, (size - 1).bit_length()) - 9)
                 if (node.uid <= 0xFFFF and node.gid <= 0xFFFF and nlink <= 0xFFFF
@@ -203,7 +208,7 @@ class ImageWriter:
                                            node.nsec, nlink, 0, 1, node.data_offset >> 9)
                 continue
             plan = self._place(image, node, ino, nlink, listings.get(node))
-            if plan.node.size and plan.layout != LAYOUT_CHUNK_BASED:
+            if plan.node.size and (plan.layout != LAYOUT_CHUNK_BASED or plan.sparse):
                 later.append(plan)
             else:
                 inode = self._inode(plan, self._i_u(plan), b"")
@@ -212,6 +217,11 @@ class ImageWriter:
             raise AssertionError("root nid must fit rootnid_2b")
         block = -(-len(image) // BLOCK)
         for plan in later:
+            if plan.sparse is not None:
+                for buffer in plan.sparse[1]:  # chunks copied into the meta (sparse.py)
+                    plan.copyblk.append(block)
+                    block += len(buffer) // BLOCK
+                continue
             size = plan.node.size
             full = size // BLOCK if plan.tail else -(-size // BLOCK)
             if full:
@@ -240,8 +250,13 @@ class ImageWriter:
         slot = head
         if fmt == stat.S_IFREG and size > 0:
             plan.layout = LAYOUT_CHUNK_BASED
-            chunkbits = min(40, max(9, (size - 1).bit_length()))
-            slot = -(-head // 8) * 8 + 8 * -(-size // (1 << chunkbits))
+            if node.sparse is not None:
+                plan.sparse = self._sparse[node.data_offset]
+                chunks = len(plan.sparse[0].entries)
+            else:
+                chunkbits = min(40, max(9, (size - 1).bit_length()))
+                chunks = -(-size // (1 << chunkbits))
+            slot = -(-head // 8) * 8 + 8 * chunks
         elif fmt in (stat.S_IFDIR, stat.S_IFLNK) and size > 0:
             tail = size % BLOCK
             if tail and head + tail <= BLOCK:
@@ -259,13 +274,23 @@ class ImageWriter:
         """i_u of an inode without data blocks: chunk format, device number or 0."""
         node = plan.node
         fmt = node.mode & 0o170000
+        if plan.sparse is not None:
+            return CHUNK_FORMAT_INDEXES | (plan.sparse[0].chunkbits - 9)
         if plan.layout == LAYOUT_CHUNK_BASED:
             chunkbits = min(40, max(9, (node.size - 1).bit_length()))
             return CHUNK_FORMAT_INDEXES | (chunkbits - 9)
         return node.rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0
 
     def _write_later(self, image: bytearray, plan: _Plan) -> None:
-        """Write a directory's or symlink's data blocks and its inode (with the inline tail)."""
+        """Write a directory's or symlink's data blocks and its inode (with the inline tail),
+        or a sparse file's copied chunks and its inode."""
+        iloc = plan.node.nid * 32
+        if plan.sparse is not None:
+            for startblk, buffer in zip(plan.copyblk, plan.sparse[1], strict=True):
+                image[startblk * BLOCK:startblk * BLOCK + len(buffer)] = buffer
+            inode = self._inode(plan, self._i_u(plan), b"")
+            image[iloc:iloc + len(inode)] = inode
+            return
         data = plan.node.target if plan.listing is None else self._dir_data(plan)
         full = len(data) - plan.tail
         if full:
@@ -309,6 +334,13 @@ class ImageWriter:
         if plan.layout != LAYOUT_CHUNK_BASED:
             return inode + tail
         inode += bytes(-len(inode) % 8)
+        if plan.sparse is not None:
+            # Holes are null chunks; copies live in the meta (device 0), the rest in the tar.
+            pack = _CHUNK_INDEX.pack
+            return inode + b"".join(
+                pack(0, 0, NULL_ADDR) if entry == HOLE else
+                pack(0, 0, plan.copyblk[-2 - entry]) if entry < 0 else pack(0, 1, entry)
+                for entry in plan.sparse[0].entries)
         chunk_blocks = 1 << (i_u & 0x1F)
         first = node.data_offset // BLOCK
         count = -(-node.size // (chunk_blocks * BLOCK))

@@ -156,7 +156,8 @@ class TarParser:
         self._last_name = b""
         self._last_header = 0
         self._entry: tuple[bytes, int] = (b"", 0)  # name and header offset of the entry
-        self._sparse_partial: _SparsePending | None = None
+        # Member data the consumer asked to see: (tar offset, length, sink), in tar order.
+        self._captures: list[tuple[int, int, Callable[[int, bytes], None]]] = []
         self.members = 0
 
     @property
@@ -178,15 +179,30 @@ class TarParser:
     def needed_offset(self) -> int:
         """The parser will not look at the bytes before this offset (member data, padding, or
         everything after the end-of-archive marker): `skip()` may stand in for feeding them."""
-        return 1 << 64 if self._done else self._offset + self._skip
+        if self._done:
+            return 1 << 64
+        if self._captures:
+            return min(self._offset + self._skip, max(self._offset, self._captures[0][0]))
+        return self._offset + self._skip
+
+    def capture(self, offset: int, length: int, sink: Callable[[int, bytes], None]) -> None:
+        """Hand the layer data [offset, offset + length) of the member just emitted to
+        `sink(offset, piece)` (in pieces) as it streams by; call from `on_member`, in order."""
+        if length <= 0:
+            return
+        if offset < self._offset or offset + length > self._offset + self._skip_data or (
+                self._captures and offset < sum(self._captures[-1][:2])):
+            raise ValueError(f"capture of {length} bytes at {offset} is outside the member data")
+        self._captures.append((offset, length, sink))
 
     def skip(self, length: int) -> None:
         """Consume the next `length` bytes unseen; they must end by `needed_offset`."""
         if self._closed:
             raise ValueError("skip() after close()")
         if not self._done:
-            if not 0 <= length <= self._skip:
-                raise ValueError(f"'length' must be 0..{self._skip} (got {length})")
+            if not 0 <= length <= self.needed_offset - self._offset:
+                raise ValueError(f"'length' must be 0..{self.needed_offset - self._offset} "
+                                 f"(got {length})")
             self._skip -= length
             self._skip_data = max(0, self._skip_data - length)
         self._offset += length
@@ -204,6 +220,15 @@ class TarParser:
         while pos < length:
             if self._skip:
                 take = min(self._skip, length - pos)
+                if self._captures:
+                    start, size, sink = self._captures[0]
+                    if start > self._offset:
+                        take = min(take, start - self._offset)
+                    elif start + size > self._offset:
+                        take = min(take, start + size - self._offset)
+                        sink(self._offset, bytes(view[pos:pos + take]))
+                        if self._offset + take == start + size:
+                            del self._captures[0]
                 self._skip -= take
                 self._skip_data = max(0, self._skip_data - take)
                 pos += take

@@ -11,7 +11,13 @@ import time
 from collections.abc import Iterable
 
 from hybrid_erofs.erofs.image import MAX_TAR_SIZE, ImageWriter
-from hybrid_erofs.erofs.tar import TarMember, TarParser
+from hybrid_erofs.erofs.sparse import (
+    MAX_COPY_PER_FILE,
+    MAX_COPY_PER_IMAGE,
+    SparseLayout,
+    plan_sparse,
+)
+from hybrid_erofs.erofs.tar import REGULAR, TarMember, TarParser, show
 from hybrid_erofs.erofs.tree import Tree
 from hybrid_erofs.errors import TarFormatError
 
@@ -59,6 +65,8 @@ class MetaBuilder:
             root_mtime=self._epoch,
         )
         self._parser = TarParser(self._add)
+        self._sparse: dict[int, tuple[SparseLayout, list[bytearray]]] = {}
+        self._copied = 0
         self._inodes = 0
         self._image: bytes | None = None
 
@@ -69,12 +77,33 @@ class MetaBuilder:
                 f"(offset {member.data_offset}, size {member.size}); 48-bit EROFS images "
                 "are not supported"
             )
-        if member.sparse is not None:
-            raise TarFormatError(
-                f"{member.name.decode('utf-8', 'backslashreplace')}: sparse file at offset "
-                f"{member.header_offset} is not supported"
-            )
+        if member.sparse is not None and member.kind == REGULAR and member.size:
+            self._add_sparse(member)
         self._tree.add(member)
+
+    def _add_sparse(self, member: TarMember) -> None:
+        """Plan the chunks of a sparse file and collect the bytes of those copied into the
+        meta as they stream by (bounded per file and per image)."""
+        assert member.sparse is not None
+        layout = plan_sparse(member.size, member.data_offset, member.sparse)
+        copied = layout.copied_bytes
+        self._copied += copied
+        if copied > MAX_COPY_PER_FILE or self._copied > MAX_COPY_PER_IMAGE:
+            raise TarFormatError(
+                f"{show(member.name)}: sparse file needs {copied} bytes of its data copied "
+                f"into the meta (bounds: {MAX_COPY_PER_FILE} per file, {MAX_COPY_PER_IMAGE} "
+                f"per image; tar header at offset {member.header_offset})"
+            )
+        buffers = [bytearray(-(-copy.length // 512) * 512) for copy in layout.copies]
+        pieces = sorted((at, length, index, inside) for index, copy in enumerate(layout.copies)
+                        for at, length, inside in copy.pieces)
+        for at, length, index, inside in pieces:
+            def sink(offset: int, data: bytes, *, at: int = at, buffer: bytearray = buffers[index],
+                     inside: int = inside) -> None:
+                start = inside + offset - at
+                buffer[start:start + len(data)] = data
+            self._parser.capture(at, length, sink)
+        self._sparse[member.data_offset] = (layout, buffers)
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         """Consume the next uncompressed tar bytes (a memoryview is not kept)."""
@@ -99,7 +128,7 @@ class MetaBuilder:
             self._parser.close()
             writer = ImageWriter(
                 self._tree.root, epoch=self._epoch, uuid=self._uuid,
-                volume_label=b"", tar_size=self._parser.end_offset,
+                volume_label=b"", tar_size=self._parser.end_offset, sparse=self._sparse,
             )
             # Laying out makes no garbage cycles, and full collections would walk the whole
             # tree several times: pause the cyclic GC (a third of the time on big layers).
