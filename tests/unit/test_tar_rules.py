@@ -262,3 +262,15 @@ def test_overlay_whiteouts() -> None:
     gone = image.lookup("/etc/gone")
     assert (gone.mode, gone.rdev, gone.uid) == (stat.S_IFCHR, (0, 0), 3)
     assert image.xattrs(image.lookup("/opq")) == {"trusted.overlay.opaque": b"y"}
+
+
+def test_cli_refusal_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    layer, meta = tmp_path / "bad.tar", tmp_path / "m.erofs"
+    layer.write_bytes(member(b"ok", b"x") + member(b"dump\x1bdir", b"d", typeflag=b"D") + END)
+    proc = subprocess.run([sys.executable, "-m", "hybrid_erofs", "index", "--meta", str(meta),
+                           str(layer)], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"Error: {layer}: dump\\x1bdir: unhandled tar header type 68 ('D'); "
+                    "containerd refuses the layer (tar header at offset 1024)")
+    assert not meta.exists()

@@ -84,6 +84,22 @@ def _byte_sum(block: bytes) -> int:
     return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
 
 
+def _plain_numbers(block: bytes, fields: tuple[bytes, ...]
+                   ) -> tuple[int, int, int, int, int, int, int] | None:
+    """(mode, uid, gid, size, mtime, devmajor, devminor) when every field is plain octal
+    (what Go's parseOctal reads to the same value), else None: `_numeric` decides then."""
+    if not (_PLAIN_NUMBERS.fullmatch(block, 100, 148) and _PLAIN_NUMBERS.fullmatch(
+            block, 329, 345)):
+        return None
+    try:
+        return (int(fields[1].rstrip(b"\0 ") or b"0", 8), int(fields[2].rstrip(b"\0 ") or b"0", 8),
+                int(fields[3].rstrip(b"\0 ") or b"0", 8), int(fields[4].rstrip(b"\0 ") or b"0", 8),
+                int(fields[5].rstrip(b"\0 ") or b"0", 8), int(fields[13].rstrip(b"\0 ") or b"0", 8),
+                int(fields[14].rstrip(b"\0 ") or b"0", 8))
+    except ValueError:
+        return None
+
+
 def _numeric(field: bytes) -> int | None:
     """A header number as Go's parseNumeric reads it; None where Go sets ErrHeader.
 
@@ -302,6 +318,7 @@ class TarParser:
         fields = _HEADER.unpack_from(block)
         raw_name = _cstr(fields[0])
         self._last_name, self._last_header = raw_name, offset
+        numbers = _plain_numbers(block, fields)
         self._check_sum(block, fields[6], raw_name, offset)
         typeflag = fields[7][0]
         magic = fields[9]
@@ -311,44 +328,32 @@ class TarParser:
             fmt = "gnu"
         else:
             fmt = "v7"
-        if typeflag in _FAST_TYPES and fmt != "v7" and fmt != "star" and not self._pax \
+        if numbers is not None and typeflag in _FAST_TYPES and not self._pax \
                 and not self._long_name and not self._long_link \
-                and _PLAIN_NUMBERS.fullmatch(block, 100, 148) \
-                and _PLAIN_NUMBERS.fullmatch(block, 329, 345) \
-                and (fmt == "ustar" or not block[345] and not block[357]):
+                and (fmt == "ustar" or fmt == "gnu" and not block[345] and not block[357]):
             # The common case: octal fields, no overrides; Go's rules without the detours.
-            try:
-                mode = int(fields[1].rstrip(b"\0 ") or b"0", 8)
-                uid = int(fields[2].rstrip(b"\0 ") or b"0", 8)
-                gid = int(fields[3].rstrip(b"\0 ") or b"0", 8)
-                size = int(fields[4].rstrip(b"\0 ") or b"0", 8)
-                mtime = int(fields[5].rstrip(b"\0 ") or b"0", 8)
-                devmajor = int(fields[13].rstrip(b"\0 ") or b"0", 8)
-                devminor = int(fields[14].rstrip(b"\0 ") or b"0", 8)
-            except ValueError:
-                pass
-            else:
-                if fmt == "ustar" and fields[15][0]:
-                    raw_name = _cstr(fields[15]) + b"/" + raw_name
-                if typeflag == 0:
-                    typeflag = DIRECTORY if raw_name.endswith(b"/") else REGULAR
-                if typeflag in _HEADER_ONLY:
-                    size = 0
-                if typeflag != CHARDEV and typeflag != BLOCKDEV:
-                    devmajor = devminor = 0
-                self._entry = (raw_name, offset)
-                self._skip = self._skip_data = size
-                self._skip += -size % BLOCK
-                self.members += 1
-                self._on_member(TarMember(raw_name, typeflag, offset, offset + BLOCK, size,
-                                          mode & 0o7777, uid, gid, mtime, 0, _cstr(fields[8]),
-                                          devmajor, devminor, (), None))
-                return
-        header_size = _numeric(fields[4])
+            mode, uid, gid, size, mtime, devmajor, devminor = numbers
+            if fmt == "ustar" and fields[15][0]:
+                raw_name = _cstr(fields[15]) + b"/" + raw_name
+            if typeflag == 0:
+                typeflag = DIRECTORY if raw_name.endswith(b"/") else REGULAR
+            if typeflag in _HEADER_ONLY:
+                size = 0
+            if typeflag != CHARDEV and typeflag != BLOCKDEV:
+                devmajor = devminor = 0
+            self._entry = (raw_name, offset)
+            self._skip = self._skip_data = size
+            self._skip += -size % BLOCK
+            self.members += 1
+            self._on_member(TarMember(raw_name, typeflag, offset, offset + BLOCK, size,
+                                      mode & 0o7777, uid, gid, mtime, 0, _cstr(fields[8]),
+                                      devmajor, devminor, (), None))
+            return
+        header_size = numbers[3] if numbers is not None else _numeric(fields[4])
         if header_size is None or header_size < 0 and typeflag not in _HEADER_ONLY:
             raise self._fail(f"bad size field {fields[4]!r}", offset, raw_name)
         size = header_size
-        name = self._full_name(block, fields, fmt, offset)
+        name = self._full_name(block, fields, fmt, offset, checked=numbers is not None)
         if typeflag in _META_TYPES:
             self._entry = (name, offset)
             if size > MAX_SPECIAL:
@@ -360,19 +365,20 @@ class TarParser:
                 self._want = None
                 handler(b"", offset + BLOCK)
             return
-        self._general(block, fields, typeflag, name, fmt, size, offset)
+        self._general(block, fields, typeflag, name, fmt, size, offset, numbers)
 
     def _full_name(self, block: bytes, fields: tuple[bytes, ...], fmt: str,
-                   offset: int) -> bytes:
+                   offset: int, *, checked: bool) -> bytes:
         """The header's name with its ustar / star prefix; checks the numeric fields as
-        Go's readHeader does (any that does not parse is ErrHeader)."""
+        Go's readHeader does (any that does not parse is ErrHeader) unless `checked`."""
         name = _cstr(fields[0])
-        for index, what in ((1, "mode"), (2, "uid"), (3, "gid"), (5, "mtime")):
-            if _numeric(fields[index]) is None:
-                raise self._fail(f"bad {what} field {fields[index]!r}", offset, name)
+        if not checked:
+            for index, what in ((1, "mode"), (2, "uid"), (3, "gid"), (5, "mtime")):
+                if _numeric(fields[index]) is None:
+                    raise self._fail(f"bad {what} field {fields[index]!r}", offset, name)
         if fmt == "v7":
             return name
-        if _numeric(fields[13]) is None or _numeric(fields[14]) is None:
+        if not checked and (_numeric(fields[13]) is None or _numeric(fields[14]) is None):
             raise self._fail("bad device number field", offset, name)
         prefix = b""
         if fmt == "ustar":
@@ -392,7 +398,12 @@ class TarParser:
     def _check_sum(self, block: bytes, field: bytes, name: bytes, offset: int) -> None:
         # The checksum treats its own 8 bytes as spaces (0x20 * 8 = 256); old writers
         # summed signed chars, so accept either sum (pax spec; Go does the same).
-        stored = _numeric(field) if not field[0] & 0x80 else None
+        stored: int | None = None
+        if _PLAIN_NUMBERS.fullmatch(field):
+            try:
+                stored = int(field.rstrip(b"\0 ") or b"0", 8)
+            except ValueError:
+                stored = _numeric(field)
         unsigned = _byte_sum(block) - sum(field) + 256
         if stored == unsigned:
             return
@@ -403,14 +414,18 @@ class TarParser:
                          f"{unsigned})", offset, name)
 
     def _general(self, block: bytes, fields: tuple[bytes, ...], typeflag: int, name: bytes,
-                 fmt: str, size: int, offset: int) -> None:
+                 fmt: str, size: int, offset: int,
+                 numbers: tuple[int, int, int, int, int, int, int] | None) -> None:
         """Any entry, in Go's Reader.next() order: ustar fields, PAX records, GNU long names,
         the v7 directory rule, sparse maps."""
-        mode, uid, gid, mtime = (_numeric(fields[i]) or 0 for i in (1, 2, 3, 5))
+        if numbers is not None:
+            mode, uid, gid, _, mtime, devmajor, devminor = numbers
+        else:
+            mode, uid, gid, mtime, devmajor, devminor = (
+                _numeric(fields[i]) or 0 for i in (1, 2, 3, 5, 13, 14))
         mtime_ns = mtime * 1_000_000_000
-        devmajor = devminor = 0
-        if fmt != "v7":
-            devmajor, devminor = _numeric(fields[13]) or 0, _numeric(fields[14]) or 0
+        if fmt == "v7":
+            devmajor = devminor = 0
         linkname = _cstr(fields[8])
         pax = self._pax
         xattrs: dict[bytes, bytes] = {}
