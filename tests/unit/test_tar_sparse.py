@@ -180,3 +180,16 @@ def test_sparse_chunk_index_entries() -> None:
     assert any(e.device is None for e in extents)
     assert image.read(inode, 8192) == body
     assert struct.calcsize("<HHI") == 8
+
+
+def test_verify_reads_what_sparse_files_store_without_problems() -> None:
+    from hybrid_erofs.erofs.verify import verify_image
+
+    body, stored = expanded(SEGMENTS, SIZE)
+    data = (_pax_10(b"f", SEGMENTS, SIZE, stored) + _old_gnu(b"g", SEGMENTS, SIZE, stored)
+            + member(b"plain", b"p\n") + END)
+    meta = build_meta([data], build_time=0)
+    image = ErofsImage(MemorySource(meta), flat=MemorySource(meta + data))
+    report = verify_image(image, read_data=True)
+    assert report.ok and report.problems == () and report.files == 3
+    assert report.bytes_read < 2 * SIZE

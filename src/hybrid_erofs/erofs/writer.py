@@ -71,10 +71,11 @@ class MetaBuilder:
         self._image: bytes | None = None
 
     def _add(self, member: TarMember) -> None:
-        if member.data_offset + member.size > MAX_TAR_SIZE:
+        stored = member.size if member.sparse is None else sum(n for _, n in member.sparse)
+        if member.data_offset + stored > MAX_TAR_SIZE:
             raise TarFormatError(
-                f"{member.name.decode('utf-8', 'backslashreplace')}: data ends past 2 TiB "
-                f"(offset {member.data_offset}, size {member.size}); 48-bit EROFS images "
+                f"{show(member.name)}: data ends past 2 TiB "
+                f"(offset {member.data_offset}, size {stored}); 48-bit EROFS images "
                 "are not supported"
             )
         if member.sparse is not None and member.kind == REGULAR and member.size:
