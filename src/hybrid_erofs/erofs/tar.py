@@ -497,7 +497,7 @@ class TarParser:
                 real = int(real_text)
             if version == 1:
                 pending = _SparsePending(base, physical, real, [])
-                self._read_map_1x0(pending, offset + BLOCK)
+                self._read_map_1x0(pending)
                 return
             if pax_entries is None:
                 raise self._fail("malformed GNU.sparse.map", offset, name)
@@ -550,7 +550,7 @@ class TarParser:
                 self._finish_sparse(pending, at + BLOCK)
         self._want = _Want(BLOCK, handler, "the GNU sparse extension headers")
 
-    def _read_map_1x0(self, pending: _SparsePending, data_offset: int) -> None:
+    def _read_map_1x0(self, pending: _SparsePending) -> None:
         """GNU sparse 1.0: a newline-separated map in whole blocks at the start of the data
         (Go's readGNUSparseMap1x0: blocks are read until they hold enough newlines)."""
         text = bytearray()
@@ -567,7 +567,7 @@ class TarParser:
                 if state["newlines"] < 1:
                     self._want = _Want(BLOCK, handler, "the GNU sparse 1.0 map")
                     return
-                token = self._token(text, state, pending)
+                token = self._token(text, state)
                 if not _DIGITS.fullmatch(token) or int(token) < 0:
                     raise self._fail("bad GNU sparse 1.0 entry count",
                                      pending.base.header_offset, pending.base.name)
@@ -579,8 +579,7 @@ class TarParser:
                 self._want = _Want(BLOCK, handler, "the GNU sparse 1.0 map")
                 return
             for _ in range(state["entries"]):
-                start, length = self._token(text, state, pending), self._token(
-                    text, state, pending)
+                start, length = self._token(text, state), self._token(text, state)
                 if not (_DIGITS.fullmatch(start) and _DIGITS.fullmatch(length)):
                     raise self._fail("bad GNU sparse 1.0 map entry",
                                      pending.base.header_offset, pending.base.name)
@@ -590,11 +589,10 @@ class TarParser:
         if pending.physical <= 0:
             raise self._fail("GNU sparse 1.0 entry without a map", pending.base.header_offset,
                              pending.base.name)
-        del data_offset
         self._want = _Want(BLOCK, handler, "the GNU sparse 1.0 map")
 
     @staticmethod
-    def _token(text: bytearray, state: dict[str, int], pending: _SparsePending) -> bytes:
+    def _token(text: bytearray, state: dict[str, int]) -> bytes:
         used = state["used"]
         end = text.index(b"\n", used)
         state["used"] = end + 1
