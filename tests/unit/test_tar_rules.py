@@ -237,7 +237,7 @@ def test_ids_are_32_bit_and_minus_one_leaves_root() -> None:
     (header(b"neg", size=-3, base256=("size",)), ["neg", "size"]),
     (header(b"junk", mode=0) [:100] + b"07x4\0\0\0\0" + header(b"junk")[108:], ["junk"]),
     (member(b"s", b"x", typeflag=b"S"), ["s", "GNU sparse"]),
-    (member(b"bell\x07\x1b[31m", typeflag=b"V"), ["bell\\x07\\x1b[31m"]),
+    (member(b"bell\x07\x1b[31m", typeflag=b"V"), ["bell\\x07\\e[31m"]),
 ])
 def test_what_containerd_refuses_is_refused_in_one_line(data: bytes, words: list[str]) -> None:
     message = refusal(data + END)
@@ -271,6 +271,6 @@ def test_cli_refusal_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
                            str(layer)], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert line == (f"Error: {layer}: dump\\x1bdir: unhandled tar header type 68 ('D'); "
+    assert line == (f"Error: {layer}: dump\\edir: unhandled tar header type 68 ('D'); "
                     "containerd refuses the layer (tar header at offset 1024)")
     assert not meta.exists()

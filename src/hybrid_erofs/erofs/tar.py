@@ -15,6 +15,7 @@ from typing import NamedTuple
 from zlib import adler32
 
 from hybrid_erofs.errors import TarFormatError
+from hybrid_erofs.printable import printable
 
 BLOCK = 512
 
@@ -130,11 +131,9 @@ def _numeric(field: bytes) -> int | None:
 
 
 def show(name: bytes) -> str:
-    """A name for an error message: UTF-8 with control characters and bad bytes escaped."""
-    text = name.decode("utf-8", "backslashreplace") or "<unnamed>"
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """A name for an error message: control characters and bytes that are not UTF-8
+    escaped (hybrid_erofs.printable)."""
+    return printable(name) or "<unnamed>"
 
 
 class _Want(NamedTuple):
