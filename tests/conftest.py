@@ -3,8 +3,11 @@ the committed fixtures directory, and `ci_required` for checks that may only be 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +43,35 @@ def ci_required(reason: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+install_erofs_oracle = _load_tool("install_erofs_oracle")
+ORACLE_HINT = "python3 tools/install_erofs_oracle.py (tools/test runs it)"
+
+
+@functools.cache
+def _oracle_problem(tool: str) -> str | None:
+    """Why `tool` (an erofs-utils oracle wrapper) cannot be used, or None."""
+    pins = install_erofs_oracle.parse_pins(install_erofs_oracle.PINS.read_text())
+    wanted = pins.version(install_erofs_oracle.host_arch()).rsplit("-", 1)[0]
+    if shutil.which(tool) is None:
+        return f"{tool} (the erofs-utils {wanted} oracle) is not installed: {ORACLE_HINT}"
+    if tool.startswith("mkfs.erofs"):
+        result = subprocess.run([tool, "--version"], capture_output=True, text=True)
+        first = (result.stdout or result.stderr).strip().splitlines()[:1]
+        if result.returncode != 0 or not first or wanted not in first[0]:
+            return (f"{tool} is {first[0] if first else 'broken'}, not the pinned erofs-utils "
+                    f"{wanted}: {ORACLE_HINT}")
+    return None
+
+
+def require_oracle(*tools: str) -> None:
+    """The named erofs-utils oracle tools (`mkfs.erofs-oracle`...), at the pinned version:
+    fail on CI, skip elsewhere."""
+    for tool in tools:
+        problem = _oracle_problem(tool)
+        if problem is not None:
+            ci_required(problem)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """In-process peers for the real-registry rig: a distribution token server (ES256 JWT with x5c,
 as distribution 2.8 `auth: token` verifies) and an S3-like blob store with expiring presigned
-URLs behind 2.8's `redirect` storage middleware. Loopback only; modelled on shared/rig."""
+URLs behind 2.8's `redirect` storage middleware. Loopback only."""
 
 from __future__ import annotations
 

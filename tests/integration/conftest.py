@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _load_tool, ci_required
+from tests.conftest import _load_tool, ci_required, require_oracle
 from tests.mounting import losetup_entries
 from tests.registry_rig import Rig, missing_prerequisites
 
@@ -45,9 +45,7 @@ def require_kernel_erofs(*tools: str) -> None:
     """Root, the kernel's EROFS and the named oracle tools: fail on CI, skip elsewhere."""
     if os.geteuid() != 0:
         ci_required("kernel EROFS mounts need root")
-    for tool in tools:
-        if shutil.which(tool) is None:
-            ci_required(f"{tool} (erofs-utils 1.9 oracle) is not installed")
+    require_oracle(*tools)
     if not erofs_in_kernel():
         ci_required("the kernel has no erofs filesystem")
 

@@ -4,7 +4,6 @@ checkpoint, and GzipSource reads correctly through the oracle's zinfo."""
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 import zlib
 from pathlib import Path
@@ -16,15 +15,14 @@ from hybrid_erofs.gzindex.format import WINDOW_SIZE, GzipIndex, load_index
 from hybrid_erofs.gzindex.source import GzipSource
 from hybrid_erofs.source import FileSource
 
-from ..conftest import ci_required, layer_tar
+from ..conftest import layer_tar, require_oracle
 
 pytestmark = pytest.mark.integration
 ORACLE = "mkfs.erofs-oracle"
 
 
 def oracle_zinfo(layer: Path, work: Path) -> GzipIndex:
-    if shutil.which(ORACLE) is None:
-        ci_required(f"{ORACLE} not installed (../shared/oracle/install-erofs-utils.sh)")
+    require_oracle(ORACLE)
     zinfo = work / f"{layer.name}.zinfo"
     subprocess.run([ORACLE, "--tar=i", f"--gzinfo={zinfo}", str(work / "meta.erofs"), str(layer)],
                    check=True, capture_output=True)
@@ -75,8 +73,7 @@ def member_starts(blob: bytes) -> list[int]:
 def test_mkfs_erofs_fails_where_we_do_not(layers: dict[str, Path], tmp_path: Path) -> None:
     # erofs-utils 1.9.4 stops at a 1-byte first gzip member ("failed to read header block @ 0");
     # the builder and reader here handle it (test_gzip_layers reads it back in full).
-    if shutil.which(ORACLE) is None:
-        ci_required(f"{ORACLE} not installed")
+    require_oracle(ORACLE)
     layer = layers["multimember"]
     proc = subprocess.run([ORACLE, "--tar=i", f"--gzinfo={tmp_path / 'z'}", str(tmp_path / "m"),
                            str(layer)], capture_output=True, text=True)

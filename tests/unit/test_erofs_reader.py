@@ -8,7 +8,6 @@ import hashlib
 import io
 import os
 import random
-import shutil
 import stat
 import struct
 import subprocess
@@ -26,7 +25,7 @@ from hybrid_erofs.erofs.reader import ErofsImage
 from hybrid_erofs.erofs.verify import verify_image
 from hybrid_erofs.errors import ErofsFormatError, InvalidInput
 from hybrid_erofs.source import MemorySource
-from tests.conftest import ci_required
+from tests.conftest import require_oracle
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "erofs"
 TAR_FIXTURES = ["tarfile-gnu", "raw-features"]
@@ -374,8 +373,7 @@ def _oracle_tar() -> bytes:
 
 @pytest.mark.integration
 def test_oracle_image_of_a_fresh_tar(tmp_path: Path) -> None:
-    if shutil.which(MKFS) is None:
-        ci_required(f"{MKFS} (erofs-utils 1.9 oracle) is not installed")
+    require_oracle(MKFS)
     tar = _oracle_tar()
     (tmp_path / "t.tar").write_bytes(tar)
     env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def cat(meta: Path, zinfo: Path | None, layer: str, path: str) -> None:
             raise InvalidInput(f"{path}: is a directory")
         if not inode.is_reg:
             raise InvalidInput(f"{path}: not a regular file (mode {stat.filemode(inode.mode)})")
-        out = click.get_binary_stream("stdout")
+        out = sys.stdout.buffer
         for piece in image.iter_read(inode, piece=1 << 20):
             out.write(piece)
         out.flush()

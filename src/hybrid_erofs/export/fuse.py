@@ -72,11 +72,12 @@ def load_mfusepy() -> ModuleType:
     os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
     try:
         import mfusepy
-    except (ImportError, OSError) as exc:
-        raise ExportError(
-            f"fuse: mfusepy with libfuse3 is required (pip install 'hybrid-erofs[fuse]', "
-            f"apt-get install fuse3): {exc}"
-        ) from exc
+    except OSError as exc:  # mfusepy loads the C library when imported
+        raise ExportError(f"fuse: libfuse3 is not installed (Debian: apt-get install fuse3): "
+                          f"{exc}") from exc
+    except ImportError as exc:
+        raise ExportError(f"fuse: cannot import mfusepy, a dependency of hybrid-erofs "
+                          f"(pip install hybrid-erofs again): {exc}") from exc
     if mfusepy.fuse_version_major != 3:
         raise ExportError(
             f"fuse: mfusepy loaded libfuse {mfusepy.fuse_version_major}.{mfusepy.fuse_version_minor}"
