@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import subprocess
 import tomllib
-from pathlib import Path
 
 from tests.conftest import ROOT
 
