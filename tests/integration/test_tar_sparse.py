@@ -170,8 +170,7 @@ def test_the_60_gb_file_keeps_the_meta_small(archives: dict[str, Path], tmp_path
         assert meta.stat().st_size < 3_400_000
 
 
-MOUNTED = ("gnu-sparse-big.tar", "sparse-formats.tar", "gnutar-posix-1.0", "gnutar-gnu",
-           "bsdtar-pax")
+MOUNTED = (*GO_SPARSE, "testtar-sparse", *TOOLS)
 
 
 @pytest.fixture
