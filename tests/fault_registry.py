@@ -32,9 +32,10 @@ def _digest(data: bytes) -> str:
 class FaultRegistry:
     """A registry serving one image whose only layer is `layer` (a gzip blob).
 
-    Fault switches apply to blob GETs, in this order: `delay_s`, then `fail_next` failures,
-    then `reset_next` / `truncate_next` (body cut after half its bytes); `tamper` and
-    `ignore_range` apply to every blob answer until changed. With `token_auth`, every /v2/
+    Fault switches apply to blob GETs, in this order: `delay_s`, then `dead` (every GET fails
+    with 503 while set), then `fail_next` failures, then `reset_next` / `truncate_next` (body
+    cut after half its bytes); `tamper` and `ignore_range` apply to every blob answer until
+    changed. With `token_auth`, every /v2/
     request needs a bearer token from /token (realm on the same server) that the server
     accepts for `token_ttl_s` seconds; the token response announces `expires_in`
     (default: the true lifetime), so a test can make tokens die earlier than announced.
@@ -60,6 +61,7 @@ class FaultRegistry:
         self.lock = threading.Lock()
         # Fault switches (public: tests may set them directly at any time).
         self.ignore_range = False
+        self.dead = False
         self.delay_s = 0.0
         self.token_ttl_s = 300.0
         self.expires_in: float | None = None
@@ -120,7 +122,7 @@ class FaultRegistry:
             self._fail.clear()
             self._cut.clear()
             self.tampered.clear()
-            self.ignore_range, self.delay_s = False, 0.0
+            self.ignore_range, self.delay_s, self.dead = False, 0.0, False
 
     def reset_counters(self) -> None:
         with self.lock:
@@ -160,6 +162,8 @@ class FaultRegistry:
 
     def next_fault(self) -> tuple[tuple[int, int | None] | None, str | None]:
         with self.lock:
+            if self.dead:
+                return (503, None), None
             failure = self._fail.pop(0) if self._fail else None
             cut = self._cut.pop(0) if self._cut and failure is None else None
             return failure, cut

@@ -20,7 +20,6 @@ from hybrid_erofs.export.nbd import NbdServer
 from hybrid_erofs.indexing.imageindex import ImageEntry
 from hybrid_erofs.mounting.image import (
     ImageLayer,
-    collect_image_stats,
     image_daemon_argv,
     load_plan,
     select_image,
@@ -52,6 +51,7 @@ from hybrid_erofs.mounting.state import (
     mount_id,
     runtime_dir,
 )
+from hybrid_erofs.mounting.stats import collect_image_stats
 from hybrid_erofs.source import MemorySource
 from hybrid_erofs.sources.metered import MeteredSource
 

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -13,7 +14,7 @@ from ..device import RegistryOptions, is_local
 from ..mounting.layer import mount_layer, run_mount
 from ..mounting.lifecycle import VIAS, mount_statuses, status_json, unmount
 from ..mounting.reattach import reattach as reattach_mount
-from .options import human, registry_options
+from .options import human, metrics_address_option, registry_options
 
 
 @click.command("mount")
@@ -33,10 +34,11 @@ from .options import human, registry_options
 @click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the mount to answer.")
 @click.option("--_daemon-ready-fd", "ready_fd", type=int, hidden=True)
+@metrics_address_option
 @registry_options
 def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
           via: str, foreground: bool, reattach: bool, timeout_s: float, ready_fd: int | None,
-          registry: RegistryOptions) -> None:
+          metrics_address: tuple[str, int] | None, registry: RegistryOptions) -> None:
     """Mount layer REF (a registry reference or a local .tar.gz) read-only on MOUNTPOINT.
 
     Without --meta/--zinfo, the index that `hybrid-erofs index REF --all-layers --push`
@@ -84,13 +86,15 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
     if ready_fd is not None or foreground:
         _detach_stdin()
         run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via,
-                  ready_fd=ready_fd)
+                  ready_fd=ready_fd, metrics_address=metrics_address)
         return
     record = mount_layer(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
-                         via=via, timeout_s=timeout_s)
+                         via=via, timeout_s=timeout_s, metrics_address=metrics_address)
     assert record is not None
     click.echo(f"mounted {record.source} on {record.mountpoint} (via {record.transport}, "
-               f"daemon pid {record.daemon_pid}, log {record.log_file})")
+               f"daemon pid {record.daemon_pid}, log {record.log_file}"
+               + (f", metrics http://{record.metrics_address}/metrics"
+                  if record.metrics_address else "") + ")")
 
 
 def _detach_stdin() -> None:
@@ -141,7 +145,6 @@ def status(as_json: bool, prune: bool) -> None:
         return
     for entry in statuses:
         stats = entry.stats
-        rate = stats.get("hit_rate")
         fresh = time.time() - stats.get("updated", 0) < 10
         state = entry.state + (" (cleaned)" if prune and entry.state == "stale" else "")
         kind = f"image of {entry.layer_count} layers, " if entry.record.is_image else ""
@@ -149,13 +152,40 @@ def status(as_json: bool, prune: bool) -> None:
                    f"daemon {entry.record.daemon_pid}, up {entry.uptime_s:.0f}s")
         click.echo(f"  source  {entry.record.source}")
         if stats:
-            click.echo(f"  fetched {human(stats.get('bytes_fetched', 0))}, served "
-                       f"{human(stats.get('bytes_served', 0))} in {stats.get('reads', 0)} "
-                       f"reads, {stats.get('errors', 0)} errors, cache hit rate "
-                       f"{'n/a' if rate is None else f'{100 * rate:.0f}%'}"
-                       f"{'' if fresh or entry.state == 'stale' else ' (stats not current)'}")
+            for line in _stats_lines(stats):
+                click.echo(f"  {line}")
+            if not fresh and entry.state != "stale":
+                click.echo("  (stats not current: the daemon does not answer)")
+        if entry.record.metrics_address and entry.state != "stale":
+            click.echo(f"  metrics http://{entry.record.metrics_address}/metrics")
         if entry.state == "stale" and not prune:
             click.echo("  daemon died: `hybrid-erofs umount` or `status --prune` cleans up")
+
+
+def _stats_lines(stats: dict[str, Any]) -> list[str]:
+    """The counters of `status` (the same values /metrics serves), a few lines of text."""
+    def count(key: str) -> int:
+        return int(stats.get(key) or 0)
+
+    reads = count("reads")
+    latency = (f", {1000 * stats['read_duration_seconds_sum'] / reads:.2f} ms mean"
+               if reads and stats.get("read_duration_seconds_sum") is not None else "")
+    lines = [f"reads   {reads} ({human(count('bytes_served'))} served){latency}, "
+             f"{count('errors')} errors (EIO)",
+             f"fetched {human(count('bytes_fetched'))}"
+             + (f" in {count('registry_requests')} requests, {count('registry_retries')} "
+                f"retries, {count('registry_failures')} failed, {count('failure_memory_hits')} "
+                f"failed at once (failure memory)" if "registry_requests" in stats else "")]
+    if stats.get("cache_hits") is not None:
+        rate = stats.get("hit_rate")
+        lines.append(f"cache   {'n/a' if rate is None else f'{100 * rate:.0f}%'} hits "
+                     f"({count('cache_hits')} hits, {count('cache_misses')} misses)")
+    decoded = f"{count('spans_decoded')} spans decoded, {count('spans_verified')} verified"
+    failures = count("verification_failures")
+    lines.append(decoded + (f", {failures} failed verification" if failures else ""))
+    if stats.get("resident_memory_bytes"):
+        lines.append(f"memory  {human(count('resident_memory_bytes'))} resident")
+    return lines
 
 
 COMMANDS: list[click.Command] = [mount, umount, status]

@@ -11,7 +11,7 @@ from ..device import RegistryOptions
 from ..mounting.image import load_plan, mount_image, plan_from_index, run_image_mount
 from ..mounting.lifecycle import READY_TIMEOUT_S, VIAS
 from .mount_cmd import _detach_stdin
-from .options import registry_options
+from .options import metrics_address_option, registry_options
 
 
 @click.command("mount-image")
@@ -31,10 +31,12 @@ from .options import registry_options
 @click.option("--_daemon-ready-fd", "ready_fd", type=int, hidden=True)
 @click.option("--_plan", "plan_file", type=click.Path(dir_okay=False, path_type=Path),
               hidden=True)
+@metrics_address_option
 @registry_options
 def mount_image_command(reference: str, mountpoint: str, index_dir: Path | None, via: str,
                         foreground: bool, timeout_s: float, ready_fd: int | None,
-                        plan_file: Path | None, registry: RegistryOptions) -> None:
+                        plan_file: Path | None, metrics_address: tuple[str, int] | None,
+                        registry: RegistryOptions) -> None:
     """Mount every layer of image REF lazily and stack them read-only on MOUNTPOINT.
 
     REF is a registry reference or oci:DIR[:TAG]. Without --index-dir, the index that
@@ -76,14 +78,16 @@ def mount_image_command(reference: str, mountpoint: str, index_dir: Path | None,
     if ready_fd is not None or foreground:
         _detach_stdin()
         run_image_mount(reference, mountpoint, layers, registry=registry, via=via,
-                        ready_fd=ready_fd)
+                        ready_fd=ready_fd, metrics_address=metrics_address)
         return
     record = mount_image(reference, mountpoint, layers, registry=registry, via=via,
-                         timeout_s=timeout_s)
+                         timeout_s=timeout_s, metrics_address=metrics_address)
     assert record is not None
     click.echo(f"mounted {record.source} ({len(record.layers)} layers) on {record.mountpoint} "
                f"(via {record.transport}, daemon pid {record.daemon_pid}, "
-               f"log {record.log_file})")
+               f"log {record.log_file}"
+               + (f", metrics http://{record.metrics_address}/metrics"
+                  if record.metrics_address else "") + ")")
 
 
 COMMANDS: list[click.Command] = [mount_image_command]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 import sys
 import time
@@ -59,6 +60,39 @@ class UuidType(click.ParamType):  # type: ignore[type-arg]
             return uuidlib.UUID(str(value)).bytes
         except ValueError:
             self.fail(f"not a UUID: {value!r}", param, ctx)
+
+
+def parse_address(text: str, *, param_hint: str) -> tuple[str, int]:
+    """'HOST:PORT', '[V6]:PORT' or 'PORT' (127.0.0.1) -> (IP address, port); BadParameter else."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)|(\d+)", text)
+    if not match:
+        raise click.BadParameter(f"{text!r}: expected HOST:PORT, [IPV6]:PORT or PORT",
+                                 param_hint=param_hint)
+    host = match.group(1) or match.group(3) or "127.0.0.1"
+    port = int(match.group(2) or match.group(4) or match.group(5))
+    if not 0 <= port <= 65535:
+        raise click.BadParameter(f"port {port} is out of range", param_hint=param_hint)
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise click.BadParameter(f"{host!r}: give an IP address, not a host name",
+                                 param_hint=param_hint) from None
+    return host, port
+
+
+def metrics_address_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`--metrics-address HOST:PORT`: the command receives `metrics_address` (host, port) or
+    None."""
+    def convert(ctx: click.Context, param: click.Parameter,
+                value: str | None) -> tuple[str, int] | None:
+        return None if value is None else parse_address(value, param_hint="--metrics-address")
+
+    return click.option(
+        "--metrics-address", metavar="HOST:PORT", callback=convert,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics from the daemon (port 0: "
+             "any free port; `status` shows it).")(func)
 
 
 def human(n: float) -> str:

@@ -18,7 +18,7 @@ import click
 from ..device import RegistryOptions, open_device
 from ..errors import InvalidInput
 from ..source import ByteSource
-from .options import registry_options
+from .options import parse_address, registry_options
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +68,8 @@ def _check_layer(layer: str) -> None:
 
 def parse_listen(text: str, *, allow_any: bool) -> tuple[str, int]:
     """'HOST:PORT' or '[V6]:PORT' -> (host, port); non-loopback hosts need `allow_any`."""
-    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)|(\d+)", text)
-    if not match:
-        raise click.BadParameter(f"{text!r}: expected HOST:PORT, [IPV6]:PORT or PORT",
-                                 param_hint="--listen")
-    host = match.group(1) or match.group(3) or "127.0.0.1"
-    port = int(match.group(2) or match.group(4) or match.group(5))
-    if not 0 <= port <= 65535:
-        raise click.BadParameter(f"port {port} is out of range", param_hint="--listen")
-    if host == "localhost":
-        host = "127.0.0.1"
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        raise click.BadParameter(f"{host!r}: give an IP address, not a host name",
-                                 param_hint="--listen") from None
+    host, port = parse_address(text, param_hint="--listen")
+    loopback = ipaddress.ip_address(host).is_loopback
     if not loopback and not allow_any:
         raise click.BadParameter(
             f"{host} is not a loopback address and NBD has no authentication or encryption "

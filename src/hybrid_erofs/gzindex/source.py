@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import SourceIOError
+from ..metrics.samples import Sample, counter
 from ..source import ByteSource, check_range
 from .format import WINDOW_SIZE, GzipIndex
 from .prime import primed_start
@@ -131,6 +132,7 @@ class GzipSource:
         # Called with (span number, its bytes) when a span is decoded in full and checked
         # (next checkpoint's window, or the member CRC at the end); a LayerStore keeps them.
         self.on_span: Callable[[int, bytearray], None] | None = None
+        self.spans_decoded = 0  # decodes started at a checkpoint
         self._size = _UNKNOWN if size is None else size
         if size is None:
             self._size = self._measure()
@@ -153,6 +155,13 @@ class GzipSource:
             self._spans.clear()
             self._cached = 0
         self._inner.close()
+
+    def metric_samples(self) -> list[Sample]:
+        return [counter("spans_decoded", self.spans_decoded,
+                        "Decodes started at a zinfo checkpoint"),
+                counter("decoded_bytes", self.decoded_bytes, "Uncompressed bytes inflated"),
+                counter("gzip_input_bytes", self.fetched_bytes,
+                        "Compressed bytes read by the decoder (from the cache or a file)")]
 
     def pread(self, length: int, offset: int) -> bytes:
         check_range(self, length, offset)
@@ -281,6 +290,7 @@ class GzipSource:
         span.crc = 0 if cp.out_offset == 0 else None
         # A window of zeros at out=0 is harmless: nothing can refer back before the start.
         span.decoder = _codec.decompressobj(-15, zdict=cp.window)
+        self.spans_decoded += 1
 
     def _piece(self, span: _Span) -> int:
         """Bytes to fetch next: the growing piece, stopped at the span's compressed end (the

@@ -7,13 +7,10 @@ NBD, device), then the state. Layer plans come from an image index directory (in
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,12 +26,11 @@ from ..indexing.imageindex import (
     verify_layer_files,
 )
 from ..outfile import write_atomic
-from ..sources.metered import MeteredSource
+from ..source import ByteSource
 from .kernel import mount_overlay, mounted_at, umount, users_of
 from .layer import LayerMount
 from .lifecycle import (
     READY_TIMEOUT_S,
-    STATS_INTERVAL_S,
     VIAS,
     DaemonBody,
     absolute_source,
@@ -45,7 +41,6 @@ from .lifecycle import (
     spawn_daemon,
 )
 from .state import IMAGE, LayerState, MountRecord, StatePaths
-from .stats import collect_stats
 
 log = logging.getLogger(__name__)
 
@@ -152,21 +147,6 @@ def load_plan(path: str | os.PathLike[str]) -> list[ImageLayer]:
 
 # -- the daemon -------------------------------------------------------------------------------------
 
-def collect_image_stats(devices: Sequence[MeteredSource]) -> dict[str, Any]:
-    """collect_stats() summed over the layers, each layer's own under "layers" (bottom first)."""
-    per_layer = [collect_stats(device) for device in devices]
-    total: dict[str, Any] = {"updated": time.time(), "layers": per_layer}
-    for key in ("reads", "bytes_served", "errors", "bytes_fetched", "spans_verified",
-                "bytes_decoded"):
-        total[key] = sum(stats[key] for stats in per_layer)
-    for key in ("cache_hits", "cache_misses"):
-        counted = [stats[key] for stats in per_layer if stats[key] is not None]
-        total[key] = sum(counted) if counted else None
-    lookups = (total["cache_hits"] or 0) + (total["cache_misses"] or 0)
-    total["hit_rate"] = total["cache_hits"] / lookups if lookups else None
-    return total
-
-
 class _ImageDaemon:
     """Every layer's LayerMount plus the overlay on top, and their teardown in order."""
 
@@ -174,7 +154,7 @@ class _ImageDaemon:
                  registry: RegistryOptions, via: str, paths: StatePaths) -> None:
         self.source = source
         self.mountpoint = mountpoint
-        self.layers = list(layers)
+        self.planned = list(layers)
         self.registry = registry
         self.via = via
         self.paths = paths
@@ -186,16 +166,16 @@ class _ImageDaemon:
         states = tuple(LayerState(source=layer.source, meta=str(layer.meta),
                                   zinfo=str(layer.zinfo) if layer.zinfo else None,
                                   blob=layer.blob, erofs_dir=str(paths.layer_dir(n)))
-                       for n, layer in enumerate(self.layers))
+                       for n, layer in enumerate(self.planned))
         record = initial_record(self.source, self.mountpoint, meta=None, zinfo=None,
                                 registry=self.registry, via=self.via, paths=paths).with_changes(
             kind=IMAGE, image_dir=str(paths.image_dir), layers=states)
         paths.save(record)  # first, so that umount can clean up after a crash from here on
         transports: list[str] = []
-        for n, layer in enumerate(self.layers):
+        for n, layer in enumerate(self.planned):
             transports.append(self._start_layer(n, layer))
         # overlayfs lists the TOP layer first; without an upperdir it needs two lower dirs.
-        lowers = [f"l/{n}" for n in reversed(range(len(self.layers)))]
+        lowers = [f"l/{n}" for n in reversed(range(len(self.planned)))]
         if len(lowers) == 1:
             paths.empty_dir.mkdir(mode=0o755, exist_ok=True)
             lowers.append(f"l/{paths.empty_dir.name}")
@@ -209,7 +189,6 @@ class _ImageDaemon:
         record = record.with_changes(transport=",".join(sorted(set(transports))),
                                      layers=states)
         paths.save(record)
-        paths.save_stats(collect_image_stats(self._devices()))
         return record
 
     def _start_layer(self, n: int, layer: ImageLayer) -> str:
@@ -227,26 +206,21 @@ class _ImageDaemon:
         except (HybridErofsError, OSError) as exc:
             what = layer.blob or layer.source
             reason = str(exc) if isinstance(exc, HybridErofsError) else exc.strerror or str(exc)
-            raise MountError(f"{self.mountpoint}: layer {n + 1} of {len(self.layers)} "
+            raise MountError(f"{self.mountpoint}: layer {n + 1} of {len(self.planned)} "
                              f"({what}): {reason}") from exc
 
-    def _devices(self) -> list[MeteredSource]:
-        return [mount.device for mount in self.mounts if mount.device is not None]
+    def layers(self) -> list[tuple[str, ByteSource]]:
+        return [(mount.label, mount.device) for mount in self.mounts if mount.device is not None]
 
-    def serve(self, stop: threading.Event) -> None:
-        """Write stats every STATS_INTERVAL_S until a stop signal, or until the overlay or a
-        layer's FUSE export is gone (someone ran a plain umount)."""
-        while not stop.wait(STATS_INTERVAL_S):
-            with contextlib.suppress(HybridErofsError):
-                self.paths.save_stats(collect_image_stats(self._devices()))
-            entry = mounted_at(self.mountpoint)
-            if entry is None or entry.fstype != "overlay":
-                log.info("%s is no longer mounted; stopping", self.mountpoint)
-                self.overlay_mounted = False
-                return
-            if not all(mount.export_running for mount in self.mounts):
-                log.warning("a layer's FUSE export ended; stopping")
-                return
+    def gone(self) -> str | None:
+        """The overlay or a layer's FUSE export is gone (someone ran a plain umount)."""
+        entry = mounted_at(self.mountpoint)
+        if entry is None or entry.fstype != "overlay":
+            self.overlay_mounted = False
+            return f"{self.mountpoint} is no longer mounted"
+        if not all(mount.export_running for mount in self.mounts):
+            return "a layer's FUSE export ended"
+        return None
 
     def teardown(self, *, signals: list[int] | None = None) -> None:
         """The overlay, then every layer's EROFS, then their loop / FUSE / NBD and devices,
@@ -272,24 +246,28 @@ class _ImageDaemon:
 def run_image_mount(source: str, mountpoint: str | os.PathLike[str],
                     layers: Sequence[ImageLayer], *, registry: RegistryOptions | None = None,
                     via: str = "auto", ready_fd: int | None = None,
-                    ready: Callable[[MountRecord], None] | None = None) -> None:
+                    ready: Callable[[MountRecord], None] | None = None,
+                    metrics_address: tuple[str, int] | None = None) -> None:
     """Mount the image in this process and serve until SIGTERM/SIGINT/SIGHUP or an outside
     umount, then unmount everything (the daemon's body, and `mount-image --foreground`)."""
     def make(path: Path, paths: StatePaths) -> DaemonBody:
         return _ImageDaemon(source, path, layers, registry=registry or RegistryOptions(),
                             via=via, paths=paths)
 
-    serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready)
+    serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready,
+                 metrics_address=metrics_address)
 
 
 # -- the parent -------------------------------------------------------------------------------------
 
 def image_daemon_argv(source: str, mountpoint: Path, *, plan: Path, registry: RegistryOptions,
-                      via: str, ready_fd: int) -> list[str]:
+                      via: str, ready_fd: int,
+                      metrics_address: tuple[str, int] | None = None) -> list[str]:
     """The image daemon's command line: the layers are in `plan`, the password on stdin."""
     return [sys.executable, "-m", "hybrid_erofs", "-v", "mount-image", "--foreground",
             "--_daemon-ready-fd", str(ready_fd), "--_plan", str(plan), "--via", via,
-            *registry_argv(registry), "--", source, str(mountpoint)]
+            *registry_argv(registry, metrics_address=metrics_address), "--", source,
+            str(mountpoint)]
 
 
 def _absolute(layer: ImageLayer) -> ImageLayer:
@@ -300,8 +278,8 @@ def _absolute(layer: ImageLayer) -> ImageLayer:
 
 def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequence[ImageLayer],
                 *, registry: RegistryOptions | None = None, via: str = "auto",
-                foreground: bool = False,
-                timeout_s: float = READY_TIMEOUT_S) -> MountRecord | None:
+                foreground: bool = False, timeout_s: float = READY_TIMEOUT_S,
+                metrics_address: tuple[str, int] | None = None) -> MountRecord | None:
     """Mount every layer of an image lazily and stack them read-only on `mountpoint`.
 
     `layers` are bottom first, as in the manifest. One daemon serves them all: each layer's
@@ -323,7 +301,8 @@ def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequenc
     source = absolute_source(source)
     planned = [_absolute(layer) for layer in layers]
     if foreground:
-        run_image_mount(source, mountpoint, planned, registry=registry, via=via)
+        run_image_mount(source, mountpoint, planned, registry=registry, via=via,
+                        metrics_address=metrics_address)
         return None
     path, paths = prepare_mount(mountpoint)
     try:
@@ -335,7 +314,7 @@ def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequenc
 
     def argv(ready_fd: int) -> list[str]:
         return image_daemon_argv(source, path, plan=paths.plan, registry=registry, via=via,
-                                 ready_fd=ready_fd)
+                                 ready_fd=ready_fd, metrics_address=metrics_address)
 
     return spawn_daemon(argv, path, registry=registry, paths=paths, timeout_s=timeout_s)
 
@@ -343,7 +322,6 @@ def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequenc
 __all__ = [
     "ImageLayer",
     "ImagePlan",
-    "collect_image_stats",
     "image_daemon_argv",
     "load_plan",
     "mount_image",

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from ..device import RegistryOptions, open_device
-from ..errors import HybridErofsError, MountBusy, MountError
-from ..sources.metered import MeteredSource
+from ..errors import MountBusy, MountError
+from ..source import ByteSource
+from ..sources.metered import MeteredSource, iter_stages
+from ..sources.registry import RegistryBlobSource
 from .kernel import KernelMountError, attach_loop, detach_loop, mount_erofs, umount, users_of
 from .lifecycle import (
     READY_TIMEOUT_S,
-    STATS_INTERVAL_S,
     VIAS,
     DaemonBody,
     absolute_source,
@@ -37,9 +38,16 @@ from .lifecycle import (
 )
 from .nbdlink import disconnect_quietly
 from .state import DISK_NAME, MountRecord, StatePaths
-from .stats import collect_stats
 
 log = logging.getLogger(__name__)
+
+
+def layer_label(device: ByteSource, fallback: str) -> str:
+    """How metrics name a layer: its registry blob digest, else `fallback` (a file path)."""
+    for stage in iter_stages(device):
+        if isinstance(stage, RegistryBlobSource):
+            return stage.descriptor.digest
+    return fallback
 
 
 class LayerMount:
@@ -65,11 +73,13 @@ class LayerMount:
         self.nbd_device: str | None = None
         self.loop_device: str | None = None
         self.mounted = False
+        self.label = registry.blob or source  # metrics' layer label: the blob digest if known
 
     def start(self, via: str) -> str:
         """Open the device, export it and mount it; the transport that runs."""
         self.device = MeteredSource(open_device(self.source, meta=self.meta, zinfo=self.zinfo,
                                                 registry=self.registry))
+        self.label = layer_label(self.device, self.registry.blob or self.source)
         transport = via
         if transport == "auto":
             from .nbdlink import nbd_devices
@@ -213,24 +223,20 @@ class LayerDaemon:
         os.listdir(self.mountpoint)  # the mount answers
         self.record = record.with_changes(transport=transport, **self.layer.record_fields())
         self.paths.save(self.record)
-        assert self.layer.device is not None
-        self.paths.save_stats(collect_stats(self.layer.device))
         return self.record
 
-    def serve(self, stop: threading.Event) -> None:
-        """Write stats every STATS_INTERVAL_S until a stop signal, or until the EROFS mount or
-        the FUSE export is gone (someone ran a plain umount)."""
-        assert self.layer.device is not None
-        while not stop.wait(STATS_INTERVAL_S):
-            with contextlib.suppress(HybridErofsError):
-                self.paths.save_stats(collect_stats(self.layer.device))
-            if not fs_mounted(self.mountpoint, "erofs"):
-                log.info("%s is no longer mounted; stopping", self.mountpoint)
-                self.layer.mounted = False
-                return
-            if not self.layer.export_running:
-                log.warning("the FUSE export ended; stopping")
-                return
+    def layers(self) -> list[tuple[str, ByteSource]]:
+        device = self.layer.device
+        return [] if device is None else [(self.layer.label, device)]
+
+    def gone(self) -> str | None:
+        """The EROFS mount or the FUSE export is gone (someone ran a plain umount)."""
+        if not fs_mounted(self.mountpoint, "erofs"):
+            self.layer.mounted = False
+            return f"{self.mountpoint} is no longer mounted"
+        if not self.layer.export_running:
+            return "the FUSE export ended"
+        return None
 
     def teardown(self, *, signals: list[int] | None = None) -> None:
         """EROFS first, then loop / FUSE / NBD, then the device and the state files."""
@@ -241,22 +247,26 @@ class LayerDaemon:
 def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
               zinfo: Path | None = None, registry: RegistryOptions | None = None,
               via: str = "auto", ready_fd: int | None = None,
-              ready: Callable[[MountRecord], None] | None = None) -> None:
+              ready: Callable[[MountRecord], None] | None = None,
+              metrics_address: tuple[str, int] | None = None) -> None:
     """Mount layer `source` in this process and serve until SIGTERM/SIGINT/SIGHUP or an outside
     umount, then unmount everything (the daemon's body, and `mount --foreground`).
 
     `ready_fd`: a pipe to the parent `mount`, told "ready" or "error: <reason>" once.
+    `metrics_address`: (host, port) to serve Prometheus metrics on (lifecycle.serve_daemon).
     """
     def make(path: Path, paths: StatePaths) -> DaemonBody:
         return LayerDaemon(source, path, meta=meta, zinfo=zinfo,
                        registry=registry or RegistryOptions(), via=via, paths=paths)
 
-    serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready)
+    serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready,
+                 metrics_address=metrics_address)
 
 def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
                 zinfo: Path | None = None, registry: RegistryOptions | None = None,
                 via: str = "auto", foreground: bool = False,
-                timeout_s: float = READY_TIMEOUT_S) -> MountRecord | None:
+                timeout_s: float = READY_TIMEOUT_S,
+                metrics_address: tuple[str, int] | None = None) -> MountRecord | None:
     """Mount layer `source` (a local layer file or a registry reference) on `mountpoint`.
 
     Background (default): start a daemon (`hybrid-erofs mount --foreground`, new session, its
@@ -272,24 +282,27 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     meta = Path(os.path.abspath(meta))
     zinfo = Path(os.path.abspath(zinfo)) if zinfo is not None else None
     if foreground:
-        run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via)
+        run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via,
+                  metrics_address=metrics_address)
         return None
     path, paths = prepare_mount(mountpoint)
 
     def argv(ready_fd: int) -> list[str]:
         return daemon_argv(source, path, meta=meta, zinfo=zinfo, registry=registry, via=via,
-                           ready_fd=ready_fd)
+                           ready_fd=ready_fd, metrics_address=metrics_address)
 
     return spawn_daemon(argv, path, registry=registry, paths=paths, timeout_s=timeout_s)
 
 def daemon_argv(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
-                registry: RegistryOptions, via: str, ready_fd: int) -> list[str]:
+                registry: RegistryOptions, via: str, ready_fd: int,
+                metrics_address: tuple[str, int] | None = None) -> list[str]:
     """The daemon's command line; holds no secret (the password goes through stdin)."""
     argv = [sys.executable, "-m", "hybrid_erofs", "-v", "mount", "--foreground",
             "--_daemon-ready-fd", str(ready_fd), "--meta", str(meta), "--via", via]
     if zinfo is not None:
         argv += ["--zinfo", str(zinfo)]
-    return [*argv, *registry_argv(registry), "--", source, str(mountpoint)]
+    return [*argv, *registry_argv(registry, metrics_address=metrics_address), "--", source,
+            str(mountpoint)]
 
 
 __all__ = ["LayerMount", "daemon_argv", "mount_layer", "run_mount"]

@@ -25,7 +25,9 @@ from typing import Any, Protocol
 
 from ..device import RegistryOptions, is_local
 from ..errors import HybridErofsError, MountBusy, MountError
+from ..metrics import DaemonMetrics, MetricsServer
 from ..printable import printable_message
+from ..source import ByteSource
 from .kernel import (
     detach_loop,
     loops_backed_by,
@@ -39,6 +41,7 @@ from .kernel import (
 )
 from .nbdlink import disconnect_quietly
 from .state import DISK_NAME, MountRecord, RegistrySettings, StatePaths, list_records
+from .stats import StatsServer, daemon_stats, query_stats
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +134,26 @@ class DaemonBody(Protocol):
 
     def start(self) -> MountRecord: ...
 
-    def serve(self, stop: threading.Event) -> None: ...
+    def layers(self) -> list[tuple[str, ByteSource]]:
+        """Each layer's device (blob digest or file as its name), bottom first, once started."""
+        ...
+
+    def gone(self) -> str | None:
+        """Why serving should stop (someone unmounted it, an export ended), or None."""
+        ...
 
     def teardown(self, *, signals: list[int] | None = None) -> None: ...
 
 def serve_daemon(mountpoint: str | os.PathLike[str], make: Callable[[Path, StatePaths], DaemonBody],
                  *, via: str, ready_fd: int | None = None,
-                 ready: Callable[[MountRecord], None] | None = None) -> None:
+                 ready: Callable[[MountRecord], None] | None = None,
+                 metrics_address: tuple[str, int] | None = None) -> None:
     """Mount in this process with `make(mountpoint, paths)` and serve until SIGTERM/SIGINT/
     SIGHUP or an outside umount, then unmount everything (a daemon's body, and --foreground).
 
+    While serving, `status` is answered live on the mount's stats socket (and a copy written
+    to its stats file every STATS_INTERVAL_S); with `metrics_address` (host, port; port 0
+    picks one, recorded) Prometheus metrics are served at http://HOST:PORT/metrics.
     `ready_fd`: a pipe to the parent, told "ready" or "error: <reason>" once.
     """
     report = _Reporter(ready_fd)
@@ -151,10 +164,20 @@ def serve_daemon(mountpoint: str | os.PathLike[str], make: Callable[[Path, State
         paths = StatePaths.for_mountpoint(os.path.realpath(mountpoint))
         clear_stale(paths)  # first: a dead daemon's mounts may still sit there
         path = check_mountpoint(mountpoint)
-        with _stop_requests() as (stop, received):
+        metrics = DaemonMetrics()
+        with contextlib.ExitStack() as services, _stop_requests() as (stop, received):
+            if metrics_address is not None:  # first: a busy port fails before anything mounts
+                metrics_server = MetricsServer(metrics, *metrics_address)
+                services.callback(metrics_server.close)
             daemon = make(path, paths)
             try:
                 record = daemon.start()
+                for name, device in daemon.layers():
+                    metrics.add_layer(name, device)
+                if metrics_address is not None:
+                    record = record.with_changes(metrics_address=metrics_server.address)
+                    paths.save(record)
+                stats_server = StatsServer(paths.stats_socket, lambda: daemon_stats(metrics))
             except BaseException:
                 daemon.teardown()
                 raise
@@ -164,9 +187,10 @@ def serve_daemon(mountpoint: str | os.PathLike[str], make: Callable[[Path, State
                 _sd_notify(f"READY=1\nSTATUS=mounted on {path}\nMAINPID={os.getpid()}")
                 if ready is not None:
                     ready(record)
-                daemon.serve(stop)
+                _serve(daemon, metrics, paths, stop)
             finally:
                 _sd_notify("STOPPING=1")
+                stats_server.close()
                 daemon.teardown(signals=received)
     except HybridErofsError as exc:
         report.error(str(exc))
@@ -179,6 +203,19 @@ def serve_daemon(mountpoint: str | os.PathLike[str], make: Callable[[Path, State
         raise
     finally:
         report.close()
+
+def _serve(daemon: DaemonBody, metrics: DaemonMetrics, paths: StatePaths,
+           stop: threading.Event) -> None:
+    """Write the stats file every STATS_INTERVAL_S until a stop signal or the daemon is gone."""
+    while True:
+        with contextlib.suppress(HybridErofsError):
+            paths.save_stats(daemon_stats(metrics))
+        if stop.wait(STATS_INTERVAL_S):
+            return
+        reason = daemon.gone()
+        if reason is not None:
+            log.info("%s; stopping", reason)
+            return
 
 class _Reporter:
     """The daemon's end of the readiness pipe: one line, then closed."""
@@ -224,9 +261,14 @@ def prepare_mount(mountpoint: str | os.PathLike[str]) -> tuple[Path, StatePaths]
     paths.prepare()
     return path, paths
 
-def registry_argv(registry: RegistryOptions) -> list[str]:
-    """The registry options as CLI flags; no secret (a password is `--password-stdin`)."""
+def registry_argv(registry: RegistryOptions, *,
+                  metrics_address: tuple[str, int] | None = None) -> list[str]:
+    """The registry options (and `--metrics-address`) as CLI flags; no secret (a password is
+    `--password-stdin`)."""
     argv: list[str] = []
+    if metrics_address is not None:
+        host, port = metrics_address
+        argv += ["--metrics-address", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     for flag, value in (("--platform", registry.platform), ("--layer", registry.layer),
                         ("--blob", registry.blob), ("--username", registry.username),
                         ("--cache-dir", registry.cache_dir),
@@ -465,8 +507,9 @@ def mount_statuses(*, prune: bool = False) -> list[MountStatus]:
     found: list[MountStatus] = []
     for paths, record in list_records():
         alive = daemon_alive(record)
+        stats = (query_stats(paths.stats_socket) if alive else None) or paths.load_stats()
         status = MountStatus(record, alive, fs_mounted(Path(record.mountpoint), record.fstype),
-                             paths.load_stats())
+                             stats)
         found.append(status)
         if prune and not alive:
             cleanup_mount(paths, record)

@@ -21,6 +21,12 @@ from .lifecycle import (
 from .state import MountRecord
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' as recorded -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
              timeout_s: float = READY_TIMEOUT_S) -> MountRecord:
     """Restore a mount whose daemon died: tear down what is left, mount again from the record.
@@ -52,17 +58,19 @@ def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
         cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
         cache_max_bytes=settings.cache_max_bytes, retries=settings.retries,
         retry_delay_s=settings.retry_delay_s, failure_ttl_s=settings.failure_ttl_s)
+    metrics = split_address(record.metrics_address) if record.metrics_address else None
     if record.is_image:
         layers = [ImageLayer(layer.source, Path(layer.meta),
                              Path(layer.zinfo) if layer.zinfo else None, layer.blob)
                   for layer in record.layers]
         again = mount_image(record.source, path, layers, registry=registry, via=record.via,
-                            timeout_s=timeout_s)
+                            timeout_s=timeout_s, metrics_address=metrics)
         assert again is not None
         return again
     assert record.meta is not None
     remounted = mount_layer(record.source, path, meta=Path(record.meta),
                             zinfo=Path(record.zinfo) if record.zinfo else None,
-                            registry=registry, via=record.via, timeout_s=timeout_s)
+                            registry=registry, via=record.via, timeout_s=timeout_s,
+                            metrics_address=metrics)
     assert remounted is not None
     return remounted

@@ -2,7 +2,7 @@
 daemon's stats file beside it, its log, and its FUSE and layer directories, all under the runtime
 directory.
 
-Layout: RUNTIME/mounts/ID.json, ID.stats.json, ID.log; RUNTIME/fuse/ID/disk.img (a layer mount);
+Layout: RUNTIME/mounts/ID.json, ID.stats.json, ID.sock (live stats), ID.log; RUNTIME/fuse/ID/disk.img (a layer mount);
 RUNTIME/images/ID/{plan.json, f/N/disk.img, l/N, l/empty} (an image mount: layer N's FUSE file and
 EROFS mount, N = 0 at the bottom).
 """
@@ -110,6 +110,7 @@ class MountRecord:
     kind: str = LAYER
     image_dir: str | None = None
     layers: tuple[LayerState, ...] = ()  # an image's layers, bottom first
+    metrics_address: str | None = None  # HOST:PORT of /metrics (the port bound, when 0 asked)
 
     @property
     def is_image(self) -> bool:
@@ -158,6 +159,11 @@ class StatePaths:
     @property
     def stats(self) -> Path:
         return self.root / "mounts" / f"{self.id}.stats.json"
+
+    @property
+    def stats_socket(self) -> Path:
+        """Where the daemon answers `status` with its counters as they are now."""
+        return self.root / "mounts" / f"{self.id}.sock"
 
     @property
     def log(self) -> Path:
@@ -225,7 +231,7 @@ class StatePaths:
     def remove(self, *, keep_log: bool = False) -> None:
         """Delete the record, stats, FUSE directory, sockets and an image's directory (and the
         log unless kept). Only empty directories are removed: never anything under a mount."""
-        for path in (self.record, self.stats, self.nbd_socket, self.plan,
+        for path in (self.record, self.stats, self.stats_socket, self.nbd_socket, self.plan,
                      *self.nbd_socket.parent.glob(f"{self.id}.*.sock"),
                      *(() if keep_log else (self.log,))):
             with contextlib.suppress(FileNotFoundError):

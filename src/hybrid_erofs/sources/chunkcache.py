@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import CacheError, SourceIOError
+from ..metrics.samples import Sample, counter
 from ..source import ByteSource, check_range
 from .cachedir import default_cache_dir, prune_cache
 from .chunkstore import ChunkStore, blob_dir
@@ -128,6 +129,16 @@ class ChunkCacheSource:
     def stats(self) -> ChunkCacheStats:
         with self._lock:
             return ChunkCacheStats(*self._counts)
+
+    def metric_samples(self) -> list[Sample]:
+        stats = self.stats
+        return [counter("chunk_cache_hits", stats.hits, "Chunks read from the chunk cache"),
+                counter("chunk_cache_misses", stats.misses,
+                        "Chunks a read had to fetch (or wait for)"),
+                counter("chunk_cache_readahead_chunks", stats.readahead_chunks,
+                        "Chunks fetched ahead of sequential readers"),
+                counter("chunk_cache_invalidated_chunks", stats.invalidated_chunks,
+                        "Cached chunks dropped because their span failed verification")]
 
     def pread(self, length: int, offset: int) -> bytes:
         check_range(self, length, offset)

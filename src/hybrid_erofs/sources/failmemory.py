@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import SourceIOError
+from ..metrics.samples import Sample, counter
 from ..source import ByteSource, check_range
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,14 @@ class FailureMemorySource:
     def stats(self) -> FailureStats:
         with self._lock:
             return FailureStats(*self._counts)
+
+    def metric_samples(self) -> list[Sample]:
+        stats = self.stats
+        return [counter("failure_memory_hits", stats.fast_failures,
+                        "Reads failed at once because their range (or the registry) failed "
+                        "moments ago"),
+                counter("circuit_opened", stats.circuit_opened,
+                        "Times several failures in a row stopped all fetches for a while")]
 
     def pread(self, length: int, offset: int) -> bytes:
         check_range(self, length, offset)

@@ -1,4 +1,5 @@
-"""MeteredSource: counts reads, bytes and errors on their way to an exporter (for `status`).
+"""MeteredSource: counts reads, bytes, errors and latency on their way to an exporter (for
+`status` and /metrics).
 
 Sits on top of the device, just below the FUSE or NBD exporter; passes everything through.
 """
@@ -6,10 +7,12 @@ Sits on top of the device, just below the FUSE or NBD exporter; passes everythin
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..metrics.samples import LatencyHistogram, Sample, counter
 from ..source import ByteSource
 
 
@@ -23,12 +26,14 @@ class ReadStats:
 
 
 class MeteredSource:
-    """Pass reads to `inner` and count them. Owns `inner`. Thread-safe if `inner` is."""
+    """Pass reads to `inner`, count them and their latency. Owns `inner`. Thread-safe if
+    `inner` is. A failed read is what the exporter turns into EIO."""
 
     def __init__(self, inner: ByteSource) -> None:
         self.inner = inner
         self._lock = threading.Lock()
         self._reads = self._bytes = self._errors = 0
+        self._latency = LatencyHistogram()
 
     @property
     def size(self) -> int:
@@ -40,17 +45,29 @@ class MeteredSource:
             return ReadStats(self._reads, self._bytes, self._errors)
 
     def pread(self, length: int, offset: int) -> bytes:
+        started = time.perf_counter_ns()
         try:
             data = self.inner.pread(length, offset)
         except BaseException:
             with self._lock:
+                self._latency.observe_ns(time.perf_counter_ns() - started)
                 self._reads += 1
                 self._errors += 1
             raise
         with self._lock:
+            self._latency.observe_ns(time.perf_counter_ns() - started)
             self._reads += 1
             self._bytes += len(data)
         return data
+
+    def metric_samples(self) -> list[Sample]:
+        with self._lock:
+            return [
+                counter("reads", self._reads, "Reads served to the kernel (failed ones too)"),
+                counter("read_bytes", self._bytes, "Bytes served to the kernel"),
+                counter("read_errors", self._errors, "Reads answered with EIO"),
+                self._latency.sample("read_duration_seconds", "Time to serve a read"),
+            ]
 
     def close(self) -> None:
         self.inner.close()

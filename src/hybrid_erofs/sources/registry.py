@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import httpx
 
 from ..errors import RegistryError, SourceIOError
+from ..metrics.samples import Sample, counter
 from ..oci.auth import origin
 from ..oci.client import Descriptor, RegistryClient
 from ..oci.credentials import resolve_credentials
@@ -82,7 +83,8 @@ class RegistryBlobSource:
         self._lock = threading.Lock()
         self._storage_url: httpx.URL | None = None
         self._warned_full_body = False
-        self.requests = 0  # upstream HTTP requests, redirect hops included (for tests)
+        self.requests = 0  # upstream HTTP requests, redirect hops included
+        self.bytes_received = 0  # blob bytes received by pread, cut-off bodies included
 
     @property
     def size(self) -> int:
@@ -116,11 +118,20 @@ class RegistryBlobSource:
             raise self._transport_error(exc, url, offset, end) from exc
         finally:
             response.close()
+            with self._lock:
+                self.bytes_received += filled
         if filled != length:
             raise SourceIOError(
                 f"GET {public_url(url)}: body ended after {filled} of {length} bytes "
                 f"for bytes {offset}-{end}", transient=True)
         return bytes(out)
+
+    def metric_samples(self) -> list[Sample]:
+        with self._lock:
+            return [counter("registry_requests", self.requests,
+                            "HTTP requests for blob bytes, redirect hops included"),
+                    counter("fetched_bytes", self.bytes_received,
+                            "Compressed bytes received from the registry")]
 
     def iter_range(self, offset: int = 0) -> Iterator[bytes]:
         """Stream the blob from `offset` to its end with one Range GET, chunks as received."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import SourceIOError, is_transient
+from ..metrics.samples import Sample, counter
 from ..source import ByteSource
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,13 @@ class RetrySource:
         if isinstance(retry_after_s, int | float) and retry_after_s > wait_s:
             wait_s = float(retry_after_s)
         return wait_s
+
+    def metric_samples(self) -> list[Sample]:
+        stats = self.stats
+        return [counter("registry_retries", stats.retries,
+                        "Registry reads tried again after a transient failure"),
+                counter("registry_failures", stats.gave_up,
+                        "Registry reads that failed for good (retries spent, or permanent)")]
 
     def _count(self, *, retries: int = 0, gave_up: int = 0) -> None:
         with self._lock:

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import SourceIOError
 from ..gzindex.spans import SpanDigest
+from ..metrics.samples import Sample, counter
 from ..source import ByteSource, check_range
 
 log = logging.getLogger("hybrid_erofs.verify")
@@ -70,6 +71,12 @@ class VerifiedSource:
     @property
     def size(self) -> int:
         return self._inner.size
+
+    def metric_samples(self) -> list[Sample]:
+        return [counter("spans_verified", self.verified_spans,
+                        "Compressed spans fetched and found to match their sha256"),
+                counter("verification_failures", self.failed_spans,
+                        "Fetches of a span whose bytes did not match its sha256")]
 
     def pread(self, length: int, offset: int) -> bytes:
         check_range(self, length, offset)
