@@ -140,32 +140,32 @@ def top_layer_tar() -> bytes:
 
 def build_run_image(root: Path, rootfs_tar: Path, *, tag: str = "debian",
                     base_layers: tuple[bytes, ...] = (),
-                    extra_layers: tuple[bytes, ...] = (top_layer_tar(),),
+                    extra_layers: tuple[bytes | Path, ...] = (top_layer_tar(),),
                     cmd: tuple[str, ...] = ("/bin/cat", "/etc/hybrid-erofs-test")) -> RunImage:
     """A linux/amd64 image: `base_layers`, the rootfs tar (gzip, pigz), then `extra_layers`
-    (tars). Base layers give the same rootfs other chain IDs (another image to containerd)."""
+    (tars, in memory or files: a file is compressed with pigz and its .gz kept beside it).
+    Base layers give the same rootfs other chain IDs (another image to containerd)."""
     layout = Layout(root) if not (root / "oci-layout").exists() else _reopen(root)
-    rootfs_gz = root / "rootfs.tar.gz"
-    if not rootfs_gz.exists():
-        _gzip_file(rootfs_tar, rootfs_gz)
-    with open(rootfs_tar, "rb") as f:
-        rootfs_diff = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
-    with open(rootfs_gz, "rb") as f:
-        rootfs_digest = hashlib.file_digest(f, "sha256").hexdigest()
-    blob = root / "blobs" / "sha256" / rootfs_digest
-    if not blob.exists():
-        os.link(rootfs_gz, blob)
     descriptors: list[dict[str, object]] = []
     diff_ids: list[str] = []
-    for tar in base_layers:
-        descriptors.append(layout.blob(gzip.compress(tar, mtime=0), GZIP_LAYER))
-        diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
-    descriptors.append({"mediaType": GZIP_LAYER, "digest": f"sha256:{rootfs_digest}",
-                        "size": rootfs_gz.stat().st_size})
-    diff_ids.append(rootfs_diff)
-    for tar in extra_layers:
-        descriptors.append(layout.blob(gzip.compress(tar, mtime=0), GZIP_LAYER))
-        diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
+    for tar in (*base_layers, rootfs_tar, *extra_layers):
+        if isinstance(tar, bytes):
+            descriptors.append(layout.blob(gzip.compress(tar, mtime=0), GZIP_LAYER))
+            diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
+            continue
+        gz = root / f"{tar.name}.gz" if tar == rootfs_tar else tar.with_name(tar.name + ".gz")
+        if not gz.exists():
+            _gzip_file(tar, gz.with_name(gz.name + ".part"))
+            gz.with_name(gz.name + ".part").rename(gz)
+        with open(tar, "rb") as f:
+            diff_ids.append("sha256:" + hashlib.file_digest(f, "sha256").hexdigest())
+        with open(gz, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        blob = root / "blobs" / "sha256" / digest
+        if not blob.exists():
+            os.link(gz, blob)
+        descriptors.append({"mediaType": GZIP_LAYER, "digest": f"sha256:{digest}",
+                            "size": gz.stat().st_size})
     config = {"architecture": "amd64", "os": "linux",
               "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                          "Cmd": list(cmd)},
@@ -214,9 +214,12 @@ class Registry:
     host: str = ""
     log: Path = field(default_factory=Path)
     proc: subprocess.Popen[bytes] | None = None
+    address: str = "127.0.0.1"
+    netns: str | None = None  # run inside this network namespace (the benchmark's)
+    storage: Path | None = None  # kept between runs when given
 
     def start(self) -> None:
-        port = free_port()
+        port = free_port() if self.netns is None else 5000
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "registry.yml"
         config.write_text(f"""version: 0.1
@@ -226,19 +229,20 @@ log:
     disabled: false
 storage:
   filesystem:
-    rootdirectory: {self.workdir / 'storage'}
+    rootdirectory: {self.storage or self.workdir / 'storage'}
   maintenance:
     uploadpurging:
       enabled: false
 http:
-  addr: 127.0.0.1:{port}
+  addr: {self.address}:{port}
   secret: snapshotter-test-not-a-secret
 """)
         self.log = self.workdir / "registry.log"
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=out,
-                                         stderr=subprocess.STDOUT)
-        self.host = f"127.0.0.1:{port}"
+            self.proc = subprocess.Popen([*prefix, "docker-registry", "serve", str(config)],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        self.host = f"{self.address}:{port}"
         _wait_ready(f"http://{self.host}/v2/")
 
     def stop(self) -> None:

@@ -178,6 +178,7 @@ def test_indexed_layers_are_prepared_remotely(node: Node, debian: RunImage, inde
         assert labels.get("containerd.io/snapshot/remote") == "remote snapshot", labels
         assert labels.get("containerd.io/snapshot/hybrid-erofs.restricted") == "nosuid,nodev"
     assert "mounted lazily" in node.log() and "fallback" not in node.log()
+    assert node.log().count("/manifests/sha256-") == 1  # the index is looked up once per image
     assert _run(node, indexed, "lazy-cat", "/bin/cat", "/etc/hybrid-erofs-test") == \
         MARKER.decode()
     # the pull and a container's run fetched no layer whole (the registry's log): ranges only,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,7 +24,7 @@ from ..errors import (
     MountError,
     RegistryError,
 )
-from ..mounting.discovery import discover_image_index
+from ..mounting.discovery import DiscoveredImage, discover_image_index
 from ..mounting.kernel import mounted_at, umount
 from ..mounting.layer import mount_layer
 from ..mounting.lifecycle import (
@@ -33,6 +35,7 @@ from ..mounting.lifecycle import (
     fs_mounted,
 )
 from ..mounting.lifecycle import unmount as unmount_layer
+from ..oci.client import GZIP_LAYER_TYPES
 from ..oci.reference import parse_reference
 
 log = logging.getLogger(__name__)
@@ -122,10 +125,15 @@ def resolve_layer(request: LayerRequest, *, finder: IndexFinder,
 
 class DiscoveryFinder:
     """The index attached to the image in its registry (mounting/discovery.py: referrers or
-    the `sha256-<hex>` tag, digests verified, files cached). Thread-safe (no shared state)."""
+    the `sha256-<hex>` tag, digests verified, files cached). One discovery per image: its
+    result is kept for the image's other layers (content-addressed, so it cannot go stale;
+    failures are not kept). Thread-safe."""
 
-    def __init__(self, registry: RegistryOptions) -> None:
+    def __init__(self, registry: RegistryOptions, *, keep: int = 64) -> None:
         self.registry = registry
+        self._keep = keep
+        self._found: OrderedDict[str, DiscoveredImage] = OrderedDict()
+        self._lock = threading.Lock()
 
     def find(self, request: LayerRequest) -> LayerIndex:
         try:
@@ -133,24 +141,39 @@ class DiscoveryFinder:
         except InvalidInput as exc:
             raise LayerFallback(str(exc), reason="no-labels") from exc
         pinned = f"{ref.registry}/{ref.repository}@{request.manifest_digest}"
-        try:
-            found = discover_image_index(
-                pinned, registry=replace(self.registry, platform=None, layer=None, blob=None),
-                layers=lambda image: [layer for layer in image.layers
-                                      if layer.digest == request.layer_digest])
-        except RegistryError as exc:
-            raise LayerFallback(str(exc), reason="no-index") from exc
-        except InvalidInput as exc:
-            raise LayerFallback(str(exc), reason="unsupported") from exc
-        except HybridErofsError as exc:
-            raise LayerFallback(str(exc), reason="index-error") from exc
+        found = self._discover(pinned)
         layer = next((layer for layer in found.image.layers
                       if layer.digest == request.layer_digest), None)
+        if layer is not None and layer.media_type not in GZIP_LAYER_TYPES:
+            raise LayerFallback(f"{pinned}: layer {layer.digest} is {layer.media_type}, not "
+                                f"gzip: it cannot be mounted lazily", reason="unsupported")
         if layer is None or layer.digest not in found.layer_dirs:
             raise LayerFallback(f"{pinned}: layer {request.layer_digest} is not in the index "
                                 f"{found.artifact}", reason="index-error")
         meta, zinfo = found.layer_paths(layer)
         return LayerIndex(pinned, meta, zinfo, found.artifact, bound=False)
+
+    def _discover(self, pinned: str) -> DiscoveredImage:
+        with self._lock:
+            if pinned in self._found:
+                self._found.move_to_end(pinned)
+                return self._found[pinned]
+            try:
+                found = discover_image_index(
+                    pinned, registry=replace(self.registry, platform=None, layer=None,
+                                             blob=None),
+                    layers=lambda image: [layer for layer in image.layers
+                                          if layer.media_type in GZIP_LAYER_TYPES])
+            except RegistryError as exc:
+                raise LayerFallback(str(exc), reason="no-index") from exc
+            except InvalidInput as exc:
+                raise LayerFallback(str(exc), reason="unsupported") from exc
+            except HybridErofsError as exc:
+                raise LayerFallback(str(exc), reason="index-error") from exc
+            self._found[pinned] = found
+            while len(self._found) > self._keep:
+                self._found.popitem(last=False)
+            return found
 
 
 @dataclass(frozen=True, slots=True)

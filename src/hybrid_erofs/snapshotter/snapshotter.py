@@ -185,8 +185,11 @@ class Snapshotter:
 
     def cleanup(self) -> None:
         """Remove directories no snapshot owns (left by a Remove that failed or a crash)."""
+        # Directories first, then ids: a snapshot's row exists before its directory, so a
+        # Prepare racing with this cannot lose its directory.
+        entries = sorted((self.root / "snapshots").iterdir())
         known = self.store.ids()
-        for entry in sorted((self.root / "snapshots").iterdir()):
+        for entry in entries:
             if entry.name.isdigit() and int(entry.name) in known:
                 continue
             self._discard_dir(entry)

@@ -1,0 +1,280 @@
+"""Time to ready and bytes fetched: containerd with `hybrid-erofs snapshotter` (CRI PullImage,
+then `ctr run`) against containerd's overlayfs snapshotter (`ctr images pull`, then `ctr run`),
+in the same run, with the registry in a network namespace of its own behind a veth link shaped
+with tc HTB. Root only; not part of the test suite. Figures: docs/benchmarks.md.
+
+    python3 tools/bench_snapshotter.py --runs 3 --rates 1gbit,200mbit --json out.json
+
+Images (built once, cached in --data): "small" = the debootstrap rootfs (HYBRID_EROFS_ROOTFS_TAR)
+plus a small top layer; "big" = the same plus layers of this machine's /usr/share and /usr/lib
+(>= 1 GB of layer data). Both are pushed, indexed and their indexes pushed once
+(`index --all-layers --min-layer-size 0 --push`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the test rig's containerd, registry and image builders
+
+from tests.containerd_rig import (  # noqa: E402
+    SNAPSHOTTER,
+    Containerd,
+    Registry,
+    RunImage,
+    SnapshotterProcess,
+    build_run_image,
+    top_layer_tar,
+    unmount_below,
+)
+
+CLI = [sys.executable, "-m", "hybrid_erofs"]
+NETNS = "hebench"
+HOST_IF, NS_IF = "hebench0", "hebench1"
+# A /30 that exists only between this host and the namespace this script makes.
+HOST_ADDR, NS_ADDR = "10.213.7.1", "10.213.7.2"
+READY = "ready"
+READY_CMD = ("/bin/sh", "-c", f"cat /etc/debian_version >/dev/null && echo {READY}")
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=check, capture_output=True, text=True)
+
+
+# -- the shaped link ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def shaped_link() -> Iterator[None]:
+    """netns NETNS with NS_ADDR, a veth pair to the host (HOST_ADDR), an HTB qdisc on both
+    ends (rate set by shape())."""
+    sh("ip", "netns", "del", NETNS, check=False)
+    sh("ip", "link", "del", HOST_IF, check=False)
+    sh("ip", "netns", "add", NETNS)
+    try:
+        sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
+        sh("ip", "link", "set", NS_IF, "netns", NETNS)
+        sh("ip", "addr", "add", f"{HOST_ADDR}/30", "dev", HOST_IF)
+        sh("ip", "link", "set", HOST_IF, "up")
+        ns = ("ip", "netns", "exec", NETNS)
+        sh(*ns, "ip", "addr", "add", f"{NS_ADDR}/30", "dev", NS_IF)
+        sh(*ns, "ip", "link", "set", NS_IF, "up")
+        sh(*ns, "ip", "link", "set", "lo", "up")
+        for prefix, dev in (((), HOST_IF), (ns, NS_IF)):
+            sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb",
+               "default", "10")
+            sh(*prefix, "tc", "class", "add", "dev", dev, "parent", "1:", "classid", "1:10",
+               "htb", "rate", "10gbit")
+        yield
+    finally:
+        sh("ip", "link", "del", HOST_IF, check=False)
+        sh("ip", "netns", "del", NETNS, check=False)
+
+
+def shape(rate: str) -> None:
+    """Both directions of the link to `rate` (tc syntax: 1gbit, 200mbit)."""
+    ns = ("ip", "netns", "exec", NETNS)
+    for prefix, dev in (((), HOST_IF), (ns, NS_IF)):
+        sh(*prefix, "tc", "class", "change", "dev", dev, "parent", "1:", "classid", "1:10",
+           "htb", "rate", rate, "ceil", rate, "burst", "256k", "cburst", "256k")
+
+
+def rx_bytes() -> int:
+    """Bytes the host received over the link (registry -> node)."""
+    return int(Path(f"/sys/class/net/{HOST_IF}/statistics/rx_bytes").read_text())
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+def layer_tar(data: Path, name: str, source: str, prefix: str) -> Path:
+    """This machine's `source` tree as a tar under `prefix` (cached as data/NAME.tar)."""
+    path = data / f"{name}.tar"
+    if not path.exists():
+        print(f"building {path} from {source} ...", file=sys.stderr)
+        sh("tar", "-C", str(Path(source).parent), "--sort=name", "--numeric-owner",
+           "--owner=0", "--group=0", "--mtime=2024-01-01 00:00:00Z", "--format=pax",
+           "--ignore-failed-read", "--exclude=__pycache__",
+           f"--transform=s,^{Path(source).name},{prefix},", "-cf", f"{path}.part",
+           Path(source).name, check=False)
+        os.replace(f"{path}.part", path)
+    return path
+
+
+def build_images(data: Path, rootfs: Path) -> dict[str, RunImage]:
+    layout = data / "layout"
+    images = {"small": build_run_image(layout, rootfs, tag="small", cmd=READY_CMD)}
+    share = layer_tar(data, "usr-share", "/usr/share", "opt/bench/share")
+    libs = layer_tar(data, "usr-bin", "/usr/bin", "opt/bench/bin")
+    images["big"] = build_run_image(layout, rootfs, tag="big", cmd=READY_CMD,
+                                    extra_layers=(share, libs, top_layer_tar()))
+    return images
+
+
+def layer_bytes(image: RunImage) -> tuple[int, int]:
+    """(compressed, uncompressed) size of the image's layers."""
+    compressed = uncompressed = 0
+    for digest in image.layer_digests:
+        blob = image.layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+        compressed += blob.stat().st_size
+        with open(blob, "rb") as f:
+            uncompressed += int.from_bytes(_gzip_isize(f), "little")
+    return compressed, uncompressed
+
+
+def _gzip_isize(f: Any) -> bytes:
+    f.seek(-4, os.SEEK_END)  # ISIZE (RFC 1952): right for single-member layers < 4 GiB
+    data: bytes = f.read(4)
+    return data
+
+
+def publish(registry: Registry, images: dict[str, RunImage], data: Path) -> dict[str, str]:
+    refs = {}
+    for name, image in images.items():
+        ref = f"{registry.host}/bench/{name}:1"
+        sh("skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+           image.ref(), f"docker://{ref}")
+        proc = sh(*CLI, "index", ref, "--all-layers", "--min-layer-size", "0", "--push",
+                  "--insecure", "-o", str(data / f"index-{name}"), check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"index {ref}: {proc.stderr.strip()}")
+        refs[name] = ref
+    return refs
+
+
+# -- one measurement ------------------------------------------------------------------------------
+
+def run_lazy(ctrd: Containerd, sn: SnapshotterProcess, ref: str, n: int) -> dict[str, Any]:
+    before, t0 = rx_bytes(), time.monotonic()
+    ctrd.cri_pull(ref)
+    t_pull = time.monotonic() - t0
+    out = ctrd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, f"lazy-{n}", *READY_CMD)
+    elapsed = time.monotonic() - t0
+    assert out.stdout.strip() == READY, out.stdout
+    fetched = rx_bytes() - before
+    log = sn.log.read_text(errors="replace")
+    return {"ready_s": elapsed, "pull_s": t_pull, "bytes": fetched,
+            "lazy_layers": log.count("mounted lazily"), "fallbacks": log.count("(fallback,")}
+
+
+def run_overlay(ctrd: Containerd, ref: str, n: int) -> dict[str, Any]:
+    before, t0 = rx_bytes(), time.monotonic()
+    ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", ref,
+             timeout_s=3600)
+    t_pull = time.monotonic() - t0
+    out = ctrd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, f"ovl-{n}", *READY_CMD)
+    elapsed = time.monotonic() - t0
+    assert out.stdout.strip() == READY, out.stdout
+    return {"ready_s": elapsed, "pull_s": t_pull, "bytes": rx_bytes() - before}
+
+
+def forget(ctrd: Containerd, ref: str) -> None:
+    """The image, its content and snapshots gone from containerd (both snapshotters)."""
+    ctrd.ctr("images", "rm", "--sync", ref, check=False)
+    for digest in ctrd.ctr("content", "ls", "-q", check=False).stdout.split():
+        ctrd.ctr("content", "rm", digest, check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rates", default="1gbit,200mbit")
+    parser.add_argument("--images", default="small,big")
+    parser.add_argument("--data", type=Path, default=ROOT / "bench-data" / "snapshotter")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespace, containerd, mounts)")
+    rootfs = Path(os.environ.get("HYBRID_EROFS_ROOTFS_TAR",
+                                 "/var/cache/hybrid-erofs-ci/rootfs.tar"))
+    data = args.data.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    images = build_images(data, rootfs)
+    work = data / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    results: dict[str, Any] = {"images": {}, "runs": []}
+    with shaped_link():
+        registry = Registry(work / "registry", address=NS_ADDR, netns=NETNS,
+                            storage=data / "registry-storage")
+        registry.start()
+        ctrd: Containerd | None = None
+        try:
+            refs = publish(registry, images, data)
+            sn = SnapshotterProcess(work / "sn.sock", work / "sn-root", work / "sn.log")
+            ctrd = Containerd(work / "containerd", sn.address, registry.host)
+            ctrd.start()
+            for name in args.images.split(","):
+                compressed, uncompressed = layer_bytes(images[name])
+                results["images"][name] = {"layers": len(images[name].layer_digests),
+                                           "compressed": compressed,
+                                           "uncompressed": uncompressed}
+                for rate in args.rates.split(","):
+                    shape(rate)
+                    for n in range(args.runs):
+                        for kind in ("hybrid-erofs", "overlayfs") if n % 2 == 0 else (
+                                "overlayfs", "hybrid-erofs"):
+                            forget(ctrd, refs[name])
+                            if kind == "hybrid-erofs":
+                                cache = work / f"cache-{name}-{rate}-{n}"
+                                sn.extra_args = ("--insecure", "--accept-unbound-indexes",
+                                                 "--cache-dir", str(cache))
+                                sn.env = {"HYBRID_EROFS_RUNTIME_DIR": str(work / "runtime")}
+                                sn.log.unlink(missing_ok=True)
+                                sn.start()
+                                ctrd.wait_for_snapshotter()
+                                try:
+                                    row = run_lazy(ctrd, sn, refs[name], n)
+                                finally:
+                                    forget(ctrd, refs[name])
+                                    sn.stop()
+                                    sn.stop_layer_daemons()
+                                    shutil.rmtree(cache, ignore_errors=True)
+                            else:
+                                row = run_overlay(ctrd, refs[name], n)
+                            row.update(image=name, rate=rate, run=n, snapshotter=kind)
+                            results["runs"].append(row)
+                            print(json.dumps(row), flush=True)
+        finally:
+            if ctrd is not None:
+                ctrd.remove_all()
+                ctrd.stop()
+            registry.stop()
+            unmount_below(work)
+    summarize(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+def summarize(results: dict[str, Any]) -> None:
+    print("| image | link | snapshotter | time to ready, median (min-max) | bytes fetched |")
+    print("|---|---|---|---|---|")
+    keys = sorted({(r["image"], r["rate"]) for r in results["runs"]})
+    for image, rate in keys:
+        medians = {}
+        for kind in ("overlayfs", "hybrid-erofs"):
+            rows = [r for r in results["runs"] if (r["image"], r["rate"], r["snapshotter"])
+                    == (image, rate, kind)]
+            times = [r["ready_s"] for r in rows]
+            medians[kind] = statistics.median(times)
+            fetched = statistics.median(r["bytes"] for r in rows)
+            comp = results["images"][image]["compressed"]
+            print(f"| {image} | {rate} | {kind} | {medians[kind]:.2f} s ({min(times):.2f}-"
+                  f"{max(times):.2f}) | {fetched / 1e6:.1f} MB ({100 * fetched / comp:.1f} % "
+                  f"of {comp / 1e6:.0f} MB) |")
+        print(f"| {image} | {rate} | ratio | {medians['hybrid-erofs'] / medians['overlayfs']:.2f}x"
+              f" | |")
+
+
+if __name__ == "__main__":
+    main()
