@@ -24,10 +24,11 @@ import grpc
 from tests.registry_rig import GZIP_LAYER, OCI_MANIFEST, Layout, _wait_ready, free_port
 
 PROGRAMS = ("containerd", "containerd-shim-runc-v2", "ctr", "runc", "docker-registry", "skopeo",
-            "pigz")
+            "pigz", "zstd")
 SNAPSHOTTER = "hybrid-erofs"
 NAMESPACE = "k8s.io"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+ZSTD_LAYER = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 def missing_prerequisites() -> list[str]:
@@ -141,9 +142,11 @@ def top_layer_tar() -> bytes:
 def build_run_image(root: Path, rootfs_tar: Path, *, tag: str = "debian",
                     base_layers: tuple[bytes, ...] = (),
                     extra_layers: tuple[bytes | Path, ...] = (top_layer_tar(),),
+                    zstd_layers: tuple[bytes, ...] = (),
                     cmd: tuple[str, ...] = ("/bin/cat", "/etc/hybrid-erofs-test")) -> RunImage:
     """A linux/amd64 image: `base_layers`, the rootfs tar (gzip, pigz), then `extra_layers`
-    (tars, in memory or files: a file is compressed with pigz and its .gz kept beside it).
+    (tars, in memory or files: a file is compressed with pigz and its .gz kept beside it),
+    then `zstd_layers` (zstd-compressed: layers that cannot be mounted lazily).
     Base layers give the same rootfs other chain IDs (another image to containerd)."""
     layout = Layout(root) if not (root / "oci-layout").exists() else _reopen(root)
     descriptors: list[dict[str, object]] = []
@@ -166,6 +169,11 @@ def build_run_image(root: Path, rootfs_tar: Path, *, tag: str = "debian",
             os.link(gz, blob)
         descriptors.append({"mediaType": GZIP_LAYER, "digest": f"sha256:{digest}",
                             "size": gz.stat().st_size})
+    for tar in zstd_layers:
+        compressed = subprocess.run(["zstd", "-q", "-c"], input=tar, capture_output=True,
+                                    check=True).stdout
+        descriptors.append(layout.blob(compressed, ZSTD_LAYER))
+        diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
     config = {"architecture": "amd64", "os": "linux",
               "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                          "Cmd": list(cmd)},
@@ -390,22 +398,32 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             answer = pull(encode_pull_image_request(image), timeout=timeout_s)
         return decode_pull_image_response(answer)
 
-    def wait_for_snapshotter(self, timeout_s: float = 15) -> None:
+    def wait_for_snapshotter(self, timeout_s: float = 30) -> None:
         """containerd redials a proxy plugin with back-off (at most 3 s in 1.6): wait until
-        a call goes through."""
+        a call reaches the snapshotter (`snapshots ls` does not: containerd answers it from
+        its own metadata; a Prepare does)."""
         deadline = time.monotonic() + timeout_s
-        while self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls",
+        probe = f"wait-probe-{time.monotonic_ns()}"
+        while self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "prepare", probe,
                        check=False).returncode != 0:
             if time.monotonic() > deadline:
                 raise RuntimeError("containerd does not reach the snapshotter again")
             time.sleep(0.5)
+        self.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "rm", probe)
+
+    def remove_container(self, name: str) -> None:
+        """Kill its task, wait until the task can be deleted, delete the container."""
+        self.ctr("tasks", "kill", "-s", "SIGKILL", name, check=False)
+        for _ in range(50):
+            if self.ctr("tasks", "delete", name, check=False).returncode == 0:
+                break
+            time.sleep(0.2)
+        self.ctr("containers", "delete", name, check=False)
 
     def remove_all(self) -> None:
         """Delete every task, container and image of the namespace (best effort)."""
         for task in self.ctr("tasks", "ls", "-q", check=False).stdout.split():
-            self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
-            time.sleep(0.5)
-            self.ctr("tasks", "delete", "-f", task, check=False)
+            self.remove_container(task)
         for container in self.ctr("containers", "ls", "-q", check=False).stdout.split():
             self.ctr("containers", "delete", container, check=False)
         images = self.ctr("images", "ls", "-q", check=False).stdout.split()

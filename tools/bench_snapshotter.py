@@ -178,11 +178,17 @@ def run_overlay(ctrd: Containerd, ref: str, n: int) -> dict[str, Any]:
     return {"ready_s": elapsed, "pull_s": t_pull, "bytes": rx_bytes() - before}
 
 
-def forget(ctrd: Containerd, ref: str) -> None:
-    """The image, its content and snapshots gone from containerd (both snapshotters)."""
-    ctrd.ctr("images", "rm", "--sync", ref, check=False)
+def forget(ctrd: Containerd) -> None:
+    """Every image (CRI also names it by ID and digest), its content and snapshots gone from
+    containerd (both snapshotters): the next pull starts cold."""
+    images = ctrd.ctr("images", "ls", "-q", check=False).stdout.split()
+    if images:
+        ctrd.ctr("images", "rm", "--sync", *images, check=False)
     for digest in ctrd.ctr("content", "ls", "-q", check=False).stdout.split():
         ctrd.ctr("content", "rm", digest, check=False)
+    left = ctrd.ctr("content", "ls", "-q", check=False).stdout.split()
+    if left:
+        raise SystemExit(f"containerd still holds {len(left)} blobs: not a cold start")
 
 
 def main() -> None:
@@ -224,9 +230,10 @@ def main() -> None:
                     for n in range(args.runs):
                         for kind in ("hybrid-erofs", "overlayfs") if n % 2 == 0 else (
                                 "overlayfs", "hybrid-erofs"):
-                            forget(ctrd, refs[name])
+                            forget(ctrd)
                             if kind == "hybrid-erofs":
                                 cache = work / f"cache-{name}-{rate}-{n}"
+                                sn.root = work / f"sn-root-{name}-{rate}-{n}"
                                 sn.extra_args = ("--insecure", "--accept-unbound-indexes",
                                                  "--cache-dir", str(cache))
                                 sn.env = {"HYBRID_EROFS_RUNTIME_DIR": str(work / "runtime")}
@@ -236,10 +243,11 @@ def main() -> None:
                                 try:
                                     row = run_lazy(ctrd, sn, refs[name], n)
                                 finally:
-                                    forget(ctrd, refs[name])
+                                    forget(ctrd)
                                     sn.stop()
                                     sn.stop_layer_daemons()
                                     shutil.rmtree(cache, ignore_errors=True)
+                                    shutil.rmtree(sn.root, ignore_errors=True)
                             else:
                                 row = run_overlay(ctrd, refs[name], n)
                             row.update(image=name, rate=rate, run=n, snapshotter=kind)

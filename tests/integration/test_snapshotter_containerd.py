@@ -220,6 +220,33 @@ def test_image_without_index_runs_through_the_fallback(node: Node, debian: RunIm
     del debian
 
 
+def test_zstd_layer_falls_back_and_the_gzip_ones_stay_lazy(
+        node: Node, debian: RunImage, tmp_path: Path) -> None:
+    """One image, gzip layers indexed and a zstd layer that cannot be: the gzip layers are
+    mounted lazily, the zstd one is applied by containerd (fallback `unsupported`), and the
+    container sees all of them."""
+    base = _tar([_entry("zstd-image", b"base of the zstd image\n")])
+    top = _tar([_entry("etc/", kind=tarfile.DIRTYPE, mode=0o755),
+                _entry("etc/from-zstd", b"a zstd layer\n")])
+    image = build_run_image(debian.layout, Path(os.environ["HYBRID_EROFS_ROOTFS_TAR"]),
+                            tag="zstd", base_layers=(base,), zstd_layers=(top,))
+    ref = _push(node, image, "lab/zstd")
+    proc = subprocess.run([sys.executable, "-m", "hybrid_erofs", "index", ref, "--all-layers",
+                           "--min-layer-size", "0", "--push", "-o", str(tmp_path / "index")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lazy, unsupported = node.log().count("mounted lazily"), node.log().count("unsupported)")
+    node.ctrd.cri_pull(ref)
+    chains = chain_ids(image.diff_ids)
+    remote = ["containerd.io/snapshot/remote" in _labels(node, chain) for chain in chains]
+    assert remote == [True, True, True, False]
+    assert node.log().count("mounted lazily") == lazy + 3
+    assert node.log().count("(fallback, unsupported)") == unsupported + 1
+    out = _run(node, ref, "zstd-cat", "/bin/cat", "/etc/from-zstd", "/zstd-image",
+               "/etc/hybrid-erofs-test")
+    assert out == "a zstd layer\nbase of the zstd image\n" + MARKER.decode()
+
+
 def test_containers_survive_a_snapshotter_restart(node: Node, debian: RunImage,
                                                   indexed: str) -> None:
     """kill -9 of the snapshotter while a container runs: the layer daemons live on (their
@@ -245,12 +272,7 @@ def test_containers_survive_a_snapshotter_restart(node: Node, debian: RunImage,
                              "/etc/hybrid-erofs-test")
         assert proc.stdout == MARKER.decode()
     finally:
-        node.ctrd.ctr("tasks", "kill", "-s", "SIGKILL", "survivor", check=False)
-        for _ in range(50):
-            if node.ctrd.ctr("tasks", "delete", "survivor", check=False).returncode == 0:
-                break
-            time.sleep(0.2)
-        node.ctrd.ctr("containers", "delete", "survivor", check=False)
+        node.ctrd.remove_container("survivor")
 
 
 def _status(node: Node) -> list[dict[str, Any]]:
@@ -312,9 +334,4 @@ def test_a_dead_layer_daemon_is_mounted_again_for_new_containers(node: Node, deb
         assert "its mount daemon is gone; mounting it again" in node.log()
         assert all(entry["daemon_alive"] for entry in _status(node)), _status(node)
     finally:
-        node.ctrd.ctr("tasks", "kill", "-s", "SIGKILL", "orphan", check=False)
-        for _ in range(50):
-            if node.ctrd.ctr("tasks", "delete", "orphan", check=False).returncode == 0:
-                break
-            time.sleep(0.2)
-        node.ctrd.ctr("containers", "delete", "orphan", check=False)
+        node.ctrd.remove_container("orphan")

@@ -164,3 +164,24 @@ def test_state_survives_a_restart(root: Path, tmp_path: Path) -> None:
         client.commit("l2", "c")
         assert client.stat("l2").parent == "l1"
     second.close()
+
+
+def test_cli_defaults_and_one_line_errors(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from hybrid_erofs.cli import main
+
+    help_text = CliRunner().invoke(main, ["snapshotter", "--help"]).output
+    assert "--address" in help_text and "/run/hybrid-erofs/snapshotter.sock" in help_text
+    assert "--root" in help_text and "/var/lib/hybrid-erofs/snapshotter" in help_text
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = CliRunner().invoke(main, ["snapshotter", "--root", str(blocker / "root"),
+                                       "--address", str(tmp_path / "sn.sock")])
+    assert result.exit_code == 1 and result.exception is not None
+    assert result.output == (f"Error: {blocker / 'root'}: cannot keep the snapshotter's state "
+                             f"there: Not a directory\n")
+    result = CliRunner().invoke(main, ["snapshotter", "--root", str(tmp_path / "root"),
+                                       "--address", str(blocker)])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {blocker}: exists and is not a socket; not replacing it\n"

@@ -9,7 +9,7 @@ tests/integration/test_snapshotter_containerd.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,11 +81,14 @@ class FakeLayers:
     def alive(self, layer: RemoteLayer, mountpoint: Path) -> bool:
         return mountpoint not in self.dead
 
-    def restore(self, layer: RemoteLayer, mountpoint: Path) -> None:
+    def restore(self, layer: RemoteLayer, mountpoint: Path,
+                labels: Mapping[str, str]) -> RemoteLayer:
         if self.restore_fails:
             raise HybridErofsError(f"{mountpoint}: the registry is gone")
+        assert labels[LABEL_LAYER_DIGEST] == layer.blob  # enough to find the index again
         self.restored.append(mountpoint)
         self.dead.discard(mountpoint)
+        return layer
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import click
@@ -66,9 +67,20 @@ def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
         registry=RegistryOptions(cache_dir=cache_dir, insecure=insecure),
         policy=TrustPolicy(accept_unbound=accept_unbound_indexes), via=via, timeout_s=timeout_s)
     snapshotter = Snapshotter(root, remote=remote)
+
+    def restore() -> None:
+        try:
+            snapshotter.restore()
+        except Exception as exc:  # a thread's error would otherwise end as a traceback
+            logging.getLogger("hybrid_erofs.snapshotter").error("restoring the state: %s", exc)
+
+    def restore_in_background() -> None:
+        # Serving first: containerd's calls must not wait for layers to be mounted again
+        # (a Prepare or Mounts that needs one mounts it itself).
+        threading.Thread(target=restore, name="restore", daemon=True).start()
+
     try:
-        snapshotter.restore()
-        serve(snapshotter, address)
+        serve(snapshotter, address, ready=restore_in_background)
     finally:
         snapshotter.close()
 

@@ -249,14 +249,21 @@ class LazyLayers:
             return False
         return daemon_alive(record) and fs_mounted(mountpoint, "erofs")
 
-    def restore(self, layer: RemoteLayer, mountpoint: Path) -> None:
-        """Mount a layer again whose daemon died: what it left is cleaned up first."""
+    def restore(self, layer: RemoteLayer, mountpoint: Path,
+                labels: Mapping[str, str]) -> RemoteLayer:
+        """Mount a layer again whose daemon died: what it left is cleaned up first. When its
+        index files are gone from the cache, the index is found (and trusted) again."""
         try:
-            path, paths, record = find_mount(mountpoint)
+            _path, paths, record = find_mount(mountpoint)
         except MountError:
-            record = None
-        if record is not None:
+            pass
+        else:
             cleanup_mount(paths, record)
         while mounted_at(mountpoint) is not None:
             umount(mountpoint, lazy=True)
-        self._mount(layer, mountpoint)
+        if Path(layer.meta).is_file() and Path(layer.zinfo).is_file():
+            self._mount(layer, mountpoint)
+            return layer
+        log.info("layer %s: its index files are gone from the cache; finding the index again",
+                 layer.blob)
+        return self.mount(LayerRequest.from_labels(labels), mountpoint)

@@ -149,15 +149,22 @@ def serve(snapshotter: Snapshotter, address: Path, *, max_workers: int = 16,
           ready: Callable[[], None] | None = None,
           stop: threading.Event | None = None) -> None:
     """Serve on unix socket `address` until SIGTERM/SIGINT (or `stop` is set)."""
-    address.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-    if address.is_socket():
-        address.unlink()  # a previous instance's; bind() would fail on it
+    try:
+        address.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+        if address.is_socket():
+            address.unlink()  # a previous instance's; bind() would fail on it
+    except OSError as exc:
+        raise SnapshotError(f"{address}: cannot listen there: {exc.strerror or exc}") from exc
+    if address.exists():
+        raise SnapshotError(f"{address}: exists and is not a socket; not replacing it")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="snapshots"))
     server.add_generic_rpc_handlers((generic_handler(SnapshotsService(snapshotter)),))
     old_umask = os.umask(0o177)  # the socket: root only, as containerd's own
     try:
         server.add_insecure_port(f"unix://{address}")
+    except RuntimeError as exc:  # grpc's way to say bind() failed
+        raise SnapshotError(f"{address}: cannot listen there: {exc}") from exc
     finally:
         os.umask(old_umask)
     stop = stop or threading.Event()

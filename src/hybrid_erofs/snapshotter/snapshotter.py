@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from typing import Protocol
 from ..errors import (
     HybridErofsError,
     LayerFallback,
+    SnapshotError,
     SnapshotExists,
     SnapshotInvalid,
     SnapshotPrecondition,
@@ -59,8 +61,9 @@ class RemoteLayers(Protocol):
 
     `mount` returns once the layer's EROFS answers on `mountpoint`, or raises LayerFallback
     (containerd then applies the layer). `alive` tells whether a mount still serves reads;
-    `restore` mounts a layer again whose daemon died; `unmount` takes a mount down (a
-    `layer` of None: whatever a crash left on `mountpoint`).
+    `restore` mounts a layer again whose daemon died (`labels`: the snapshot's, to find its
+    index again when its files are gone); `unmount` takes a mount down (a `layer` of None:
+    whatever a crash left on `mountpoint`).
     """
 
     def mount(self, request: LayerRequest, mountpoint: Path) -> RemoteLayer: ...
@@ -69,7 +72,8 @@ class RemoteLayers(Protocol):
 
     def alive(self, layer: RemoteLayer, mountpoint: Path) -> bool: ...
 
-    def restore(self, layer: RemoteLayer, mountpoint: Path) -> None: ...
+    def restore(self, layer: RemoteLayer, mountpoint: Path,
+                labels: Mapping[str, str]) -> RemoteLayer: ...
 
 
 def _disk_usage(path: Path) -> Usage:
@@ -105,9 +109,14 @@ class Snapshotter:
         self.lazy = 0
         self.fallbacks: Counter[str] = Counter()
         self._remote_lock = threading.Lock()  # one remote Prepare or restore at a time
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (root / "snapshots").mkdir(exist_ok=True, mode=0o700)
-        self.store = SnapshotStore(root / "metadata.db")
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (root / "snapshots").mkdir(exist_ok=True, mode=0o700)
+            self.store = SnapshotStore(root / "metadata.db")
+        except (OSError, sqlite3.Error) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SnapshotError(f"{root}: cannot keep the snapshotter's state there: "
+                                f"{reason}") from exc
         self._index_off = Path("/sys/module/overlay/parameters/index").exists()
 
     def close(self) -> None:
@@ -247,11 +256,13 @@ class Snapshotter:
             log.warning("layer %s (snapshot %s): its mount daemon is gone; mounting it again",
                         layer.blob, snap.name)
             try:
-                self.remote.restore(layer, fs)
+                again = self.remote.restore(layer, fs, snap.labels)
             except (HybridErofsError, OSError) as exc:
                 raise SnapshotUnavailable(f"snapshot {snap.name!r}: layer {layer.blob} cannot "
                                           f"be mounted again: {exc}") from exc
-        return layer
+            if again != layer:
+                self.store.set_remote(snap.name, again.to_json())
+        return again
 
     def _prepare_remote(self, key: str, parent: str, labels: Mapping[str, str]) -> bool:
         """Mount the layer lazily and record it as committed snapshot `target` (the chain ID):
@@ -305,21 +316,23 @@ class Snapshotter:
     def restore(self) -> None:
         """At start: a layer whose mount was under way when the last instance died is
         forgotten; lazily mounted layers whose daemon died are mounted again; directories
-        no snapshot owns are removed. Running containers are left alone."""
+        no snapshot owns are removed. Running containers are left alone. Safe while serving:
+        a Prepare holds the remote lock while its row is pending, so pending rows seen under
+        the lock are a dead instance's."""
+        with self._remote_lock:
+            for snap in self.store.all():
+                if snap.remote == _PENDING:
+                    log.warning("snapshot %s: its layer was being mounted when the snapshotter "
+                                "stopped; forgetting it", snap.name)
+                    with contextlib.suppress(HybridErofsError):
+                        self.store.remove(snap.name)
+                    self._discard(snap.id, snap.remote)
         for snap in self.store.all():
-            if snap.remote is None:
-                continue
-            if snap.remote == _PENDING:
-                log.warning("snapshot %s: its layer was being mounted when the snapshotter "
-                            "stopped; forgetting it", snap.name)
-                with contextlib.suppress(HybridErofsError):
-                    self.store.remove(snap.name)
-                self._discard(snap.id, snap.remote)
-                continue
-            try:
-                self._check_remote(snap)
-            except SnapshotUnavailable as exc:
-                log.warning("%s", exc)
+            if snap.remote:
+                try:
+                    self._check_remote(snap)
+                except SnapshotUnavailable as exc:
+                    log.warning("%s", exc)
         self.cleanup()
 
     def _discard(self, snap_id: int, remote: str | None) -> None:
