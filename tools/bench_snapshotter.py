@@ -164,7 +164,7 @@ def run_lazy(ctrd: Containerd, sn: SnapshotterProcess, ref: str, n: int) -> dict
     fetched = rx_bytes() - before
     log = sn.log.read_text(errors="replace")
     return {"ready_s": elapsed, "pull_s": t_pull, "bytes": fetched,
-            "lazy_layers": log.count("mounted lazily"), "fallbacks": log.count("(fallback,")}
+            "lazy_layers": log.count("mounted lazily as"), "fallbacks": log.count("(fallback,")}
 
 
 def run_overlay(ctrd: Containerd, ref: str, n: int) -> dict[str, Any]:
