@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 
 from .erofs.reader import ErofsImage
-from .errors import CacheError, IndexFormatError, InvalidInput
-from .gzindex.build import detect_format
+from .errors import CacheError, ErofsFormatError, IndexFormatError, InvalidInput
+from .filekind import EROFS_IMAGE, GZIP, TAR, ZINFO, check_kind, detect_format
 from .gzindex.format import parse_index
 from .gzindex.sidecar import load_sidecar, sidecar_path
 from .gzindex.source import GzipSource
@@ -118,9 +118,12 @@ def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
     """The meta image for reading without a mount, with LAYER (uncompressed through
     open_layer) as its device 1 when given. The meta, zinfo, sidecar and layer must belong
     together (trust/binding.py); with a zinfo but no layer, the meta is checked against the
-    zinfo's sidecar."""
+    zinfo's sidecar. A file of the wrong kind is named ("x: is a zinfo file, not an EROFS
+    image")."""
+    check_kind(meta, EROFS_IMAGE)
     meta_path = Path(meta)
     if layer is None and zinfo is not None:
+        check_kind(zinfo, ZINFO)
         zinfo_bytes = _read_zinfo(zinfo)
         side_path = sidecar_path(zinfo)
         if side_path.exists():
@@ -131,7 +134,10 @@ def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
     try:
         if layer is not None:
             devices.append(open_layer(layer, zinfo=zinfo, registry=registry, meta=meta_path))
-        return ErofsImage(meta_source, devices=devices)
+        try:
+            return ErofsImage(meta_source, devices=devices)
+        except ErofsFormatError as exc:
+            raise ErofsFormatError(f"{meta}: {exc}") from exc
     except BaseException:
         for source in (meta_source, *devices):
             source.close()
@@ -164,6 +170,7 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
             raise
     blob = FileSource(path)
     try:
+        check_kind(path, "a gzip or tar layer", accept=(GZIP, TAR))  # m.erofs starts like a tar
         kind = detect_format(blob.pread(min(512, blob.size), 0))
         if kind == "tar":
             identity = BlobIdentity(str(path), blob.size, local_path=Path(path))
@@ -197,6 +204,8 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
     (when given) must belong to the same layer; `local_path` lets the binding check hash a
     local blob that has no sidecar.
     """
+    zinfo_bytes = _read_zinfo(zinfo)
+    check_kind(zinfo, ZINFO)  # "m.erofs: is an EROFS image, not a zinfo file"
     zinfo_bytes = _read_zinfo(zinfo)
     side_path = sidecar_path(zinfo)
     identity = BlobIdentity(name, blob.size, digest=blob_digest, local_path=local_path)
@@ -245,6 +254,7 @@ def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
     zinfo's sidecar (trust/binding.py) before anything is served; closing the result
     closes both files.
     """
+    check_kind(meta, EROFS_IMAGE)
     meta_source = FileSource(meta)
     try:
         layer_source = open_layer(layer, zinfo=zinfo, registry=registry, meta=meta)

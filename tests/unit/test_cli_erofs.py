@@ -70,7 +70,7 @@ def test_cat_file_and_symlink_errors() -> None:
 def test_verify_ok_text_and_json() -> None:
     result = run("verify", "--meta", META, TAR)
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"{META}: OK: 4 files, 6 dirs, 1 symlinks") and "MB/s" in result.output
+    assert result.output.startswith(f"{META}: OK: 4 files, 6 dirs, 1 symlink, 0 others") and "B/s)" in result.output
     report = json.loads(run("verify", "--meta", META, "--json").output)
     assert report["ok"] and report["files"] == 4 and report["bytes_read"] == 0
 

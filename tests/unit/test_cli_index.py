@@ -49,7 +49,7 @@ def test_index_writes_zinfo_and_reports(layer: Path, tmp_path: Path) -> None:
     assert report["zinfo"]["span"] == index.span == 512 << 10
     assert report["meta"] is None
     code, out = run("index", str(layer), "-o", str(tmp_path / "m.zinfo"), "--no-meta")
-    assert code == 0 and "checkpoints" in out and "MB/s" in out and out.count("\n") == 1
+    assert code == 0 and "1 checkpoint (span 4.0 MiB)" in out and "MiB/s" in out and out.count("\n") == 1
 
 
 def test_index_reads_stdin(layer: Path, tmp_path: Path) -> None:

@@ -166,7 +166,7 @@ def test_cli_all_layers_summary_and_json(image: TestImage, tmp_path: Path) -> No
     result = runner.invoke(main, ["index", _ref(image, "amd64"), "--all-layers", "-o",
                                   str(tmp_path / "out2"), "--min-layer-size", "0"])
     assert result.exit_code == 0, result.output
-    assert "4 layer(s) indexed" in result.stdout
+    assert "4 layers indexed" in result.stdout
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -77,7 +77,9 @@ def test_record_has_no_secret_and_round_trips(tmp_path: Path) -> None:
     assert loaded.registry.password_from == "stdin" and loaded.registry.username == "ci"
     assert loaded.registry.layer == -1 and loaded.daemon_pid == os.getpid()
     assert loaded.daemon_start_time == process_start_time(os.getpid())
-    assert stat.S_IMODE(paths.record.stat().st_mode) == 0o600
+    # No secret in it: readable by every user, so that `status` works without root.
+    assert stat.S_IMODE(paths.record.stat().st_mode) == 0o644
+    assert stat.S_IMODE(paths.record.parent.stat().st_mode) == 0o755
     assert [p.name for p in paths.record.parent.iterdir()] == [paths.record.name]  # atomic
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from ..sources.cachedir import BlobInfo, default_cache_dir, prune_cache, scan_blobs
-from .options import SizeType, human
+from ..units import counted, format_size
+from .options import SizeType
 
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -78,10 +79,10 @@ def ls(cache_dir: Path | None, as_json: bool) -> None:
         click.echo(f"{'DIGEST':<71}  {'CHUNKS':>13}  {'CHUNK':>8}  {'ON DISK':>10}  LAST ACCESS")
     for blob in blobs:
         chunks = f"{blob.chunks_present}/{blob.chunks}"
-        click.echo(f"{blob.digest:<71}  {chunks:>13}  {human(blob.chunk_size):>8}  "
-                   f"{human(blob.disk_bytes):>10}  {_when(blob.last_access_s)}"
+        click.echo(f"{blob.digest:<71}  {chunks:>13}  {format_size(blob.chunk_size):>8}  "
+                   f"{format_size(blob.disk_bytes):>10}  {_when(blob.last_access_s)}"
                    + ("  (in use)" if blob.in_use else ""))
-    click.echo(f"{len(blobs)} blobs, {human(total)} on disk in {directory}")
+    click.echo(f"{counted(len(blobs), 'blob')}, {format_size(total)} on disk in {directory}")
 
 
 @cache.command("prune")
@@ -111,12 +112,12 @@ def prune(cache_dir: Path | None, max_bytes: int | None, older_than_s: float | N
                          remove_all=remove_all, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for blob in result.removed:
-        click.echo(f"{verb} {blob.digest} ({human(blob.disk_bytes)})")
+        click.echo(f"{verb} {blob.digest} ({format_size(blob.disk_bytes)})")
     for blob in result.kept_in_use:
-        click.echo(f"kept {blob.digest} ({human(blob.disk_bytes)}): in use")
+        click.echo(f"kept {blob.digest} ({format_size(blob.disk_bytes)}): in use")
     freed = result.bytes_before - result.bytes_after
-    click.echo(f"{verb} {len(result.removed)} blobs, {human(freed)}; "
-               f"{human(result.bytes_after)} left in {directory}")
+    click.echo(f"{verb} {counted(len(result.removed), 'blob')}, {format_size(freed)}; "
+               f"{format_size(result.bytes_after)} left in {directory}")
 
 
 COMMANDS = [cache]

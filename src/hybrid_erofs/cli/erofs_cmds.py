@@ -17,7 +17,8 @@ from ..erofs.reader import ErofsImage
 from ..erofs.verify import verify_image
 from ..errors import InvalidInput
 from ..printable import format_time, printable, printable_message
-from .options import Progress, human
+from ..units import counted, format_rate, format_size
+from .options import Progress
 
 _meta_option = click.option(
     "--meta", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -159,11 +160,10 @@ def verify(ctx: click.Context, meta: Path, zinfo: Path | None, layer: str | None
         hybrid-erofs verify --meta m.erofs
         hybrid-erofs verify --meta m.erofs --zinfo layer.zinfo layer.tar.gz
     """
-    bar = Progress("verifying", None, enabled=progress)
-    with open_image(meta, layer=layer, zinfo=zinfo) as image:
+    with Progress("verifying", enabled=progress) as bar, \
+            open_image(meta, layer=layer, zinfo=zinfo) as image:
         report = verify_image(image, read_data=layer is not None, check_tar=tar_headers,
                               max_problems=max_problems, progress=bar)
-    bar.done()
     rate = report.bytes_read / max(report.elapsed_s, 1e-9) / 1e6
     if as_json:
         click.echo(json.dumps({
@@ -179,12 +179,13 @@ def verify(ctx: click.Context, meta: Path, zinfo: Path | None, layer: str | None
             click.echo(f"problem: ... and {report.problem_count - len(report.problems)} more")
         for line in report.warnings:
             click.echo(f"warning: {printable_message(line)}")
-        summary = (f"{meta}: {'OK' if report.ok else f'{report.problem_count} problems'}: "
-                   f"{report.files} files, {report.dirs} dirs, {report.symlinks} symlinks, "
-                   f"{report.others} others")
+        problems = counted(report.problem_count, "problem")
+        summary = (f"{meta}: {'OK' if report.ok else problems}: "
+                   f"{counted(report.files, 'file')}, {counted(report.dirs, 'dir')}, "
+                   f"{counted(report.symlinks, 'symlink')}, {counted(report.others, 'other')}")
         if layer is not None:
-            summary += (f"; read {human(report.bytes_read)} in {report.elapsed_s:.2f} s "
-                        f"({rate:.0f} MB/s)")
+            summary += (f"; read {format_size(report.bytes_read)} in {report.elapsed_s:.2f} s "
+                        f"({format_rate(report.bytes_read / max(report.elapsed_s, 1e-9))})")
         click.echo(summary)
     if not report.ok:
         ctx.exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -13,7 +14,8 @@ from ..gzindex.build import DEFAULT_SPAN
 from ..indexing.image import DEFAULT_MIN_LAYER_SIZE, index_image
 from ..indexing.imageindex import INDEX_NAME, SKIPPED_SMALL
 from ..indexing.layer import index_layer
-from .options import Progress, SizeType, UuidType, human, registry_options
+from ..units import counted, format_rate, format_size
+from .options import Progress, SizeType, UuidType, registry_options
 
 
 @click.command("index")
@@ -103,15 +105,15 @@ def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span
             raise click.UsageError("--meta and --no-meta contradict each other")
     elif meta is None and zinfo is not None:
         meta = zinfo.parent / "m.erofs"
+    if layer == "-" and sys.stdin.isatty():
+        raise click.UsageError("LAYER - reads the layer from standard input, which is a "
+                               "terminal: pipe one in (curl -sL URL | hybrid-erofs index - ...)")
     replaced = _recorded_blob(meta)
     total = os.path.getsize(layer) if is_local(layer) and os.path.isfile(layer) else None
-    bar = Progress("indexing", total, enabled=progress)
-    try:
+    with Progress("indexing", total, enabled=progress) as bar:
         report = index_layer(layer, zinfo=zinfo, meta=meta, span=span, every_member=every_member,
                              aufs=aufs, uuid=uuid, build_time=build_time, engine=engine,
                              progress=bar, registry=registry)
-    finally:
-        bar.done()
     if replaced is not None and replaced != report.blob_digest:
         # m.erofs is the default name for every layer: say so when another layer's meta
         # was replaced (commands given that layer's zinfo now refuse this meta by name).
@@ -120,14 +122,17 @@ def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
         return
-    parts = [f"{report.layer}: {report.format} {human(report.blob_size)} -> "
-             f"{human(report.layer_size)} layer data"]
+    parts = [f"{report.layer}: {report.format} {format_size(report.blob_size)} -> "
+             f"{format_size(report.layer_size)} layer data"]
     if report.zinfo is not None:
-        parts.append(f"{report.checkpoints} checkpoints (span {human(report.span)}) "
-                     f"in {report.zinfo} ({human(report.zinfo_size)})")
+        parts.append(f"{counted(report.checkpoints, 'checkpoint')} (span "
+                     f"{format_size(report.span)}) in {report.zinfo} "
+                     f"({format_size(report.zinfo_size)})")
     if report.meta is not None:
-        parts.append(f"{report.entries} entries in {report.meta} ({human(report.meta_size)})")
-    parts.append(f"{report.elapsed_s:.2f}s, {report.mb_per_s:.0f} MB/s")
+        parts.append(f"{counted(report.entries, 'entry', 'entries')} in {report.meta} "
+                     f"({format_size(report.meta_size)})")
+    rate = report.layer_size / report.elapsed_s if report.elapsed_s > 0 else 0.0
+    parts.append(f"{report.elapsed_s:.2f}s, {format_rate(rate)}")
     click.echo("; ".join(parts))
 
 
@@ -178,16 +183,17 @@ def _index_all(reference: str, directory: Path, *, all_platforms: bool, min_laye
             "layer_bytes": report.layer_bytes, "elapsed_s": round(report.elapsed_s, 3),
             "pushed": pushed}, indent=2, sort_keys=True))
         return
-    rate = report.layer_bytes / 1e6 / report.elapsed_s if report.elapsed_s > 0 else 0.0
-    parts = [f"{reference}: {len(report.index.images)} platform(s), "
-             f"{len(report.indexed)} layer(s) indexed ({human(report.layer_bytes)}, "
-             f"{report.elapsed_s:.1f}s, {rate:.0f} MB/s)"]
+    rate = report.layer_bytes / report.elapsed_s if report.elapsed_s > 0 else 0.0
+    parts = [f"{reference}: {counted(len(report.index.images), 'platform')}, "
+             f"{counted(len(report.indexed), 'layer')} indexed "
+             f"({format_size(report.layer_bytes)}, {report.elapsed_s:.1f}s, "
+             f"{format_rate(rate)})"]
     if report.reused:
         parts.append(f"{len(report.reused)} already indexed")
     small = sum(1 for _, s in report.skipped if s == SKIPPED_SMALL)
     other = len(report.skipped) - small
     if small:
-        parts.append(f"{small} below --min-layer-size {human(min_layer_size)} (mounts index "
+        parts.append(f"{small} below --min-layer-size {format_size(min_layer_size)} (mounts index "
                      f"them on the node)")
     if other:
         parts.append(f"{other} not gzip (cannot be indexed)")

@@ -10,10 +10,13 @@ from pathlib import Path
 import click
 
 from ..device import RegistryOptions, is_local, open_layer
+from ..errors import IndexFormatError
+from ..filekind import ZINFO, check_kind
 from ..gzindex.format import load_index
 from ..gzindex.sidecar import Sidecar, load_sidecar, sha256_digest, sidecar_json, sidecar_path
 from ..oci.image import ImageInfo, inspect_image, open_image_client
-from .options import SizeType, human, registry_options
+from ..units import counted, format_size
+from .options import SizeType, registry_options
 
 
 @click.command("inspect")
@@ -58,15 +61,19 @@ def _show_image(info: ImageInfo, *, as_json: bool) -> None:
         click.echo(f"  user: {c.user}")
     for variable in c.env:
         click.echo(f"  env: {variable}")
-    click.echo(f"  {len(info.layers)} layers:")
+    click.echo(f"  {counted(len(info.layers), 'layer')}:")
     for number, layer in enumerate(info.layers):
-        click.echo(f"  {number:>4} {layer.digest} {human(layer.size):>10} {layer.media_type}")
+        click.echo(f"  {number:>4} {layer.digest} {format_size(layer.size):>10} {layer.media_type}")
 
 
 def _inspect_zinfo(zinfo: Path, *, show_all: bool, as_json: bool) -> None:
     """Summarise a zinfo file (and its sidecar when present); the JSON vocabulary is
     docs/formats.md's, the checkpoint list only with --checkpoints."""
-    index = load_index(zinfo)
+    try:
+        index = load_index(zinfo)
+    except IndexFormatError:
+        check_kind(zinfo, ZINFO)  # "m.erofs: is an EROFS image, not a zinfo file"
+        raise
     data = zinfo.read_bytes()
     cps = index.checkpoints
     info: dict[str, object] = {
@@ -90,14 +97,14 @@ def _inspect_zinfo(zinfo: Path, *, show_all: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"{zinfo}: zinfo v{index.version}, {len(cps)} checkpoints, span {human(index.span)}, "
-               f"{human(len(data))}")
+    click.echo(f"{zinfo}: zinfo v{index.version}, {counted(len(cps), 'checkpoint')}, "
+               f"span {format_size(index.span)}, {format_size(len(data))}")
     click.echo(f"  last checkpoint: compressed {cps[-1].in_offset}, uncompressed {cps[-1].out_offset}; "
                f"{info['unaligned']} start mid-byte")
     if sidecar is not None:
         click.echo(f"  built for {sidecar.blob_digest} ({sidecar.blob_size} bytes, "
                    f"{sidecar.layer_size} bytes of layer data); "
-                   f"{len(sidecar.spans)} span digests in {side}")
+                   f"{counted(len(sidecar.spans), 'span digest')} in {side}")
     else:
         click.echo(f"  no {side.name}: reads through this zinfo are not verified")
     if show_all:
@@ -110,8 +117,10 @@ def _inspect_zinfo(zinfo: Path, *, show_all: bool, as_json: bool) -> None:
 @click.argument("layer")
 @click.option("--zinfo", type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoints of a gzip LAYER.")
-@click.option("--offset", type=SizeType(), default=0, help="Uncompressed offset [default: 0].")
-@click.option("--length", type=SizeType(), default=None, help="Bytes to read [default: to the end].")
+@click.option("--offset", type=SizeType(minimum=0), default=0,
+              help="Uncompressed offset [default: 0].")
+@click.option("--length", type=SizeType(minimum=0), default=None,
+              help="Bytes to read (0 reads nothing) [default: to the end].")
 def read(layer: str, zinfo: Path | None, offset: int, length: int | None) -> None:
     """Debug read: write layer data bytes OFFSET..OFFSET+LENGTH of LAYER to stdout.
 

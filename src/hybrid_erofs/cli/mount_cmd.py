@@ -12,9 +12,10 @@ import click
 
 from ..device import RegistryOptions, is_local
 from ..mounting.layer import mount_layer, run_mount
-from ..mounting.lifecycle import VIAS, mount_statuses, status_json, unmount
+from ..mounting.lifecycle import VIAS, mount_statuses, require_root, status_json, unmount
 from ..mounting.reattach import reattach as reattach_mount
-from .options import human, metrics_address_option, registry_options
+from ..units import format_size
+from .options import metrics_address_option, registry_options
 
 
 @click.command("mount")
@@ -45,8 +46,7 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
     attached to the image is found in the registry, verified and cached.
 
     Returns once the mount answers; a daemon keeps serving it (log and state under
-    /run/hybrid-erofs, or $XDG_RUNTIME_DIR/hybrid-erofs when not root). Only the bytes that
-    reads need are fetched. Needs root.
+    /run/hybrid-erofs). Only the bytes that reads need are fetched. Needs root.
 
     \b
     Examples:
@@ -69,6 +69,7 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
         return
     if len(arguments) != 2:
         raise click.UsageError("expected REF MOUNTPOINT (or --reattach MOUNTPOINT)")
+    require_root("mount")  # before finding an index in the registry
     source, mountpoint = arguments
     if meta is None and ready_fd is None:
         if zinfo is not None:
@@ -170,9 +171,9 @@ def _stats_lines(stats: dict[str, Any]) -> list[str]:
     reads = count("reads")
     latency = (f", {1000 * stats['read_duration_seconds_sum'] / reads:.2f} ms mean"
                if reads and stats.get("read_duration_seconds_sum") is not None else "")
-    lines = [f"reads   {reads} ({human(count('bytes_served'))} served){latency}, "
+    lines = [f"reads   {reads} ({format_size(count('bytes_served'))} served){latency}, "
              f"{count('errors')} errors (EIO)",
-             f"fetched {human(count('bytes_fetched'))}"
+             f"fetched {format_size(count('bytes_fetched'))}"
              + (f" in {count('registry_requests')} requests, {count('registry_retries')} "
                 f"retries, {count('registry_failures')} failed, {count('failure_memory_hits')} "
                 f"failed at once (failure memory)" if "registry_requests" in stats else "")]
@@ -184,7 +185,7 @@ def _stats_lines(stats: dict[str, Any]) -> list[str]:
     failures = count("verification_failures")
     lines.append(decoded + (f", {failures} failed verification" if failures else ""))
     if stats.get("resident_memory_bytes"):
-        lines.append(f"memory  {human(count('resident_memory_bytes'))} resident")
+        lines.append(f"memory  {format_size(count('resident_memory_bytes'))} resident")
     return lines
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from ..device import RegistryOptions
-from ..mounting.image import load_plan, mount_image, plan_from_index, run_image_mount
-from ..mounting.lifecycle import READY_TIMEOUT_S, VIAS
+from ..mounting.image import load_plan, mount_image, run_image_mount
+from ..mounting.lifecycle import READY_TIMEOUT_S, VIAS, require_root
 from .mount_cmd import _detach_stdin
 from .options import metrics_address_option, registry_options
 
@@ -19,7 +19,8 @@ from .options import metrics_address_option, registry_options
 @click.argument("mountpoint")
 @click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where `hybrid-erofs index REF --all-layers -o DIR` wrote index.json and "
-                   "each layer's zinfo and meta.")
+                   "each layer's zinfo and meta (layers it skipped for their size are indexed "
+                   "here, into the cache).")
 @click.option("--via", type=click.Choice(VIAS), default="auto", show_default=True,
               help="auto: kernel NBD when /dev/nbd* exists, else a FUSE file per layer "
                    "mounted with mount(2) (a loop device when the kernel lacks file-backed "
@@ -62,16 +63,19 @@ def mount_image_command(reference: str, mountpoint: str, index_dir: Path | None,
     if registry.layer is not None or registry.blob is not None:
         raise click.UsageError("--layer and --blob do not apply: mount-image mounts every "
                                "layer of the image")
+    require_root("mount-image")  # before finding an index in the registry
     if plan_file is not None:  # the daemon that `mount-image` started
         layers = load_plan(plan_file)
     else:
-        if index_dir is None:
-            from ..mounting.discovery import discover_image_plan
+        from ..mounting.discovery import discover_image_plan, plan_from_index
 
-            plan = discover_image_plan(reference, registry=registry,
-                                       progress=lambda line: click.echo(line, err=True))
+        def say(line: str) -> None:
+            click.echo(line, err=True)
+
+        if index_dir is None:
+            plan = discover_image_plan(reference, registry=registry, progress=say)
         else:
-            plan = plan_from_index(index_dir, reference, platform=registry.platform)
+            plan = plan_from_index(index_dir, reference, registry=registry, progress=say)
         layers = list(plan.layers)
         # Each layer is looked up in the manifest of the indexed platform.
         registry = dataclasses.replace(registry, platform=registry.platform or plan.platform)

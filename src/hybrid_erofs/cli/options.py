@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
+import os
 import re
+import signal
 import sys
+import threading
 import time
 import uuid as uuidlib
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
 
 from ..device import RegistryOptions
 from ..sources.failmemory import DEFAULT_TTL_S
+from ..units import format_duration, format_rate, format_size
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
@@ -95,43 +102,74 @@ def metrics_address_option(func: Callable[..., Any]) -> Callable[..., Any]:
              "any free port; `status` shows it).")(func)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 class Progress:
-    """A one-line progress display on stderr: bytes, MB/s, percent and ETA when the total is
-    known. Silent unless stderr is a terminal (or `enabled` forces it)."""
+    """A one-line progress display on stderr, used as a context manager: bytes done and the
+    rate; with a total also the percentage and an ETA from the rate of the last few seconds
+    (shown once a second of progress is in). Binary units (format_size). Silent unless stderr
+    is a terminal (or `enabled` forces it).
 
-    def __init__(self, label: str, total: int | None, *, enabled: bool | None = None) -> None:
+    The line is cleared however the command ends: normally, by an error, by Ctrl-C, and by
+    SIGTERM, which while the display is active raises SystemExit(143) so that cleanup runs.
+    """
+
+    WINDOW_S = 5.0
+    WARMUP_S = 1.0
+    INTERVAL_S = 0.1
+
+    def __init__(self, label: str, total: int | None = None, *, enabled: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.label = label
         self.total = total
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.started = time.monotonic()
-        self._last = 0.0
+        self._clock = clock
+        self._samples: deque[tuple[float, int]] = deque()
+        self._first: float | None = None
+        self._last = -1.0
         self._shown = False
+        self._stop_on_sigterm: _SigtermToMain | None = None
 
-    def __call__(self, done: int) -> None:
+    def __enter__(self) -> Progress:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._stop_on_sigterm = _SigtermToMain()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done()
+        if self._stop_on_sigterm is not None:
+            self._stop_on_sigterm.close()
+            self._stop_on_sigterm = None
+
+    def line(self, done: int) -> str | None:
+        """The text for `done` bytes now (None while throttled)."""
+        now = self._clock()
+        if self._first is None:
+            self._first = now
+        elif now - self._last < self.INTERVAL_S:
+            return None
+        self._last = now
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.WINDOW_S:
+            self._samples.popleft()
+        then, done_then = self._samples[0]
+        rate = (done - done_then) / (now - then) if now > then else None
+        text = f"{self.label}: {format_size(done)}"
+        if self.total:
+            text += f" of {format_size(self.total)} ({100.0 * done / self.total:.0f}%)"
+        if rate is not None:
+            text += f", {format_rate(rate)}"
+            if self.total and rate > 0 and now - self._first >= self.WARMUP_S:
+                text += f", ETA {format_duration(max(0, self.total - done) / rate)}"
+        return text
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if total is not None:
+            self.total = total
         if not self.enabled:
             return
-        now = time.monotonic()
-        if now - self._last < 0.1:
+        text = self.line(done)
+        if text is None:
             return
-        self._last = now
-        elapsed = max(now - self.started, 1e-9)
-        rate = done / elapsed
-        line = f"{self.label}: {human(done)}"
-        if self.total:
-            pct = 100.0 * done / self.total
-            eta = (self.total - done) / rate if rate > 0 else 0.0
-            line += f" / {human(self.total)} ({pct:.0f}%), {rate / 1e6:.0f} MB/s, ETA {eta:.0f}s"
-        else:
-            line += f", {rate / 1e6:.0f} MB/s"
-        sys.stderr.write("\r\x1b[2K" + line)
+        sys.stderr.write("\r\x1b[2K" + text)
         sys.stderr.flush()
         self._shown = True
 
@@ -139,6 +177,53 @@ class Progress:
         if self._shown:
             sys.stderr.write("\r\x1b[2K")
             sys.stderr.flush()
+            self._shown = False
+
+
+class _SigtermToMain:
+    """While active, SIGTERM raises SystemExit(143) in the main thread, so `finally` blocks
+    and context managers clean up (and the progress line is cleared).
+
+    Python runs signal handlers in the main thread only, and the kernel may deliver the signal
+    to another thread while the main thread sleeps in read(2) on a pipe, which then never
+    returns. So a relay thread watches the signal wakeup fd and, until the handler has run,
+    sends the signal to the main thread itself (pthread_kill), which interrupts the read.
+    """
+
+    RESEND_S = 0.1
+
+    def __init__(self) -> None:
+        self.handled = threading.Event()
+        self._main = threading.main_thread().ident
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._relay = threading.Thread(target=self._run, name="sigterm-relay", daemon=True)
+        self._relay.start()
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if not self.handled.is_set():
+            self.handled.set()
+            raise SystemExit(128 + signum)
+
+    def _run(self) -> None:
+        while data := os.read(self._read_fd, 64):
+            if signal.SIGTERM not in data:
+                continue
+            for _ in range(50):  # the main thread may be busy in C code for a while
+                if self.handled.wait(self.RESEND_S):
+                    break
+                with contextlib.suppress(OSError):
+                    assert self._main is not None
+                    signal.pthread_kill(self._main, signal.SIGTERM)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        signal.signal(signal.SIGTERM, self._previous)
+        os.close(self._write_fd)  # the relay reads EOF and ends
+        self._relay.join(timeout=2)
+        os.close(self._read_fd)
 
 
 def registry_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -139,7 +139,7 @@ class _Checker:
     """One verification pass; collects problems instead of stopping at the first."""
 
     def __init__(self, image: ErofsImage, *, read_data: bool, check_tar: bool,
-                 max_problems: int, progress: Callable[[int], None] | None) -> None:
+                 max_problems: int, progress: Callable[[int, int], None] | None) -> None:
         self.image, self.read_data, self.check_tar = image, read_data, check_tar
         self.progress = progress
         self.max_problems = max_problems
@@ -148,6 +148,9 @@ class _Checker:
         self.warnings: list[str] = []
         self.counts = {"files": 0, "dirs": 0, "symlinks": 0, "others": 0}
         self.bytes_read = 0
+        # File data to read: the regular files' sizes once the tree is walked, less the holes
+        # of sparse files as they are met.
+        self.bytes_total = 0
 
     def problem(self, text: str) -> None:
         self.problem_count += 1
@@ -213,6 +216,7 @@ class _Checker:
                 inodes[entry.nid] = child
                 paths.setdefault(entry.nid, []).append(childpath)
                 dentries[entry.nid] = dentries.get(entry.nid, 0) + 1
+        self.bytes_total = sum(inode.size for inode in inodes.values() if inode.is_reg)
         for nid, inode in inodes.items():
             expected = 2 + subdirs.get(nid, 0) if inode.is_dir else dentries.get(nid, 0)
             if inode.nlink != expected:
@@ -272,17 +276,18 @@ class _Checker:
         if sparse:
             # Read what is stored, not the holes (a sparse member may be 60 GB of them); its
             # data follows a sparse map, not the tar header of a plain file.
+            self.bytes_total -= inode.size - sum(extent.length for extent in data_extents)
             for extent in data_extents:
                 for offset in range(extent.offset, extent.offset + extent.length, _PIECE):
                     length = min(_PIECE, extent.offset + extent.length - offset)
                     self.bytes_read += len(image.read(inode, length, offset))
                     if self.progress is not None:
-                        self.progress(self.bytes_read)
+                        self.progress(self.bytes_read, self.bytes_total)
             return
         for piece in image.iter_read(inode, piece=_PIECE):
             self.bytes_read += len(piece)
             if self.progress is not None:
-                self.progress(self.bytes_read)
+                self.progress(self.bytes_read, self.bytes_total)
         if self.check_tar and first_data is not None:
             layer, base = image.device_source(1)
             found = tar_header_problem(_Offset(layer, base), first_data, inode.size, paths)
@@ -310,7 +315,7 @@ class _Offset:
 
 
 def verify_image(image: ErofsImage, *, read_data: bool = False, check_tar: bool = True,
-                 max_problems: int = 20, progress: Callable[[int], None] | None = None,
+                 max_problems: int = 20, progress: Callable[[int, int], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> VerifyReport:
     """Check `image`; with `read_data` also read every regular file from its device.
 
@@ -318,7 +323,8 @@ def verify_image(image: ErofsImage, *, read_data: bool = False, check_tar: bool 
         read_data: read all file data through the image's device sources (the layer).
         check_tar: with read_data, require a matching tar header before each file's data.
         max_problems: keep at most this many problem lines (all are counted).
-        progress: called with the running count of data bytes read.
+        progress: called with the running count of data bytes read and the total to read
+            (the regular files' sizes, each inode once).
         clock: injectable for tests.
     """
     started = clock()

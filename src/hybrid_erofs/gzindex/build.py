@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from ..errors import GzipFormatError
+from ..filekind import detect_format, not_gzip_message
 from .format import WINDOW_SIZE, Checkpoint, GzipIndex
 from .inflate import Z_BLOCK, Z_BUF_ERROR, Z_NO_FLUSH, Z_OK, Z_STREAM_END, load_engine, new_stream
 from .spans import SpanDigest, SpanHasher
@@ -24,48 +25,6 @@ OUTPUT_SIZE = 1 << 20
 
 Sink = Callable[[memoryview], None]
 Progress = Callable[[int], None]
-
-_MAGICS: tuple[tuple[bytes, str], ...] = (
-    (b"\x1f\x8b", "gzip"),
-    (b"\x28\xb5\x2f\xfd", "zstd"),
-    (b"\xfd7zXZ\x00", "xz"),
-    (b"BZh", "bzip2"),
-    (b"\x04\x22\x4d\x18", "lz4"),
-    (b"\x89LZO", "lzo"),
-)
-
-
-def _tar_header(block: bytes) -> bool:
-    """A tar header block (any format, v7 included: its checksum is right) or a zero block
-    (an archive that is only its end marker)."""
-    if len(block) < 512:
-        return False
-    if block[:512] == bytes(512):
-        return True
-    try:
-        stored = int(block[148:156].strip(b" \0").partition(b"\0")[0] or b"-1", 8)
-    except ValueError:
-        return False
-    unsigned = sum(block[:148]) + 256 + sum(block[156:512])
-    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:512] if b > 127)
-    return stored in (unsigned, signed)
-
-
-def detect_format(head: bytes) -> str:
-    """Name the container of a blob from its first bytes: gzip, zstd, xz, bzip2, lz4, lzo,
-    tar (uncompressed: ustar magic at 257, a v7 header, or only end blocks), empty, or
-    unknown."""
-    if not head:
-        return "empty"
-    if _tar_header(head):
-        return "tar"
-    for magic, name in _MAGICS:
-        if head.startswith(magic):
-            return name
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    return "unknown"
-
 
 class Reader(Protocol):
     def readinto(self, buffer: memoryview) -> int | None: ...
@@ -215,7 +174,7 @@ class _Builder:
         head = bytes(self.inview[: min(self.in_fill, 512)])
         kind = detect_format(head)
         if kind != "gzip":
-            raise GzipFormatError(_not_gzip_message(self.name, kind))
+            raise GzipFormatError(not_gzip_message(self.name, head))
         if self.lib.init(ref) != Z_OK:
             raise MemoryError("inflateInit2 failed")
         try:
@@ -339,13 +298,3 @@ class _Builder:
             avail = int(strm.avail_in)
             if avail == 0:
                 return False
-
-
-def _not_gzip_message(name: str, kind: str) -> str:
-    if kind == "empty":
-        return f"{name}: empty file, not a gzip layer"
-    if kind == "tar":
-        return f"{name}: uncompressed tar, not gzip (it needs no zinfo; use --meta only)"
-    if kind == "unknown":
-        return f"{name}: not a gzip file (no gzip magic 1f 8b at offset 0)"
-    return f"{name}: {kind}-compressed, not gzip; only gzip layers are supported"

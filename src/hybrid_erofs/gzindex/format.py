@@ -83,7 +83,7 @@ def parse_index(data: bytes, *, name: str = "zinfo", blob_size: int | None = Non
         full, rest = divmod(body, RECORD_SIZE)
         what = "truncated zinfo" if rest else "checkpoint count does not match the file length"
         raise IndexFormatError(
-            f"{name}: {what}: header says {count} checkpoints, "
+            f"{name}: {what}: header says {count} checkpoint{'' if count == 1 else 's'}, "
             f"{size} bytes hold {full} whole records of {RECORD_SIZE} and {rest} bytes more"
         )
     if count == 0:

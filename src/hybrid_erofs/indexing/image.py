@@ -39,6 +39,7 @@ from ..oci.client import (
 from ..oci.image import ImageInfo, inspect_manifest, open_image_client
 from ..oci.layout import LayoutClient, is_layout_reference
 from ..oci.platform import descriptor_platform
+from ..units import counted, format_size
 from .imageindex import (
     INDEXED,
     SKIPPED_FORMAT,
@@ -220,8 +221,8 @@ def _run_jobs(jobs: Sequence[LayerJob], directory: Path, *, span: int,
     def finished(job: LayerJob, size: int, started: float) -> None:
         done[job.digest] = size
         elapsed = time.perf_counter() - started
-        progress(f"[{len(done)}/{total}] {job.digest[:19]}... {_mb(job.size)} -> "
-                 f"{_mb(size)} of layer data, done after {elapsed:.1f}s")
+        progress(f"[{len(done)}/{total}] {job.digest[:19]}... {format_size(job.size)} -> "
+                 f"{format_size(size)} of layer data, done after {elapsed:.1f}s")
 
     if workers <= 1 or total <= 1:
         for job in ordered:
@@ -249,10 +250,6 @@ def _run_jobs(jobs: Sequence[LayerJob], directory: Path, *, span: int,
             _stop_workers(pool)
             raise
     return done
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
 
 
 def index_image(
@@ -296,8 +293,8 @@ def index_image(
         manifests = platform_manifests(client, platform=registry.platform,
                                        all_platforms=all_platforms, subject=reference)
         infos = [inspect_manifest(client, manifest, reference) for manifest in manifests]
-    say(f"{reference}: {len(infos)} platform(s): "
-        + ", ".join(f"{_platform_of(i)} ({len(i.layers)} layers)" for i in infos))
+    say(f"{reference}: {counted(len(infos), 'platform')}: "
+        + ", ".join(f"{_platform_of(i)} ({counted(len(i.layers), 'layer')})" for i in infos))
 
     jobs_by_digest: dict[str, LayerJob] = {}
     status: dict[str, str] = {}
@@ -326,7 +323,7 @@ def index_image(
             files[digest] = found
     reused = tuple(sorted(files))
     if reused:
-        say(f"{len(reused)} layer(s) already indexed in {out}: kept")
+        say(f"{counted(len(reused), 'layer')} already indexed in {out}: kept")
     done = _run_jobs(todo, out, span=span, registry=registry, workers=workers,
                      build_time=build_time, progress=say)
     for job in todo:

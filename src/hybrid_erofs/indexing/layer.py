@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from ..device import RegistryOptions, is_local
-from ..errors import InvalidInput, SourceIOError, TarFormatError
-from ..gzindex.build import DEFAULT_SPAN, build_index, detect_format
+from ..errors import GzipFormatError, InvalidInput, SourceIOError, TarFormatError
+from ..filekind import HEAD_SIZE, NOT_LAYERS, detect_format, identify, not_gzip_message
+from ..gzindex.build import DEFAULT_SPAN, build_index
 from ..gzindex.format import dump_index
 from ..gzindex.sidecar import Sidecar, dump_sidecar, sha256_digest, sidecar_path
 from ..oci.layout import is_layout_reference, open_layout_blob
@@ -226,15 +227,19 @@ def index_layer(
 
     expected_digest: str | None = None
     if is_local(layer):
-        stream, _ = _open_input(layer)
+        stream, input_size = _open_input(layer)
     else:
-        stream, expected_digest, _ = _open_remote(layer, registry or RegistryOptions())
+        stream, expected_digest, input_size = _open_remote(layer, registry or RegistryOptions())
     worker: _SinkThread | None = None
     hasher: _DiffIdHasher | None = None
     sidecar: Sidecar | None = None
     try:
-        head = _read_head(stream, 512)
+        head = _read_head(stream, HEAD_SIZE)
         kind = detect_format(head)
+        if kind not in ("gzip", "tar") or identify(head, input_size) in NOT_LAYERS:
+            # Not a layer at all (an EROFS image starts with a zero block, like a tar's end).
+            raise GzipFormatError(not_gzip_message("<stdin>" if layer == "-" else layer, head,
+                                                   input_size))
         builder = (_meta_builder(aufs=aufs, uuid=uuid, build_time=build_time,
                                  root_owner=root_owner) if meta else None)
         # The meta builder runs on its own thread: inflate releases the GIL, so parsing the

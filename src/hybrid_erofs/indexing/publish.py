@@ -19,6 +19,7 @@ from ..oci.credentials import resolve_credentials
 from ..oci.layout import is_layout_reference
 from ..oci.reference import parse_reference
 from ..outfile import write_atomic
+from ..units import counted
 from .imageindex import (
     ARTIFACT_TYPE,
     INDEX_MEDIA_TYPE,
@@ -85,7 +86,7 @@ def push_image_index(reference: str, directory: Path, index: ImageIndex, *,
             report = push_artifact(client, subject, files, artifact_type=ARTIFACT_TYPE,
                                    progress=say)
             if report.blobs_uploaded or report.manifest_pushed or report.tag_updated:
-                summary = (f"{report.blobs_uploaded} blob(s) uploaded, "
+                summary = (f"{counted(report.blobs_uploaded, 'blob')} uploaded, "
                            f"{report.blobs_present} already there, referrers via "
                            f"{report.referrers}")
             else:

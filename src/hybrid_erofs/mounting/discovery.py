@@ -1,19 +1,27 @@
-"""Find an image's index in its registry, on a node: the artifact attached to the image's
-platform manifest is fetched into the cache (digests verified) and its layers' files checked
-against its index.json. Layers skipped for their size are indexed here (they are small).
-Without an artifact: a clear error naming the command that makes one, never a full pull.
+"""Where a node gets an image's index: from its registry (the artifact attached to the image's
+platform manifest, fetched into the cache, digests verified) or from a local directory that
+`index --all-layers -o DIR` wrote. Either way each layer's files are checked against index.json,
+and layers skipped for their size are indexed here (they are small). Without an artifact: a
+clear error naming the command that makes one, never a full pull.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..device import RegistryOptions
 from ..errors import HybridErofsError, IndexFormatError, InvalidInput, RegistryError
-from ..indexing.image import LayerJob, _index_job, default_build_time, existing_outputs
+from ..indexing.image import (
+    LayerJob,
+    _index_job,
+    _layer_reference,
+    default_build_time,
+    existing_outputs,
+)
 from ..indexing.imageindex import (
     ARTIFACT_TYPE,
     INDEX_NAME,
@@ -22,14 +30,16 @@ from ..indexing.imageindex import (
     ImageEntry,
     LayerEntry,
     layer_file_names,
+    load_image_index,
     parse_image_index,
     verify_layer_files,
 )
 from ..indexing.publish import artifact_stem, registry_client
 from ..oci.artifact import fetch_artifact, find_artifacts
+from ..oci.layout import is_layout_reference
 from ..oci.reference import parse_reference
 from ..sources.cachedir import default_cache_dir
-from .image import ImageLayer, ImagePlan
+from .image import ImageLayer, ImagePlan, select_image
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +104,10 @@ def discover_image_index(reference: str, *, registry: RegistryOptions,
         if layer.status == INDEXED:
             verify_layer_files(dest, layer)
             layer_dirs[layer.digest] = dest
-        elif layer.status == SKIPPED_SMALL:
-            layer_dirs[layer.digest] = index_on_node(reference, manifest.digest, layer,
-                                                     registry=registry, span=index.span)
-            say(f"{layer.digest[:19]}... ({layer.size} bytes) indexed on this node")
         else:
-            raise InvalidInput(f"{reference}: layer {layer.digest} ({layer.media_type}) is not "
-                               f"a gzip layer: it cannot be mounted lazily")
+            layer_dirs[layer.digest] = _small_layer_dir(reference, image, layer,
+                                                        registry=registry, span=index.span,
+                                                        say=say)
     return DiscoveredImage(image, descriptor.digest, layer_dirs)
 
 def choose_layer(image: ImageEntry, registry: RegistryOptions, *, reference: str) -> LayerEntry:
@@ -153,18 +160,61 @@ def discover_image_plan(reference: str, *, registry: RegistryOptions,
         raise InvalidInput(f"{reference}: image {found.image.manifest} has no layers")
     return ImagePlan(found.image.platform, found.image.manifest, tuple(layers))
 
+def plan_from_index(index_dir: str | os.PathLike[str], reference: str, *,
+                    registry: RegistryOptions,
+                    progress: Callable[[str], None] | None = None) -> ImagePlan:
+    """The layers of `reference` as `index REF --all-layers -o INDEX_DIR` indexed them, for
+    `mount-image --index-dir` (--platform picks among several platforms).
+
+    The files of indexed layers must match index.json (InvalidInput or IndexFormatError naming
+    the layer digest otherwise); layers skipped for their size are indexed here, as a mount
+    from the registry does. Each layer's source is `reference`, its blob digest selecting it.
+    """
+    say = progress or (lambda _line: None)
+    directory = Path(index_dir)
+    where = str(directory / INDEX_NAME)
+    index = load_image_index(directory)
+    image = select_image(index.images, registry.platform, where=where)
+    if not image.layers:
+        raise InvalidInput(f"{where}: image {image.manifest} ({image.platform}) has no layers")
+    layers: list[ImageLayer] = []
+    for layer in image.layers:
+        if layer.status == INDEXED:
+            verify_layer_files(directory, layer)
+            layer_dir = directory
+        else:
+            layer_dir = _small_layer_dir(reference, image, layer, registry=registry,
+                                         span=index.span, say=say)
+        names = layer_file_names(layer.digest)
+        layers.append(ImageLayer(source=reference, meta=layer_dir / names["meta"],
+                                 zinfo=layer_dir / names["zinfo"], blob=layer.digest))
+    return ImagePlan(image.platform, image.manifest, tuple(layers))
+
+def _small_layer_dir(reference: str, image: ImageEntry, layer: LayerEntry, *,
+                     registry: RegistryOptions, span: int, say: Callable[[str], None]) -> Path:
+    """Where a layer that was not indexed gets its files: indexed on this node when it was
+    skipped for its size; InvalidInput when it cannot be indexed at all."""
+    if layer.status != SKIPPED_SMALL:
+        raise InvalidInput(f"{reference}: layer {layer.digest} ({layer.media_type}) is not "
+                           f"a gzip layer: it cannot be mounted lazily")
+    directory = index_on_node(reference, image.manifest, layer, registry=registry, span=span,
+                              platform=image.platform)
+    say(f"{layer.digest[:19]}... ({layer.size} bytes) indexed on this node")
+    return directory
+
 def index_on_node(reference: str, manifest_digest: str, layer: LayerEntry, *,
-                  registry: RegistryOptions, span: int) -> Path:
-    """Index a (small) layer here, exactly as `index --all-layers` would have; cached."""
+                  registry: RegistryOptions, span: int, platform: str | None = None) -> Path:
+    """Index a (small) layer here, exactly as `index --all-layers` would have; cached.
+    `platform` picks the image in an `oci:` layout whose tag names an index."""
     directory = indexes_dir(registry) / "layers"
     if existing_outputs(directory, layer.digest, span=span) is None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise HybridErofsError(f"{directory}: cannot create: {exc.strerror}") from exc
-        ref = parse_reference(reference)
         job = LayerJob(layer.digest, layer.size, layer.diff_id,
-                       f"{ref.registry}/{ref.repository}@{manifest_digest}", None)
+                       _layer_reference(reference, manifest_digest),
+                       platform if is_layout_reference(reference) else None)
         _index_job(job, directory, span, replace(registry, platform=None),
                    default_build_time())
     return directory
@@ -178,4 +228,5 @@ __all__ = [
     "discover_layer",
     "index_on_node",
     "indexes_dir",
+    "plan_from_index",
 ]

@@ -19,11 +19,7 @@ from typing import Any
 from ..device import RegistryOptions
 from ..errors import HybridErofsError, InvalidInput, MountBusy, MountError
 from ..indexing.imageindex import (
-    INDEX_NAME,
-    INDEXED,
     ImageEntry,
-    load_image_index,
-    verify_layer_files,
 )
 from ..outfile import write_atomic
 from ..source import ByteSource
@@ -33,6 +29,7 @@ from .lifecycle import (
     READY_TIMEOUT_S,
     VIAS,
     DaemonBody,
+    absolute_options,
     absolute_source,
     initial_record,
     prepare_mount,
@@ -94,32 +91,6 @@ def select_image(images: Sequence[ImageEntry], platform: str | None, *, where: s
         if image.platform == platform:
             return image
     raise InvalidInput(f"{where}: no image for platform {platform} (it has: {available})")
-
-
-def plan_from_index(index_dir: str | os.PathLike[str], reference: str, *,
-                    platform: str | None = None) -> ImagePlan:
-    """The layers of `reference` as `index REF --all-layers -o INDEX_DIR` indexed them.
-
-    Every layer must be indexed and its files must match index.json (InvalidInput or
-    IndexFormatError naming the layer digest otherwise). Each layer's source is `reference`,
-    its blob digest selecting the layer.
-    """
-    directory = Path(index_dir)
-    where = str(directory / INDEX_NAME)
-    image = select_image(load_image_index(directory).images, platform, where=where)
-    if not image.layers:
-        raise InvalidInput(f"{where}: image {image.manifest} ({image.platform}) has no layers")
-    for layer in image.layers:
-        if layer.status != INDEXED:
-            raise InvalidInput(f"{layer.digest}: layer not indexed ({layer.status} in {where}); "
-                               f"mount-image needs every layer indexed")
-    layers: list[ImageLayer] = []
-    for layer in image.layers:
-        verify_layer_files(directory, layer)
-        assert layer.meta is not None and layer.zinfo is not None  # INDEXED has all three
-        layers.append(ImageLayer(source=reference, meta=directory / layer.meta.name,
-                                 zinfo=directory / layer.zinfo.name, blob=layer.digest))
-    return ImagePlan(image.platform, image.manifest, tuple(layers))
 
 
 # -- the plan file that travels to the daemon -------------------------------------------------------
@@ -255,7 +226,7 @@ def run_image_mount(source: str, mountpoint: str | os.PathLike[str],
                             via=via, paths=paths)
 
     serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready,
-                 metrics_address=metrics_address)
+                 metrics_address=metrics_address, command="mount-image")
 
 
 # -- the parent -------------------------------------------------------------------------------------
@@ -293,7 +264,7 @@ def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequenc
     travels to the daemon as a file in the state directory, a registry password through a
     pipe; neither argv nor the state record carries a secret.
     """
-    registry = registry or RegistryOptions()
+    registry = absolute_options(registry or RegistryOptions())
     if via not in VIAS:
         raise ValueError(f"'via' must be one of {', '.join(VIAS)} (got {via!r})")
     if not layers:
@@ -304,7 +275,7 @@ def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequenc
         run_image_mount(source, mountpoint, planned, registry=registry, via=via,
                         metrics_address=metrics_address)
         return None
-    path, paths = prepare_mount(mountpoint)
+    path, paths = prepare_mount(mountpoint, command="mount-image")
     try:
         paths.image_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_plan(paths.plan, planned)
@@ -325,7 +296,6 @@ __all__ = [
     "image_daemon_argv",
     "load_plan",
     "mount_image",
-    "plan_from_index",
     "run_image_mount",
     "select_image",
     "write_plan",

@@ -27,6 +27,7 @@ from .lifecycle import (
     READY_TIMEOUT_S,
     VIAS,
     DaemonBody,
+    absolute_options,
     absolute_source,
     describe_holders,
     fs_mounted,
@@ -275,7 +276,7 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     running. `foreground=True`: serve in this process until a stop signal (run_mount).
     A registry password travels to the daemon through a pipe, never argv or the state record.
     """
-    registry = registry or RegistryOptions()
+    registry = absolute_options(registry or RegistryOptions())
     if via not in VIAS:
         raise ValueError(f"'via' must be one of {', '.join(VIAS)} (got {via!r})")
     source = absolute_source(source)

@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from ..device import RegistryOptions, is_local
 from ..errors import HybridErofsError, MountBusy, MountError
 from ..metrics import DaemonMetrics, MetricsServer
+from ..oci.layout import is_layout_reference, parse_layout_reference
 from ..printable import printable_message
 from ..source import ByteSource
 from .kernel import (
@@ -40,7 +41,14 @@ from .kernel import (
     users_of,
 )
 from .nbdlink import disconnect_quietly
-from .state import DISK_NAME, MountRecord, RegistrySettings, StatePaths, list_records
+from .state import (
+    DISK_NAME,
+    RUNTIME_ENV,
+    MountRecord,
+    RegistrySettings,
+    StatePaths,
+    list_records,
+)
 from .stats import StatsServer, daemon_stats, query_stats
 
 log = logging.getLogger(__name__)
@@ -54,9 +62,11 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # -- checks -------------------------------------------------------------------------------------
 
-def require_root() -> None:
+def require_root(command: str) -> None:
+    """MountError naming `command` (mount, mount-image, umount...) when not run as root."""
     if os.geteuid() != 0:
-        raise MountError("mount: needs root (mounting EROFS needs CAP_SYS_ADMIN)")
+        raise MountError(f"{command}: needs root (mounting and unmounting EROFS need "
+                         f"CAP_SYS_ADMIN)")
 
 def check_mountpoint(mountpoint: str | os.PathLike[str]) -> Path:
     """The mountpoint as an absolute, symlink-free path; MountError when it cannot be used."""
@@ -147,7 +157,8 @@ class DaemonBody(Protocol):
 def serve_daemon(mountpoint: str | os.PathLike[str], make: Callable[[Path, StatePaths], DaemonBody],
                  *, via: str, ready_fd: int | None = None,
                  ready: Callable[[MountRecord], None] | None = None,
-                 metrics_address: tuple[str, int] | None = None) -> None:
+                 metrics_address: tuple[str, int] | None = None,
+                 command: str = "mount") -> None:
     """Mount in this process with `make(mountpoint, paths)` and serve until SIGTERM/SIGINT/
     SIGHUP or an outside umount, then unmount everything (a daemon's body, and --foreground).
 
@@ -158,7 +169,7 @@ def serve_daemon(mountpoint: str | os.PathLike[str], make: Callable[[Path, State
     """
     report = _Reporter(ready_fd)
     try:
-        require_root()
+        require_root(command)
         if via not in VIAS:
             raise ValueError(f"'via' must be one of {', '.join(VIAS)} (got {via!r})")
         paths = StatePaths.for_mountpoint(os.path.realpath(mountpoint))
@@ -246,15 +257,36 @@ class _Reporter:
 # -- the parent: start a daemon and wait for it ---------------------------------------------------
 
 def absolute_source(source: str) -> str:
-    """A local layer file as an absolute path (the daemon runs in /); references unchanged."""
+    """A local layer file or an `oci:DIR[:TAG]` layout with an absolute path (the daemon runs
+    in /); registry references unchanged."""
+    if is_layout_reference(source) and not os.path.exists(source):
+        layout = parse_layout_reference(source)
+        return f"oci:{os.path.abspath(layout.path)}" + (f":{layout.tag}" if layout.tag else "")
     if is_local(source) and source != "-":
         return os.path.abspath(source)
     return source
 
-def prepare_mount(mountpoint: str | os.PathLike[str]) -> tuple[Path, StatePaths]:
+def absolute_options(registry: RegistryOptions) -> RegistryOptions:
+    """`registry` with an absolute --cache-dir (the daemon runs in /)."""
+    if registry.cache_dir is None or registry.cache_dir.is_absolute():
+        return registry
+    return replace(registry, cache_dir=Path(os.path.abspath(registry.cache_dir)))
+
+# Environment variables naming files that a daemon (cwd /) reads: made absolute for it.
+_PATH_VARIABLES = ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", RUNTIME_ENV)
+
+def daemon_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    for name in _PATH_VARIABLES:
+        if env.get(name):
+            env[name] = os.path.abspath(env[name])
+    return env
+
+def prepare_mount(mountpoint: str | os.PathLike[str], *,
+                  command: str = "mount") -> tuple[Path, StatePaths]:
     """Before spawning a daemon: root, a dead daemon's leftovers cleaned, a usable mountpoint
     (absolute, resolved) and its state paths."""
-    require_root()
+    require_root(command)
     paths = StatePaths.for_mountpoint(os.path.realpath(mountpoint))
     clear_stale(paths)  # first: a dead daemon's mounts may still sit there
     path = check_mountpoint(mountpoint)
@@ -295,7 +327,8 @@ def spawn_daemon(argv: Callable[[int], list[str]], mountpoint: Path, *,
             process = subprocess.Popen(
                 argv(write_fd), stdin=subprocess.PIPE if registry.password is not None else
                 subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                pass_fds=(write_fd,), start_new_session=True, cwd="/")
+                pass_fds=(write_fd,), start_new_session=True, cwd="/",
+                env=daemon_environment())
     except BaseException:
         os.close(read_fd)
         raise
@@ -438,7 +471,7 @@ def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False,
     A busy mount without `lazy` raises MountBusy naming the processes and changes nothing.
     A dead daemon's leftovers are cleaned. Returns a one-line report.
     """
-    require_root()
+    require_root("umount")
     path, paths, record = find_mount(mountpoint)
     alive = daemon_alive(record)
     if fs_mounted(path, record.fstype):
@@ -525,6 +558,7 @@ __all__ = [
     "VIAS",
     "DaemonBody",
     "MountStatus",
+    "absolute_options",
     "absolute_source",
     "check_mountpoint",
     "cleanup_mount",

@@ -36,7 +36,7 @@ def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
     Registry credentials are read again from their source (auth files), or `password`.
     An image mount is mounted again from the layers its record lists.
     """
-    require_root()
+    require_root("mount --reattach")
     path, paths, record = find_mount(mountpoint)
     if daemon_alive(record):
         try:

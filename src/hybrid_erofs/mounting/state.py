@@ -27,17 +27,12 @@ RUNTIME_ENV = "HYBRID_EROFS_RUNTIME_DIR"  # tests and unusual hosts point it els
 
 
 def runtime_dir() -> Path:
-    """$HYBRID_EROFS_RUNTIME_DIR, /run/hybrid-erofs for root (also inside a login session, so
-    systemd units and shells agree), else $XDG_RUNTIME_DIR/hybrid-erofs."""
+    """$HYBRID_EROFS_RUNTIME_DIR, else /run/hybrid-erofs (also inside a login session, so
+    systemd units and shells agree). Mounts are root's; anyone may read their records."""
     override = os.environ.get(RUNTIME_ENV)
     if override:
-        return Path(override)
-    if os.geteuid() == 0:
-        return Path("/run/hybrid-erofs")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if not xdg:
-        raise MountError("no runtime directory: $XDG_RUNTIME_DIR is not set")
-    return Path(xdg) / "hybrid-erofs"
+        return Path(os.path.abspath(override))
+    return Path("/run/hybrid-erofs")
 
 
 def mount_id(mountpoint: str | os.PathLike[str]) -> str:
@@ -202,12 +197,16 @@ class StatePaths:
         return self.root / "nbd" / f"{self.id}.{n}.sock"
 
     def prepare(self) -> None:
+        # Records and stats hold no secret: `status` works for every user (the FUSE, NBD and
+        # image directories below stay private).
         for directory in (self.root, self.record.parent):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                directory.chmod(0o755)  # made private by an earlier version
 
     def save(self, record: MountRecord) -> None:
         self.prepare()
-        write_atomic(self.record, record.to_json(), mode=0o600)
+        write_atomic(self.record, record.to_json(), mode=0o644)
 
     def load(self) -> MountRecord | None:
         try:
@@ -219,7 +218,7 @@ class StatePaths:
         return MountRecord.from_json(data, name=str(self.record))
 
     def save_stats(self, stats: dict[str, Any]) -> None:
-        write_atomic(self.stats, (json.dumps(stats, sort_keys=True) + "\n").encode(), mode=0o600)
+        write_atomic(self.stats, (json.dumps(stats, sort_keys=True) + "\n").encode(), mode=0o644)
 
     def load_stats(self) -> dict[str, Any]:
         try:
@@ -249,11 +248,20 @@ class StatePaths:
 def list_records(root: Path | None = None) -> list[tuple[StatePaths, MountRecord]]:
     """Every state record under the runtime directory, by mountpoint; unreadable ones skipped."""
     base = root if root is not None else runtime_dir()
+    try:
+        names = sorted(os.listdir(base / "mounts"))
+    except FileNotFoundError:
+        return []
+    except PermissionError as exc:
+        raise MountError(f"{base / 'mounts'}: readable by root only (mounts are root's): run "
+                         f"`sudo hybrid-erofs status`") from exc
+    except OSError as exc:
+        raise MountError(f"{base / 'mounts'}: cannot list: {exc.strerror}") from exc
     found: list[tuple[StatePaths, MountRecord]] = []
-    for path in sorted((base / "mounts").glob("*.json")):
-        if path.name.endswith(".stats.json"):
+    for name in names:
+        if not name.endswith(".json") or name.endswith(".stats.json"):
             continue
-        paths = StatePaths(base, path.name.removesuffix(".json"))
+        paths = StatePaths(base, name.removesuffix(".json"))
         with contextlib.suppress(MountError):
             record = paths.load()
             if record is not None:
