@@ -38,6 +38,7 @@ from .lifecycle import (
     spawn_daemon,
 )
 from .state import IMAGE, LayerState, MountRecord, StatePaths
+from .utab import forget_helper
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ class _ImageDaemon:
         then the state files. A busy overlay is detached lazily (a stop was requested); the
         layers' exports then serve it until its last user is gone, as for a layer mount."""
         if self.overlay_mounted:
+            forget_helper(self.mountpoint)
             try:
                 umount(self.mountpoint)
             except MountBusy:

@@ -77,6 +77,25 @@ def mount_erofs(device: str | os.PathLike[str], mountpoint: str | os.PathLike[st
     _mount(os.fspath(device), mountpoint, "erofs", None)
 
 
+# mount(2) per-mount flags (linux/mount.h) that a mount(8) helper's -o may ask for.
+MOUNT_FLAGS = {"nosuid": 0x2, "nodev": 0x4, "noexec": 0x8}
+_MS_REMOUNT = 0x20
+_MS_BIND = 0x1000
+
+
+def restrict_mount(mountpoint: str | os.PathLike[str], flags: Sequence[str]) -> None:
+    """Add per-mount flags (nosuid, nodev, noexec) to the mount on `mountpoint`: a bind
+    remount changes only this mount's flags, never the filesystem (mount(2), MS_REMOUNT)."""
+    bits = MS_RDONLY | _MS_REMOUNT | _MS_BIND
+    for flag in flags:
+        bits |= MOUNT_FLAGS[flag]
+    libc = _get_libc()
+    if libc.mount(None, os.fsencode(mountpoint), None, bits, None) != 0:
+        err = ctypes.get_errno()
+        raise KernelMountError(err, f"{mountpoint}: mount -o remount,bind,{','.join(flags)}: "
+                                    f"{os.strerror(err)}")
+
+
 def _mount(source: str, mountpoint: str | os.PathLike[str], fstype: str,
            data: str | None) -> None:
     """mount(2) read-only; KernelMountError with the kernel's errno otherwise."""
@@ -353,6 +372,7 @@ def users_of(mountpoint: str) -> dict[int, str]:
 
 __all__ = [
     "MOUNT_DATA_MAX",
+    "MOUNT_FLAGS",
     "OVERLAY_MAX_LAYERS",
     "OVERLAY_OPTIONS",
     "KernelMountError",
@@ -369,6 +389,7 @@ __all__ = [
     "overlay_data",
     "process_alive",
     "process_start_time",
+    "restrict_mount",
     "umount",
     "users_of",
 ]

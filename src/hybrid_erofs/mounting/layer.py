@@ -39,6 +39,7 @@ from .lifecycle import (
 )
 from .nbdlink import disconnect_quietly
 from .state import DISK_NAME, MountRecord, StatePaths
+from .utab import forget_helper
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,8 @@ class LayerDaemon:
 
     def teardown(self, *, signals: list[int] | None = None) -> None:
         """EROFS first, then loop / FUSE / NBD, then the device and the state files."""
+        if self.layer.mounted:
+            forget_helper(self.mountpoint)
         self.layer.unmount()
         self.layer.release(signals=signals)
         self.paths.remove()

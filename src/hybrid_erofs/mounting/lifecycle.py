@@ -50,6 +50,7 @@ from .state import (
     list_records,
 )
 from .stats import StatsServer, daemon_stats, query_stats
+from .utab import forget_helper, has_helper_entry, record_helper
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +414,7 @@ def cleanup_mount(paths: StatePaths, record: MountRecord | None, *, keep_log: bo
     if record is not None:
         mountpoint = Path(record.mountpoint)
         if fs_mounted(mountpoint, record.fstype):
+            forget_helper(mountpoint)
             _umount_anyway(mountpoint)
         if not record.is_image:
             disk = record.disk_path or str(paths.fuse_dir / DISK_NAME)
@@ -476,6 +478,7 @@ def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False,
     alive = daemon_alive(record)
     if fs_mounted(path, record.fstype):
         if lazy:
+            forget_helper(path)
             umount(path, lazy=True)
         else:
             holders = {pid: name for pid, name in users_of(str(path)).items()
@@ -483,10 +486,14 @@ def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False,
             if holders:
                 raise MountBusy(f"{mountpoint}: busy: used by {describe_holders(holders)}; stop them "
                                 f"or use --lazy", pids=tuple(sorted(holders)))
+            helper = has_helper_entry(path)
+            forget_helper(path)
             try:
                 umount(path)
             except MountBusy:
                 if alive:
+                    if helper:  # still mounted: `umount` must keep finding its helper
+                        record_helper(path)
                     raise MountBusy(f"{mountpoint}: busy (no process holds it: a nested mount "
                                     f"or a bind mount?); use --lazy") from None
                 umount(path, lazy=True)  # its daemon is dead: nothing there can be read
