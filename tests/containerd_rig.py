@@ -322,6 +322,7 @@ class Containerd:
     snapshotter_address: Path
     registry_host: str
     cri_snapshotter: str = SNAPSHOTTER
+    aliases: tuple[str, ...] = ()  # registry names CRI pulls from `registry_host` (mirrors)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -369,7 +370,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
       conf_dir = "{w / 'cni-conf'}"
     [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{self.registry_host}"]
       endpoint = ["http://{self.registry_host}"]
-""")
+""" + "".join(f"""    [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{alias}"]
+      endpoint = ["http://{self.registry_host}"]
+""" for alias in self.aliases))
         log = w / "containerd.log"
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(["containerd", "--config", str(config)], stdout=out,

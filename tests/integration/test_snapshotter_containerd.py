@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import ci_required
@@ -41,6 +43,7 @@ from tests.containerd_rig import (
 from tests.oci_images import push_image, tree_view
 
 pytestmark = [pytest.mark.integration, pytest.mark.root, pytest.mark.slow]
+MIRRORED = "registry.invalid"  # a registry name that resolves nowhere (RFC 2606)
 
 
 def _prerequisites() -> Path:
@@ -65,7 +68,8 @@ class Node:
         self.registry = Registry(workdir / "registry")
         self.snapshotter = SnapshotterProcess(
             workdir / "run" / "sn.sock", workdir / "sn-root", workdir / "snapshotter.log",
-            extra_args=("--accept-unbound-indexes", "--cache-dir", str(workdir / "cache")),
+            extra_args=("--accept-unbound-indexes", "--cache-dir", str(workdir / "cache"),
+                        "--metrics-address", "127.0.0.1:0"),
             env={"HYBRID_EROFS_RUNTIME_DIR": str(workdir / "runtime")})
         self.containerd: Containerd | None = None
 
@@ -76,9 +80,17 @@ class Node:
 
     def start(self) -> None:
         self.registry.start()
+        # MIRRORED exists only as a name: containerd and the snapshotter both reach it through
+        # the registry above (CRI's mirrors; our --hosts-dir in containerd's hosts.toml shape)
+        hosts = self.workdir / "hosts" / MIRRORED
+        hosts.mkdir(parents=True)
+        (hosts / "hosts.toml").write_text(f'server = "https://{MIRRORED}"\n\n'
+                                          f'[host."http://{self.registry.host}"]\n'
+                                          f'  capabilities = ["pull", "resolve"]\n')
+        self.snapshotter.extra_args += ("--hosts-dir", str(self.workdir / "hosts"))
         self.snapshotter.start()
         self.containerd = Containerd(self.workdir / "containerd", self.snapshotter.address,
-                                     self.registry.host)
+                                     self.registry.host, aliases=(MIRRORED,))
         self.containerd.start()
 
     def stop(self) -> None:
@@ -92,6 +104,11 @@ class Node:
 
     def log(self) -> str:
         return self.snapshotter.log.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        """The running snapshotter's /metrics (its address is in its log)."""
+        (url, *_rest) = re.findall(r"metrics at (http://\S+/metrics)", self.log())[::-1]
+        return httpx.get(url, timeout=10).text
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +196,7 @@ def test_indexed_layers_are_prepared_remotely(node: Node, debian: RunImage, inde
         assert labels.get("containerd.io/snapshot/hybrid-erofs.restricted") == "nosuid,nodev"
     assert "mounted lazily as" in node.log() and "fallback" not in node.log()
     assert node.log().count("/manifests/sha256-") == 1  # the index is looked up once per image
+    assert "hybrid_erofs_snapshotter_layers_lazy_total 2.0" in node.metrics()
     assert _run(node, indexed, "lazy-cat", "/bin/cat", "/etc/hybrid-erofs-test") == \
         MARKER.decode()
     # the pull and a container's run fetched no layer whole (the registry's log): ranges only,
@@ -209,6 +227,8 @@ def test_image_without_index_runs_through_the_fallback(node: Node, debian: RunIm
     for chain in chains:
         assert "containerd.io/snapshot/remote" not in _labels(node, chain)
     assert node.log().count("(fallback, no-index)") == fallbacks + len(chains)
+    assert re.search(r'hybrid_erofs_snapshotter_fallbacks_total\{reason="no-index"\} '
+                     rf"{fallbacks + len(chains)}\.0", node.metrics())
     # applied by containerd: the new base layer's blob was fetched whole (the others were in
     # its content store already, from the overlayfs pull of the previous test)
     base_blob = plain.layout / "blobs" / "sha256" / plain.layer_digests[0].removeprefix("sha256:")
@@ -245,6 +265,28 @@ def test_zstd_layer_falls_back_and_the_gzip_ones_stay_lazy(
     out = _run(node, ref, "zstd-cat", "/bin/cat", "/etc/from-zstd", "/zstd-image",
                "/etc/hybrid-erofs-test")
     assert out == "a zstd layer\nbase of the zstd image\n" + MARKER.decode()
+
+
+def test_a_mirror_from_hosts_toml_serves_index_and_layers(
+        node: Node, debian: RunImage, tmp_path: Path) -> None:
+    """The image is pulled as registry.invalid/..., a name only hosts.toml (ours) and CRI's
+    mirror table (containerd's) map to the plain-HTTP registry: its layers are lazy."""
+    base = _tar([_entry("mirror-image", b"pulled through a mirror\n")])
+    image = build_run_image(debian.layout, Path(os.environ["HYBRID_EROFS_ROOTFS_TAR"]),
+                            tag="mirror", base_layers=(base,))
+    real = _push(node, image, "lab/mirror")
+    proc = subprocess.run([sys.executable, "-m", "hybrid_erofs", "index", real, "--all-layers",
+                           "--min-layer-size", "0", "--push", "-o", str(tmp_path / "index")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lazy = node.log().count("mounted lazily as")
+    ref = f"{MIRRORED}/lab/mirror:1"
+    node.ctrd.cri_pull(ref)
+    assert node.log().count("mounted lazily as") == lazy + 3
+    for chain in chain_ids(image.diff_ids):
+        assert "containerd.io/snapshot/remote" in _labels(node, chain)
+    assert _run(node, ref, "mirror-cat", "/bin/cat", "/mirror-image") == \
+        "pulled through a mirror\n"
 
 
 def test_containers_survive_a_snapshotter_restart(node: Node, debian: RunImage,

@@ -259,3 +259,35 @@ def test_label_parsing_and_the_trust_seam() -> None:
     assert resolve_layer(request, finder=Finder(False),
                          policy=TrustPolicy(accept_unbound=True))[1] is True
     assert resolve_layer(request, finder=Finder(True), policy=TrustPolicy())[1] is False
+
+
+def test_metrics_count_lazy_layers_and_fallbacks(tmp_path: Path) -> None:
+    import httpx
+
+    from hybrid_erofs.metrics.server import MetricsServer
+    from hybrid_erofs.snapshotter.metrics import SnapshotterMetrics
+
+    layers = FakeLayers(refuse={LAYERS[2]: "no-index"})
+    metrics = SnapshotterMetrics()
+    sn = Snapshotter(tmp_path / "root", remote=layers, metrics=metrics)
+    server = MetricsServer(metrics.metrics, "127.0.0.1", 0)
+    try:
+        with running(sn, tmp_path / "sn.sock") as client:
+            _already_exists(client, "k8s.io/1/extract-1 c", "", labels(0))
+            _already_exists(client, "k8s.io/2/extract-2 c", CHAINS[0], labels(1))
+            client.prepare("k8s.io/3/extract-3 c", CHAINS[1], labels(2))
+            client.prepare("k8s.io/4/extract c", "", {LABEL_SNAPSHOT_REF: "sha256:" + "dd" * 32})
+            layers.dead.add(sn.fs_dir(sn.stat(CHAINS[0]).id))
+            client.prepare("k8s.io/5/ctr", CHAINS[1])
+            text = httpx.get(server.url).text
+    finally:
+        server.close()
+        sn.close()
+    assert "hybrid_erofs_snapshotter_layers_lazy_total 2.0" in text
+    assert 'hybrid_erofs_snapshotter_fallbacks_total{reason="no-index"} 1.0' in text
+    assert 'hybrid_erofs_snapshotter_fallbacks_total{reason="no-labels"} 1.0' in text
+    assert 'hybrid_erofs_snapshotter_fallbacks_total{reason="untrusted"} 0.0' in text
+    assert "hybrid_erofs_snapshotter_layers_remounted_total 1.0" in text
+    assert "hybrid_erofs_snapshotter_snapshots 5.0" in text
+    assert "hybrid_erofs_snapshotter_snapshots_lazy 2.0" in text
+    assert "hybrid_erofs_snapshotter_snapshots_active 3.0" in text

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..mounting.lifecycle import READY_TIMEOUT_S, VIAS
+from .options import metrics_address_option
 
 DEFAULT_ADDRESS = Path("/run/hybrid-erofs/snapshotter.sock")
 DEFAULT_ROOT = Path("/var/lib/hybrid-erofs/snapshotter")
@@ -30,13 +31,18 @@ DEFAULT_ROOT = Path("/var/lib/hybrid-erofs/snapshotter")
               help="Chunk and index cache [default: /var/cache/hybrid-erofs].")
 @click.option("--insecure", is_flag=True,
               help="Allow plain HTTP to registries that are not on localhost.")
+@click.option("--hosts-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Mirrors and plain-HTTP registries as containerd's hosts.toml files "
+                   "(DIR/HOST/hosts.toml, its config_path layout).")
 @click.option("--via", type=click.Choice(VIAS), default="auto", show_default=True,
               help="How layer daemons export their device (see `mount --help`).")
 @click.option("--mount-timeout", "timeout_s", type=float, default=READY_TIMEOUT_S,
               show_default=True, help="Seconds to wait for a layer's mount to answer.")
+@metrics_address_option
 def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
-                        no_remote: bool, cache_dir: Path | None, insecure: bool, via: str,
-                        timeout_s: float) -> None:
+                        no_remote: bool, cache_dir: Path | None, insecure: bool,
+                        hosts_dir: Path | None, via: str, timeout_s: float,
+                        metrics_address: tuple[str, int] | None) -> None:
     """Serve containerd's snapshots API on ADDRESS, in the foreground, until SIGTERM.
 
     Layers of images that carry a hybrid-erofs index (`hybrid-erofs index REF --all-layers
@@ -56,6 +62,9 @@ def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
     See docs/containerd.md. Needs root.
     """
     from ..device import RegistryOptions
+    from ..metrics.server import MetricsServer
+    from ..snapshotter.hosts import HostsConfig
+    from ..snapshotter.metrics import SnapshotterMetrics
     from ..snapshotter.remote import LazyLayers, TrustPolicy
     from ..snapshotter.server import serve
     from ..snapshotter.snapshotter import Snapshotter
@@ -65,8 +74,17 @@ def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
         package_log.setLevel(logging.INFO)  # a daemon says what it does with each layer
     remote = None if no_remote else LazyLayers(
         registry=RegistryOptions(cache_dir=cache_dir, insecure=insecure),
-        policy=TrustPolicy(accept_unbound=accept_unbound_indexes), via=via, timeout_s=timeout_s)
-    snapshotter = Snapshotter(root, remote=remote)
+        policy=TrustPolicy(accept_unbound=accept_unbound_indexes),
+        hosts=HostsConfig(hosts_dir), via=via, timeout_s=timeout_s)
+    metrics = SnapshotterMetrics()
+    server = (MetricsServer(metrics.metrics, *metrics_address)
+              if metrics_address is not None else None)
+    try:
+        snapshotter = Snapshotter(root, remote=remote, metrics=metrics)
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
 
     def restore() -> None:
         try:
@@ -82,6 +100,8 @@ def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
     try:
         serve(snapshotter, address, ready=restore_in_background)
     finally:
+        if server is not None:
+            server.close()
         snapshotter.close()
 
 

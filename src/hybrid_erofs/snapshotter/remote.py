@@ -37,6 +37,7 @@ from ..mounting.lifecycle import (
 from ..mounting.lifecycle import unmount as unmount_layer
 from ..oci.client import GZIP_LAYER_TYPES
 from ..oci.reference import parse_reference
+from .hosts import HostsConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class LayerIndex:
     zinfo: Path
     index: str
     bound: bool
+    plain_http: bool = False  # `source`'s host is a plain-HTTP mirror (hosts.toml)
 
 
 class IndexFinder(Protocol):
@@ -129,8 +131,10 @@ class DiscoveryFinder:
     result is kept for the image's other layers (content-addressed, so it cannot go stale;
     failures are not kept). Thread-safe."""
 
-    def __init__(self, registry: RegistryOptions, *, keep: int = 64) -> None:
+    def __init__(self, registry: RegistryOptions, *, hosts: HostsConfig | None = None,
+                 keep: int = 64) -> None:
         self.registry = registry
+        self.hosts = hosts or HostsConfig()
         self._keep = keep
         self._found: OrderedDict[str, DiscoveredImage] = OrderedDict()
         self._lock = threading.Lock()
@@ -140,8 +144,25 @@ class DiscoveryFinder:
             ref = parse_reference(request.image_ref)
         except InvalidInput as exc:
             raise LayerFallback(str(exc), reason="no-labels") from exc
-        pinned = f"{ref.registry}/{ref.repository}@{request.manifest_digest}"
-        found = self._discover(pinned)
+        try:
+            endpoints = self.hosts.endpoints(ref.registry)
+        except InvalidInput as exc:
+            raise LayerFallback(str(exc), reason="index-error") from exc
+        failures: list[LayerFallback] = []
+        for endpoint in endpoints:  # mirrors first, as containerd tries them
+            pinned = f"{endpoint.host}/{ref.repository}@{request.manifest_digest}"
+            try:
+                found = self._discover(pinned, plain_http=endpoint.plain_http)
+                break
+            except LayerFallback as exc:
+                failures.append(exc)
+                log.info("%s: %s", endpoint.host, exc)
+        else:
+            if len(failures) == 1:
+                raise failures[0]
+            raise LayerFallback("; ".join(f"{e.host}: {f}" for e, f in zip(endpoints, failures,
+                                                                             strict=True)),
+                                reason=failures[-1].reason)
         layer = next((layer for layer in found.image.layers
                       if layer.digest == request.layer_digest), None)
         if layer is not None and layer.media_type not in GZIP_LAYER_TYPES:
@@ -151,9 +172,10 @@ class DiscoveryFinder:
             raise LayerFallback(f"{pinned}: layer {request.layer_digest} is not in the index "
                                 f"{found.artifact}", reason="index-error")
         meta, zinfo = found.layer_paths(layer)
-        return LayerIndex(pinned, meta, zinfo, found.artifact, bound=False)
+        return LayerIndex(pinned, meta, zinfo, found.artifact, bound=False,
+                          plain_http=endpoint.plain_http)
 
-    def _discover(self, pinned: str) -> DiscoveredImage:
+    def _discover(self, pinned: str, *, plain_http: bool) -> DiscoveredImage:
         with self._lock:
             if pinned in self._found:
                 self._found.move_to_end(pinned)
@@ -161,7 +183,8 @@ class DiscoveryFinder:
             try:
                 found = discover_image_index(
                     pinned, registry=replace(self.registry, platform=None, layer=None,
-                                             blob=None),
+                                             blob=None,
+                                             insecure=self.registry.insecure or plain_http),
                     layers=lambda image: [layer for layer in image.layers
                                           if layer.media_type in GZIP_LAYER_TYPES])
             except RegistryError as exc:
@@ -186,6 +209,7 @@ class RemoteLayer:
     zinfo: str
     index: str
     restricted: bool
+    plain_http: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -207,11 +231,11 @@ class LazyLayers:
     """
 
     def __init__(self, *, registry: RegistryOptions, policy: TrustPolicy,
-                 finder: IndexFinder | None = None, via: str = "auto",
-                 timeout_s: float = READY_TIMEOUT_S) -> None:
+                 finder: IndexFinder | None = None, hosts: HostsConfig | None = None,
+                 via: str = "auto", timeout_s: float = READY_TIMEOUT_S) -> None:
         self.registry = registry
         self.policy = policy
-        self.finder = finder or DiscoveryFinder(registry)
+        self.finder = finder or DiscoveryFinder(registry, hosts=hosts)
         self.via = via
         self.timeout_s = timeout_s
 
@@ -219,7 +243,7 @@ class LazyLayers:
         index, restricted = resolve_layer(request, finder=self.finder, policy=self.policy)
         layer = RemoteLayer(source=index.source, blob=request.layer_digest,
                             meta=str(index.meta), zinfo=str(index.zinfo), index=index.index,
-                            restricted=restricted)
+                            restricted=restricted, plain_http=index.plain_http)
         self._mount(layer, mountpoint)
         return layer
 
@@ -227,7 +251,8 @@ class LazyLayers:
         try:
             mount_layer(layer.source, mountpoint, meta=Path(layer.meta), zinfo=Path(layer.zinfo),
                         registry=replace(self.registry, blob=layer.blob, layer=None,
-                                         platform=None),
+                                         platform=None,
+                                         insecure=self.registry.insecure or layer.plain_http),
                         via=self.via, timeout_s=self.timeout_s)
         except (HybridErofsError, OSError) as exc:
             raise LayerFallback(f"{layer.blob}: mounting failed: {exc}",

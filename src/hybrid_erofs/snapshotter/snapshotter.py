@@ -29,6 +29,7 @@ from ..errors import (
     SnapshotUnavailable,
 )
 from .filters import Filter, matches, snapshot_fields
+from .metrics import SnapshotterMetrics
 from .remote import LABEL_LAYER_DIGEST, LABEL_SNAPSHOT_REF, LayerRequest, RemoteLayer
 from .store import Kind, Snapshot, SnapshotStore
 
@@ -103,9 +104,11 @@ class Snapshotter:
     `lazy` counts layers mounted lazily, `fallbacks` layers left to containerd by reason.
     """
 
-    def __init__(self, root: Path, *, remote: RemoteLayers | None = None) -> None:
+    def __init__(self, root: Path, *, remote: RemoteLayers | None = None,
+                 metrics: SnapshotterMetrics | None = None) -> None:
         self.root = root
         self.remote = remote
+        self.metrics = metrics
         self.lazy = 0
         self.fallbacks: Counter[str] = Counter()
         self._remote_lock = threading.Lock()  # one remote Prepare or restore at a time
@@ -117,6 +120,8 @@ class Snapshotter:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise SnapshotError(f"{root}: cannot keep the snapshotter's state there: "
                                 f"{reason}") from exc
+        if metrics is not None:
+            metrics.attach(self.store)
         self._index_off = Path("/sys/module/overlay/parameters/index").exists()
 
     def close(self) -> None:
@@ -262,6 +267,8 @@ class Snapshotter:
                                           f"be mounted again: {exc}") from exc
             if again != layer:
                 self.store.set_remote(snap.name, again.to_json())
+            if self.metrics is not None:
+                self.metrics.remounted.inc()
         return again
 
     def _prepare_remote(self, key: str, parent: str, labels: Mapping[str, str]) -> bool:
@@ -281,9 +288,13 @@ class Snapshotter:
                 layer = self._mount_remote(target, parent, labels, request)
         except LayerFallback as exc:
             self.fallbacks[exc.reason] += 1
+            if self.metrics is not None:
+                self.metrics.fallbacks.labels(reason=exc.reason).inc()
             log.info("layer %s: containerd applies it (fallback, %s): %s", what, exc.reason, exc)
             return False
         self.lazy += 1
+        if self.metrics is not None:
+            self.metrics.lazy.inc()
         log.info("layer %s: mounted lazily as snapshot %s (index %s%s)", what, target,
                  layer.index, ", nosuid,nodev" if layer.restricted else "")
         return True
