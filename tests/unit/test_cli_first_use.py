@@ -163,3 +163,25 @@ def test_read_of_zero_bytes(indexed: Path) -> None:
     result = CliRunner().invoke(main, ["read", str(SMALL), "--zinfo", str(indexed),
                                        "--offset", "1KiB", "--length", "0"])
     assert (result.exit_code, result.stdout_bytes) == (0, b"")
+
+
+def test_status_counts_in_singular(tmp_path: Path) -> None:
+    """A mount that read once, failed once, fetched once: no "1 errors", "1 requests"."""
+    from hybrid_erofs.mounting.state import MountRecord, StatePaths
+
+    runtime = tmp_path / "run"
+    paths = StatePaths.for_mountpoint("/mnt/app", root=runtime)
+    paths.save(MountRecord(
+        mountpoint="/mnt/app", source="registry.example.com/app:1.2", meta="/i/m.erofs",
+        zinfo="/i/layer.zinfo", via="auto", transport="fuse", daemon_pid=os.getpid(),
+        daemon_start_time=None, log_file=str(paths.log), created=time.time()))
+    paths.save_stats({"updated": time.time(), "reads": 1, "bytes_served": 4096, "errors": 1,
+                      "bytes_fetched": 1024, "registry_requests": 1, "registry_retries": 1,
+                      "registry_failures": 0, "failure_memory_hits": 0, "cache_hits": 1,
+                      "cache_misses": 1, "hit_rate": 0.5, "spans_decoded": 1,
+                      "spans_verified": 1})
+    result = CliRunner().invoke(main, ["status"], env={"HYBRID_EROFS_RUNTIME_DIR": str(runtime)})
+    assert result.exit_code == 0, result.output
+    assert "1 error (EIO)" in result.output
+    assert "in 1 request, 1 retry, " in result.output
+    assert "(1 hit, 1 miss)" in result.output and "1 span decoded" in result.output

@@ -14,7 +14,7 @@ from ..device import RegistryOptions, is_local
 from ..mounting.layer import mount_layer, run_mount
 from ..mounting.lifecycle import VIAS, mount_statuses, require_root, status_json, unmount
 from ..mounting.reattach import reattach as reattach_mount
-from ..units import format_size
+from ..units import counted, format_size
 from .options import metrics_address_option, registry_options
 
 
@@ -172,16 +172,19 @@ def _stats_lines(stats: dict[str, Any]) -> list[str]:
     latency = (f", {1000 * stats['read_duration_seconds_sum'] / reads:.2f} ms mean"
                if reads and stats.get("read_duration_seconds_sum") is not None else "")
     lines = [f"reads   {reads} ({format_size(count('bytes_served'))} served){latency}, "
-             f"{count('errors')} errors (EIO)",
+             f"{counted(count('errors'), 'error')} (EIO)",
              f"fetched {format_size(count('bytes_fetched'))}"
-             + (f" in {count('registry_requests')} requests, {count('registry_retries')} "
-                f"retries, {count('registry_failures')} failed, {count('failure_memory_hits')} "
+             + (f" in {counted(count('registry_requests'), 'request')}, "
+                f"{counted(count('registry_retries'), 'retry', 'retries')}, "
+                f"{count('registry_failures')} failed, {count('failure_memory_hits')} "
                 f"failed at once (failure memory)" if "registry_requests" in stats else "")]
     if stats.get("cache_hits") is not None:
         rate = stats.get("hit_rate")
         lines.append(f"cache   {'n/a' if rate is None else f'{100 * rate:.0f}%'} hits "
-                     f"({count('cache_hits')} hits, {count('cache_misses')} misses)")
-    decoded = f"{count('spans_decoded')} spans decoded, {count('spans_verified')} verified"
+                     f"({counted(count('cache_hits'), 'hit')}, "
+                     f"{counted(count('cache_misses'), 'miss', 'misses')})")
+    decoded = (f"{counted(count('spans_decoded'), 'span')} decoded, "
+               f"{count('spans_verified')} verified")
     failures = count("verification_failures")
     lines.append(decoded + (f", {failures} failed verification" if failures else ""))
     if stats.get("resident_memory_bytes"):
