@@ -112,6 +112,16 @@ def open_registry_layer_blob(reference: str, options: RegistryOptions) -> tuple[
     return cached, descriptor.digest
 
 
+def open_layer_blob(layer: str, registry: RegistryOptions | None = None
+                    ) -> tuple[ByteSource, str | None]:
+    """The compressed blob of `layer` as a ByteSource, and its digest when a manifest names
+    it: a local file as it is, a registry layer through the retry and chunk-cache stages
+    (what reads it fills the cache that mounts of the same blob use)."""
+    if is_local(layer):
+        return FileSource(layer), None
+    return open_registry_layer_blob(layer, registry or RegistryOptions())
+
+
 def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
                zinfo: str | os.PathLike[str] | None = None,
                registry: RegistryOptions | None = None) -> ErofsImage:
@@ -276,5 +286,6 @@ __all__ = [
     "open_gzip_layer",
     "open_image",
     "open_layer",
+    "open_layer_blob",
     "open_registry_layer_blob",
 ]

@@ -11,14 +11,16 @@ from typing import Any
 
 import click
 
-from ..device import open_image
+from ..device import RegistryOptions, open_image
 from ..erofs.layout import Inode
 from ..erofs.reader import ErofsImage
 from ..erofs.verify import verify_image
 from ..errors import InvalidInput
+from ..indexing.layer import open_layer_stream
 from ..printable import format_time, printable, printable_message
+from ..trust.verifier import LayerIndexFiles, LayerVerification, verify_layer
 from ..units import counted, format_rate, format_size
-from .options import Progress
+from .options import Progress, registry_options
 
 _meta_option = click.option(
     "--meta", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -148,12 +150,18 @@ def cat(meta: Path, zinfo: Path | None, layer: str, path: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress line on stderr [default: when stderr is a terminal].")
+@registry_options
 @click.pass_context
 def verify(ctx: click.Context, meta: Path, zinfo: Path | None, layer: str | None,
-           tar_headers: bool, max_problems: int, as_json: bool, progress: bool | None) -> None:
-    """Check the meta image; with LAYER also read every file through it.
+           tar_headers: bool, max_problems: int, as_json: bool, progress: bool | None,
+           registry: RegistryOptions) -> None:
+    """Check the meta image; with LAYER prove that the index describes it.
 
-    Exit status 1 when a problem is found, one line per problem.
+    With LAYER (a .tar.gz, a plain .tar, or a registry reference), every file is read
+    through the meta, and the whole blob is read once more to recompute the index: the
+    meta entry by entry against the tar headers (names, types, modes, owners, sizes, link
+    targets, data offsets, xattrs, devices), every zinfo checkpoint against the stream, and
+    the sidecar's digests. Exit status 1 when a problem is found, one line per problem.
 
     \b
     Examples:
@@ -161,17 +169,30 @@ def verify(ctx: click.Context, meta: Path, zinfo: Path | None, layer: str | None
         hybrid-erofs verify --meta m.erofs --zinfo layer.zinfo layer.tar.gz
     """
     with Progress("verifying", enabled=progress) as bar, \
-            open_image(meta, layer=layer, zinfo=zinfo) as image:
+            open_image(meta, layer=layer, zinfo=zinfo, registry=registry) as image:
         report = verify_image(image, read_data=layer is not None, check_tar=tar_headers,
                               max_problems=max_problems, progress=bar)
-    rate = report.bytes_read / max(report.elapsed_s, 1e-9) / 1e6
+    checked: LayerVerification | None = None
+    if layer is not None:
+        stream, digest, size = open_layer_stream(layer, registry)
+        try:
+            with Progress("checking the index against the layer", size,
+                          enabled=progress) as bar:
+                checked = verify_layer(stream, LayerIndexFiles(meta, zinfo),
+                                       blob_digest=digest, max_problems=max_problems,
+                                       progress=bar, name=str(meta))
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+    ok = report.ok and (checked is None or checked.ok)
     if as_json:
         click.echo(json.dumps({
-            "meta": str(meta), "layer": layer, "ok": report.ok, "files": report.files,
+            "meta": str(meta), "layer": layer, "ok": ok, "files": report.files,
             "dirs": report.dirs, "symlinks": report.symlinks, "others": report.others,
             "bytes_read": report.bytes_read, "elapsed_s": round(report.elapsed_s, 6),
-            "mb_per_s": round(rate, 1), "problem_count": report.problem_count,
-            "problems": list(report.problems), "warnings": list(report.warnings)}, indent=2))
+            "problem_count": report.problem_count,
+            "problems": list(report.problems), "warnings": list(report.warnings),
+            "layer_check": checked.to_json() if checked is not None else None}, indent=2))
     else:
         for line in report.problems:
             click.echo(f"problem: {printable_message(line)}")
@@ -179,15 +200,23 @@ def verify(ctx: click.Context, meta: Path, zinfo: Path | None, layer: str | None
             click.echo(f"problem: ... and {report.problem_count - len(report.problems)} more")
         for line in report.warnings:
             click.echo(f"warning: {printable_message(line)}")
-        problems = counted(report.problem_count, "problem")
-        summary = (f"{meta}: {'OK' if report.ok else problems}: "
+        if checked is not None:
+            for line in checked.problems:
+                click.echo(f"problem: {printable_message(line)}")
+            if checked.problem_count > len(checked.problems):
+                click.echo(f"problem: ... and {checked.problem_count - len(checked.problems)} "
+                           f"more differences from the layer")
+        count = report.problem_count + (checked.problem_count if checked else 0)
+        summary = (f"{meta}: {'OK' if ok else counted(count, 'problem')}: "
                    f"{counted(report.files, 'file')}, {counted(report.dirs, 'dir')}, "
                    f"{counted(report.symlinks, 'symlink')}, {counted(report.others, 'other')}")
         if layer is not None:
             summary += (f"; read {format_size(report.bytes_read)} in {report.elapsed_s:.2f} s "
                         f"({format_rate(report.bytes_read / max(report.elapsed_s, 1e-9))})")
+        if checked is not None and checked.ok:
+            summary += f"; the index matches blob {checked.blob_digest}"
         click.echo(summary)
-    if not report.ok:
+    if not ok:
         ctx.exit(1)
 
 

@@ -14,6 +14,8 @@ from ..device import RegistryOptions, is_local
 from ..mounting.layer import mount_layer, run_mount
 from ..mounting.lifecycle import VIAS, mount_statuses, require_root, status_json, unmount
 from ..mounting.reattach import reattach as reattach_mount
+from ..printable import printable_message
+from ..sources.gate import LOCAL, TRUST_KINDS
 from ..units import counted, format_size
 from .options import metrics_address_option, registry_options
 
@@ -35,11 +37,13 @@ from .options import metrics_address_option, registry_options
 @click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the mount to answer.")
 @click.option("--_daemon-ready-fd", "ready_fd", type=int, hidden=True)
+@click.option("--_trust", "trust", type=click.Choice(TRUST_KINDS), default=LOCAL, hidden=True)
 @metrics_address_option
 @registry_options
 def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
           via: str, foreground: bool, reattach: bool, timeout_s: float, ready_fd: int | None,
-          metrics_address: tuple[str, int] | None, registry: RegistryOptions) -> None:
+          trust: str, metrics_address: tuple[str, int] | None,
+          registry: RegistryOptions) -> None:
     """Mount layer REF (a registry reference or a local .tar.gz) read-only on MOUNTPOINT.
 
     Without --meta/--zinfo, the index that `hybrid-erofs index REF --all-layers --push`
@@ -87,10 +91,11 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
     if ready_fd is not None or foreground:
         _detach_stdin()
         run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via,
-                  ready_fd=ready_fd, metrics_address=metrics_address)
+                  ready_fd=ready_fd, metrics_address=metrics_address, trust=trust)
         return
     record = mount_layer(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
-                         via=via, timeout_s=timeout_s, metrics_address=metrics_address)
+                         via=via, timeout_s=timeout_s, metrics_address=metrics_address,
+                         trust=trust)
     assert record is not None
     click.echo(f"mounted {record.source} on {record.mountpoint} (via {record.transport}, "
                f"daemon pid {record.daemon_pid}, log {record.log_file}"
@@ -155,6 +160,11 @@ def status(as_json: bool, prune: bool) -> None:
         if stats:
             for line in _stats_lines(stats):
                 click.echo(f"  {line}")
+            trust = stats.get("trust")
+            if isinstance(trust, dict) and trust.get("index") != "local":
+                detail = f": {trust['detail']}" if trust.get("detail") else ""
+                click.echo(f"  index   {trust.get('index')}, {trust.get('state')}"
+                           f"{printable_message(str(detail))}")
             if not fresh and entry.state != "stale":
                 click.echo("  (stats not current: the daemon does not answer)")
         if entry.record.metrics_address and entry.state != "stale":

@@ -61,6 +61,7 @@ class BuildResult:
     members: int
     elapsed_s: float
     engine: str
+    member_starts: tuple[int, ...] = ()  # uncompressed offset where each gzip member begins
 
 
 def build_index(
@@ -192,6 +193,7 @@ class _Builder:
         pos = sink_from = WINDOW_SIZE
         totout = last_out = 0
         members = 0
+        member_starts = [0]
         force = False
         checkpoints: list[Checkpoint] = []
         inflate = lib.inflate
@@ -229,6 +231,7 @@ class _Builder:
                 members += 1
                 if not self._next_member(strm, members, totout):
                     break
+                member_starts.append(totout)
                 lib.reset(ref)
                 force = self.every_member
                 continue
@@ -270,7 +273,7 @@ class _Builder:
         blob_sha256, digests = self._hash_results()
         index = GzipIndex(span=span, checkpoints=tuple(checkpoints))
         return BuildResult(index, self.blob_read, totout, blob_sha256, digests, members,
-                           elapsed, self.lib.name)
+                           elapsed, self.lib.name, tuple(member_starts))
 
     def _next_member(self, strm: ctypes.Structure, members: int, totout: int) -> bool:
         """After a member's trailer: True if another member follows; False at a clean end.

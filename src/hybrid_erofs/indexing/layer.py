@@ -170,6 +170,18 @@ def _open_input(layer: str) -> tuple[BinaryIO, int | None]:
     return handle, size if path.is_file() else None
 
 
+def open_layer_stream(layer: str, registry: RegistryOptions | None = None
+                      ) -> tuple[BinaryIO, str | None, int | None]:
+    """The blob of `layer` as a stream read once: a local file, "-" (stdin), a registry
+    layer (streamed, nothing stored) or an `oci:` layout's blob; the digest the bytes must
+    have when a manifest names it (checked by the caller, which hashes them anyway), and the
+    size when known."""
+    if is_local(layer):
+        stream, size = _open_input(layer)
+        return stream, None, size
+    return _open_remote(layer, registry or RegistryOptions())
+
+
 def _read_head(stream: BinaryIO, size: int) -> bytes:
     parts: list[bytes] = []
     have = 0
@@ -225,11 +237,7 @@ def index_layer(
             raise InvalidInput(f"{out}: is the input layer itself; refusing to overwrite it")
         check_writable(out)
 
-    expected_digest: str | None = None
-    if is_local(layer):
-        stream, input_size = _open_input(layer)
-    else:
-        stream, expected_digest, input_size = _open_remote(layer, registry or RegistryOptions())
+    stream, expected_digest, input_size = open_layer_stream(layer, registry)
     worker: _SinkThread | None = None
     hasher: _DiffIdHasher | None = None
     sidecar: Sidecar | None = None
@@ -519,4 +527,4 @@ class _DiffIdHasher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["IndexReport", "index_layer"]
+__all__ = ["IndexReport", "index_layer", "open_layer_stream"]

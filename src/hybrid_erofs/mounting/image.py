@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,8 +24,9 @@ from ..indexing.imageindex import (
 )
 from ..outfile import write_atomic
 from ..source import ByteSource
-from .kernel import mount_overlay, mounted_at, umount, users_of
-from .layer import LayerMount
+from ..sources.gate import LOCAL, UNBOUND
+from .kernel import mount_overlay, mounted_at, set_restricted, umount, users_of
+from .layer import LayerMount, discovered_root_owner
 from .lifecycle import (
     READY_TIMEOUT_S,
     VIAS,
@@ -56,17 +58,21 @@ class ImageLayer:
         zinfo: its gzip checkpoints (None for a plain tar).
         blob: the layer's blob digest, which selects it among the layers of a reference
             (RegistryOptions.blob); None for a local file.
+        trust: how its index was obtained: LOCAL (files the user named, or indexed on this
+            node), BOUND, SIGNED, or UNBOUND (mounted nosuid,nodev and verified in the
+            background; the overlay too, until every such layer is verified).
     """
 
     source: str
     meta: Path
     zinfo: Path | None
     blob: str | None = None
+    trust: str = LOCAL  # how the index was obtained (sources/gate.py)
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "meta": str(self.meta),
                 "zinfo": str(self.zinfo) if self.zinfo is not None else None,
-                "blob": self.blob}
+                "blob": self.blob, "trust": self.trust}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +116,8 @@ def load_plan(path: str | os.PathLike[str]) -> list[ImageLayer]:
             raise ValueError(f"not a {PLAN_FORMAT} version {PLAN_VERSION} file")
         return [ImageLayer(source=str(layer["source"]), meta=Path(layer["meta"]),
                            zinfo=Path(layer["zinfo"]) if layer["zinfo"] is not None else None,
-                           blob=layer["blob"]) for layer in raw["layers"]]
+                           blob=layer["blob"], trust=str(layer.get("trust", LOCAL)))
+                for layer in raw["layers"]]
     except OSError as exc:
         raise MountError(f"{path}: cannot read the layer plan: {exc.strerror}") from exc
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -132,12 +139,15 @@ class _ImageDaemon:
         self.paths = paths
         self.mounts: list[LayerMount] = []
         self.overlay_mounted = False
+        self.overlay_restricted = False
+        self._lock = threading.Lock()
 
     def start(self) -> MountRecord:
         paths = self.paths
         states = tuple(LayerState(source=layer.source, meta=str(layer.meta),
                                   zinfo=str(layer.zinfo) if layer.zinfo else None,
-                                  blob=layer.blob, erofs_dir=str(paths.layer_dir(n)))
+                                  blob=layer.blob, erofs_dir=str(paths.layer_dir(n)),
+                                  trust=layer.trust)
                        for n, layer in enumerate(self.planned))
         record = initial_record(self.source, self.mountpoint, meta=None, zinfo=None,
                                 registry=self.registry, via=self.via, paths=paths).with_changes(
@@ -152,7 +162,11 @@ class _ImageDaemon:
             paths.empty_dir.mkdir(mode=0o755, exist_ok=True)
             lowers.append(f"l/{paths.empty_dir.name}")
         # Relative to the image dir: a page of option data then holds hundreds of layers.
-        mount_overlay(lowers, self.mountpoint, cwd=paths.image_dir)
+        # nosuid,nodev on the overlay too while any layer's index is unverified: that is the
+        # mount processes exec from.
+        self.overlay_restricted = any(mount.restricted for mount in self.mounts)
+        mount_overlay(lowers, self.mountpoint, cwd=paths.image_dir,
+                      restricted=self.overlay_restricted)
         self.overlay_mounted = True
         os.listdir(self.mountpoint)  # the mount answers
         states = tuple(replace(state, transport=transport, **mount.record_fields())
@@ -161,7 +175,24 @@ class _ImageDaemon:
         record = record.with_changes(transport=",".join(sorted(set(transports))),
                                      layers=states)
         paths.save(record)
+        for mount in self.mounts:
+            if mount.trust == UNBOUND:
+                mount.verify_in_background(on_done=self._verified)
         return record
+
+    def _verified(self, _mount: LayerMount) -> None:
+        """A layer's verification ended: once no layer is restricted, lift nosuid,nodev
+        from the overlay."""
+        with self._lock:
+            if (self.overlay_restricted and self.overlay_mounted
+                    and not any(mount.restricted for mount in self.mounts)):
+                set_restricted(self.mountpoint, False)
+                self.overlay_restricted = False
+                log.info("%s: every layer's index verified: nosuid,nodev lifted",
+                         self.mountpoint)
+
+    def trust_states(self) -> list[dict[str, object]]:
+        return [mount.trust_state() for mount in self.mounts]
 
     def _start_layer(self, n: int, layer: ImageLayer) -> str:
         target = self.paths.layer_dir(n)
@@ -171,7 +202,8 @@ class _ImageDaemon:
         mount = LayerMount(layer.source, target, meta=layer.meta, zinfo=layer.zinfo,
                            registry=registry, fuse_dir=self.paths.layer_fuse_dir(n),
                            nbd_socket=self.paths.layer_nbd_socket(n),
-                           backend=f"{self.paths.record}#{n}")
+                           backend=f"{self.paths.record}#{n}", trust=layer.trust,
+                           root_owner=discovered_root_owner(layer.trust))
         self.mounts.append(mount)  # before start(): teardown releases what start() got to
         try:
             return mount.start(self.via)
@@ -246,7 +278,7 @@ def image_daemon_argv(source: str, mountpoint: Path, *, plan: Path, registry: Re
 def _absolute(layer: ImageLayer) -> ImageLayer:
     return ImageLayer(absolute_source(layer.source), Path(os.path.abspath(layer.meta)),
                       Path(os.path.abspath(layer.zinfo)) if layer.zinfo is not None else None,
-                      layer.blob)
+                      layer.blob, layer.trust)
 
 
 def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequence[ImageLayer],

@@ -22,6 +22,8 @@ from pathlib import Path
 from ..errors import MountBusy, MountError
 
 MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
 MNT_DETACH = 2
 # mount(2) copies at most one page of option data (fs/namespace.c copy_mount_options).
 MOUNT_DATA_MAX = 4096 - 1
@@ -68,13 +70,36 @@ class KernelMountError(MountError):
         self.errno = err
 
 
-def mount_erofs(device: str | os.PathLike[str], mountpoint: str | os.PathLike[str]) -> None:
-    """mount(2) `device` (a regular file or a block device) read-only as EROFS.
+def mount_erofs(device: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *,
+                restricted: bool = False) -> None:
+    """mount(2) `device` (a regular file or a block device) read-only as EROFS; `restricted`
+    adds nosuid,nodev (an index that is not bound to its image, docs/security.md).
 
     A regular file takes the kernel's file-backed EROFS path (6.12+, EROFS_FS_BACKED_BY_FILE);
     a kernel without it answers ENOTBLK (or EINVAL), which the caller turns into a loop device.
     """
-    _mount(os.fspath(device), mountpoint, "erofs", None)
+    _mount(os.fspath(device), mountpoint, "erofs", None, restricted=restricted)
+
+
+def set_restricted(mountpoint: str | os.PathLike[str], restricted: bool) -> None:
+    """Add or lift nosuid,nodev on an existing read-only mount, e.g. once its index was
+    verified against the layer; a noexec it has (a mount(8) helper option) is kept."""
+    entry = mounted_at(mountpoint)
+    keep = ["noexec"] if entry is not None and "noexec" in entry.options else []
+    restrict_mount(mountpoint, [*keep, *(["nosuid", "nodev"] if restricted else [])])
+
+
+def drop_page_cache() -> bool:
+    """Drop the kernel's clean page cache (all of it: an EROFS mount's cached file pages
+    cannot be dropped alone), so that pages read before a mount's gate closed are read
+    again, and fail. True when the kernel took it."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("1\n")
+    except OSError:
+        return False
+    return True
 
 
 # mount(2) per-mount flags (linux/mount.h) that a mount(8) helper's -o may ask for.
@@ -97,11 +122,13 @@ def restrict_mount(mountpoint: str | os.PathLike[str], flags: Sequence[str]) -> 
 
 
 def _mount(source: str, mountpoint: str | os.PathLike[str], fstype: str,
-           data: str | None) -> None:
-    """mount(2) read-only; KernelMountError with the kernel's errno otherwise."""
+           data: str | None, *, restricted: bool = False) -> None:
+    """mount(2) read-only (and nosuid,nodev when `restricted`); KernelMountError with the
+    kernel's errno otherwise."""
     libc = _get_libc()
     raw = data.encode() if data is not None else None
-    if libc.mount(os.fsencode(source), os.fsencode(mountpoint), fstype.encode(), MS_RDONLY,
+    flags = MS_RDONLY | (MS_NOSUID | MS_NODEV if restricted else 0)
+    if libc.mount(os.fsencode(source), os.fsencode(mountpoint), fstype.encode(), flags,
                   raw) == 0:
         return
     err = ctypes.get_errno()
@@ -141,7 +168,7 @@ def overlay_data(lowerdirs: Sequence[str], *, options: Sequence[str] = OVERLAY_O
 
 def mount_overlay(lowerdirs: Sequence[str], mountpoint: str | os.PathLike[str], *,
                   cwd: str | os.PathLike[str] | None = None,
-                  options: Sequence[str] = OVERLAY_OPTIONS) -> None:
+                  options: Sequence[str] = OVERLAY_OPTIONS, restricted: bool = False) -> None:
     """mount(2) a read-only overlayfs of `lowerdirs` (TOP first) on `mountpoint`, no upperdir.
 
     Relative `lowerdirs` are resolved by the kernel against the working directory: with `cwd`
@@ -149,7 +176,7 @@ def mount_overlay(lowerdirs: Sequence[str], mountpoint: str | os.PathLike[str], 
     """
     data = overlay_data(lowerdirs, options=options)
     if cwd is None:
-        _mount("hybrid-erofs", mountpoint, "overlay", data)
+        _mount("hybrid-erofs", mountpoint, "overlay", data, restricted=restricted)
         return
     target = os.path.abspath(mountpoint)
     try:
@@ -158,7 +185,7 @@ def mount_overlay(lowerdirs: Sequence[str], mountpoint: str | os.PathLike[str], 
         previous = None  # the current directory is gone: come back to "/"
     try:
         os.chdir(cwd)
-        _mount("hybrid-erofs", target, "overlay", data)
+        _mount("hybrid-erofs", target, "overlay", data, restricted=restricted)
     finally:
         if previous is None:
             os.chdir("/")
@@ -192,6 +219,7 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    options: tuple[str, ...] = ()  # the per-mount options (ro, nosuid, nodev, ...)
 
 
 def _unescape(field: str) -> str:
@@ -208,7 +236,8 @@ def mount_table() -> list[MountEntry]:
             fields = line.split()
             dash = fields.index("-")
             entries.append(MountEntry(_unescape(fields[4]), fields[dash + 1],
-                                      _unescape(fields[dash + 2])))
+                                      _unescape(fields[dash + 2]),
+                                      tuple(fields[5].split(","))))
     return entries
 
 
@@ -379,6 +408,7 @@ __all__ = [
     "MountEntry",
     "attach_loop",
     "detach_loop",
+    "drop_page_cache",
     "loop_backing_file",
     "loops_backed_by",
     "mount_erofs",
@@ -390,6 +420,7 @@ __all__ = [
     "process_alive",
     "process_start_time",
     "restrict_mount",
+    "set_restricted",
     "umount",
     "users_of",
 ]

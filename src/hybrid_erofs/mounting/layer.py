@@ -17,12 +17,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..device import RegistryOptions, open_device
+from ..device import RegistryOptions, open_device, open_layer_blob
 from ..errors import MountBusy, MountError
 from ..source import ByteSource
+from ..sources.gate import LOCAL, NOT_VERIFIED, UNBOUND, VERIFIED, VERIFYING, GateSource
 from ..sources.metered import MeteredSource, iter_stages
 from ..sources.registry import RegistryBlobSource
-from .kernel import KernelMountError, attach_loop, detach_loop, mount_erofs, umount, users_of
+from ..trust.verifier import LayerIndexFiles, LayerVerification, verify_layer
+from .kernel import (
+    KernelMountError,
+    attach_loop,
+    detach_loop,
+    drop_page_cache,
+    mount_erofs,
+    set_restricted,
+    umount,
+    users_of,
+)
 from .lifecycle import (
     READY_TIMEOUT_S,
     VIAS,
@@ -60,8 +71,14 @@ class LayerMount:
 
     def __init__(self, source: str, target: Path, *, meta: Path, zinfo: Path | None,
                  registry: RegistryOptions, fuse_dir: Path, nbd_socket: Path,
-                 backend: str) -> None:
+                 backend: str, trust: str = LOCAL,
+                 root_owner: tuple[int, int] | None = None) -> None:
         self.source = source
+        self.trust = trust
+        self.root_owner = root_owner  # what the root must be owned by (index --all-layers)
+        self.gate: GateSource | None = None
+        self.restricted = trust == UNBOUND  # nosuid,nodev until verified
+        self._verifier: threading.Thread | None = None
         self.target = target
         self.meta = meta
         self.zinfo = zinfo
@@ -79,8 +96,10 @@ class LayerMount:
 
     def start(self, via: str) -> str:
         """Open the device, export it and mount it; the transport that runs."""
-        self.device = MeteredSource(open_device(self.source, meta=self.meta, zinfo=self.zinfo,
-                                                registry=self.registry))
+        self.gate = GateSource(open_device(self.source, meta=self.meta, zinfo=self.zinfo,
+                                           registry=self.registry),
+                               trust=self.trust, name=str(self.meta))
+        self.device = MeteredSource(self.gate)
         self.label = layer_label(self.device, self.registry.blob or self.source)
         transport = via
         if transport == "auto":
@@ -100,7 +119,7 @@ class LayerMount:
         disk = str(self.export.path)
         if not force_loop:
             try:
-                mount_erofs(disk, self.target)
+                mount_erofs(disk, self.target, restricted=self.restricted)
                 self.mounted = True
                 return "fuse"
             except KernelMountError as exc:
@@ -110,7 +129,7 @@ class LayerMount:
                 log.info("%s; trying a loop device", exc)
         self.loop_device, fd = attach_loop(disk)
         try:
-            mount_erofs(self.loop_device, self.target)
+            mount_erofs(self.loop_device, self.target, restricted=self.restricted)
             self.mounted = True
         finally:
             os.close(fd)  # from here the mount holds the device; autoclear frees it at umount
@@ -134,10 +153,78 @@ class LayerMount:
             # blocking them (a non-zero value lets --reattach resume, see docs/mount.md).
             self.nbd_device = netlink.connect(client, size=size, backend=self.backend)
             client.close()  # the kernel holds its own reference
-            mount_erofs(self.nbd_device, self.target)
+            mount_erofs(self.nbd_device, self.target, restricted=self.restricted)
             self.mounted = True
         finally:
             netlink.close()
+
+    # -- trust at run time (docs/security.md) -------------------------------------------------
+
+    def verify_in_background(self, *, on_done: Callable[[LayerMount], None] | None = None
+                             ) -> threading.Thread:
+        """Read the whole layer (through the shared chunk cache, so later reads hit it) and
+        compare the index in use with it (trust/verifier.py) on a thread of its own; then
+        `apply_verification`. `on_done(self)` is called after that."""
+        assert self.gate is not None, "start() first"
+        self.gate.set_state(VERIFYING, "reading the whole layer")
+
+        def run() -> None:
+            try:
+                result = self.verify_now()
+            except Exception as exc:  # noqa: BLE001 - reported in status and the log
+                log.error("%s: could not verify the index against the layer: %s",
+                          self.source, exc)
+                if self.gate is not None:
+                    self.gate.set_state(NOT_VERIFIED, f"verification could not run: {exc}")
+            else:
+                self.apply_verification(result)
+            if on_done is not None:
+                on_done(self)
+
+        self._verifier = threading.Thread(target=run, name="verify-layer", daemon=True)
+        self._verifier.start()
+        return self._verifier
+
+    def verify_now(self) -> LayerVerification:
+        """Read the whole layer's blob and verify the index in use against it (blocking)."""
+        blob, digest = open_layer_blob(self.source, self.registry)
+        try:
+            return verify_layer(blob, LayerIndexFiles(self.meta, self.zinfo),
+                                blob_digest=digest, root_owner=self.root_owner,
+                                name=self.registry.blob or self.source)
+        finally:
+            blob.close()
+
+    def apply_verification(self, result: LayerVerification) -> None:
+        """The verdict of trust/verifier.py on this layer's index (from `verify_now`, or the
+        background fetch once the layer is complete): a mismatch closes the gate for good
+        (`fail`); a match lifts nosuid,nodev from this layer's mount."""
+        if not result.ok:
+            self.fail(result.summary())
+            return
+        assert self.gate is not None
+        self.gate.set_state(VERIFIED, result.summary())
+        log.info("%s", result.summary())
+        if self.restricted and self.mounted:
+            set_restricted(self.target, False)
+            self.restricted = False
+
+    def fail(self, reason: str) -> None:
+        """From now on every read of this layer fails with EIO (also pages the kernel had
+        cached: the clean page cache is dropped); `status` and the log say why."""
+        if self.gate is None or self.gate.is_closed:
+            return
+        self.gate.close_gate(reason)
+        log.error("%s: the index does not describe the layer; every further read fails with "
+                  "EIO: %s", self.source, reason)
+        if self.mounted and not drop_page_cache():
+            log.warning("could not drop the page cache: pages read before may still be served")
+
+    def trust_state(self) -> dict[str, object]:
+        """How this layer's index was obtained and what is known of it, for `status`."""
+        state: dict[str, object] = {"layer": self.label}
+        state.update(self.gate.to_json() if self.gate is not None else {"index": self.trust})
+        return state
 
     @property
     def export_running(self) -> bool:
@@ -204,8 +291,10 @@ class LayerDaemon:
     """Everything one layer mount holds while it is up, and its teardown in the right order."""
 
     def __init__(self, source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
-                 registry: RegistryOptions, via: str, paths: StatePaths) -> None:
+                 registry: RegistryOptions, via: str, paths: StatePaths,
+                 trust: str = LOCAL) -> None:
         self.source = source
+        self.trust = trust
         self.mountpoint = mountpoint
         self.meta = meta
         self.zinfo = zinfo
@@ -214,18 +303,27 @@ class LayerDaemon:
         self.paths = paths
         self.layer = LayerMount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
                                 fuse_dir=paths.fuse_dir, nbd_socket=paths.nbd_socket,
-                                backend=str(paths.record))
+                                backend=str(paths.record), trust=trust,
+                                root_owner=discovered_root_owner(trust))
         self.record: MountRecord | None = None
 
     def start(self) -> MountRecord:
         record = initial_record(self.source, self.mountpoint, meta=self.meta, zinfo=self.zinfo,
-                                registry=self.registry, via=self.via, paths=self.paths)
+                                registry=self.registry, via=self.via,
+                                paths=self.paths).with_changes(trust=self.trust)
         self.paths.save(record)  # first, so that umount can clean up after a crash from here on
         transport = self.layer.start(self.via)
         os.listdir(self.mountpoint)  # the mount answers
         self.record = record.with_changes(transport=transport, **self.layer.record_fields())
         self.paths.save(self.record)
+        if self.trust == UNBOUND:
+            # Mounted nosuid,nodev; reads fail with EIO once the index is found not to
+            # describe the layer, and the restriction is lifted once it is found to.
+            self.layer.verify_in_background()
         return self.record
+
+    def trust_states(self) -> list[dict[str, object]]:
+        return [self.layer.trust_state()]
 
     def layers(self) -> list[tuple[str, ByteSource]]:
         device = self.layer.device
@@ -248,11 +346,17 @@ class LayerDaemon:
         self.layer.release(signals=signals)
         self.paths.remove()
 
+def discovered_root_owner(trust: str) -> tuple[int, int] | None:
+    """Indexes from a registry are made by `index --all-layers`, which gives a root without
+    a tar entry to 0:0; files named on the command line are the user's (any owner)."""
+    return None if trust == LOCAL else (0, 0)
+
+
 def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
               zinfo: Path | None = None, registry: RegistryOptions | None = None,
               via: str = "auto", ready_fd: int | None = None,
               ready: Callable[[MountRecord], None] | None = None,
-              metrics_address: tuple[str, int] | None = None) -> None:
+              metrics_address: tuple[str, int] | None = None, trust: str = LOCAL) -> None:
     """Mount layer `source` in this process and serve until SIGTERM/SIGINT/SIGHUP or an outside
     umount, then unmount everything (the daemon's body, and `mount --foreground`).
 
@@ -261,7 +365,8 @@ def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     """
     def make(path: Path, paths: StatePaths) -> DaemonBody:
         return LayerDaemon(source, path, meta=meta, zinfo=zinfo,
-                       registry=registry or RegistryOptions(), via=via, paths=paths)
+                           registry=registry or RegistryOptions(), via=via, paths=paths,
+                           trust=trust)
 
     serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready,
                  metrics_address=metrics_address)
@@ -270,7 +375,8 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
                 zinfo: Path | None = None, registry: RegistryOptions | None = None,
                 via: str = "auto", foreground: bool = False,
                 timeout_s: float = READY_TIMEOUT_S,
-                metrics_address: tuple[str, int] | None = None) -> MountRecord | None:
+                metrics_address: tuple[str, int] | None = None,
+                trust: str = LOCAL) -> MountRecord | None:
     """Mount layer `source` (a local layer file or a registry reference) on `mountpoint`.
 
     Background (default): start a daemon (`hybrid-erofs mount --foreground`, new session, its
@@ -278,6 +384,8 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     raises MountError (or the library error that caused it) with nothing left mounted or
     running. `foreground=True`: serve in this process until a stop signal (run_mount).
     A registry password travels to the daemon through a pipe, never argv or the state record.
+    `trust`: how the index was obtained (sources/gate.py); UNBOUND mounts nosuid,nodev and
+    verifies the index against the layer in the background (docs/security.md).
     """
     registry = absolute_options(registry or RegistryOptions())
     if via not in VIAS:
@@ -287,26 +395,28 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     zinfo = Path(os.path.abspath(zinfo)) if zinfo is not None else None
     if foreground:
         run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via,
-                  metrics_address=metrics_address)
+                  metrics_address=metrics_address, trust=trust)
         return None
     path, paths = prepare_mount(mountpoint)
 
     def argv(ready_fd: int) -> list[str]:
         return daemon_argv(source, path, meta=meta, zinfo=zinfo, registry=registry, via=via,
-                           ready_fd=ready_fd, metrics_address=metrics_address)
+                           ready_fd=ready_fd, metrics_address=metrics_address, trust=trust)
 
     return spawn_daemon(argv, path, registry=registry, paths=paths, timeout_s=timeout_s)
 
 def daemon_argv(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
                 registry: RegistryOptions, via: str, ready_fd: int,
-                metrics_address: tuple[str, int] | None = None) -> list[str]:
+                metrics_address: tuple[str, int] | None = None,
+                trust: str = LOCAL) -> list[str]:
     """The daemon's command line; holds no secret (the password goes through stdin)."""
     argv = [sys.executable, "-m", "hybrid_erofs", "-v", "mount", "--foreground",
-            "--_daemon-ready-fd", str(ready_fd), "--meta", str(meta), "--via", via]
+            "--_daemon-ready-fd", str(ready_fd), "--meta", str(meta), "--_trust", trust,
+            "--via", via]
     if zinfo is not None:
         argv += ["--zinfo", str(zinfo)]
     return [*argv, *registry_argv(registry, metrics_address=metrics_address), "--", source,
             str(mountpoint)]
 
 
-__all__ = ["LayerMount", "daemon_argv", "mount_layer", "run_mount"]
+__all__ = ["LayerMount", "daemon_argv", "discovered_root_owner", "mount_layer", "run_mount"]

@@ -189,7 +189,8 @@ def serve_daemon(mountpoint: str | os.PathLike[str], make: Callable[[Path, State
                 if metrics_address is not None:
                     record = record.with_changes(metrics_address=metrics_server.address)
                     paths.save(record)
-                stats_server = StatsServer(paths.stats_socket, lambda: daemon_stats(metrics))
+                stats_server = StatsServer(paths.stats_socket,
+                                           lambda: _daemon_status(daemon, metrics))
             except BaseException:
                 daemon.teardown()
                 raise
@@ -216,12 +217,27 @@ def serve_daemon(mountpoint: str | os.PathLike[str], make: Callable[[Path, State
     finally:
         report.close()
 
+def _daemon_status(daemon: DaemonBody, metrics: DaemonMetrics) -> dict[str, Any]:
+    """What `status` shows: the metrics, and how each layer's index was obtained and whether
+    it was verified (sources/gate.py), the layer most in doubt as "trust"."""
+    stats = daemon_stats(metrics)
+    states = getattr(daemon, "trust_states", None)
+    if states is not None:
+        layers = states()
+        if layers:
+            stats["trust_layers"] = layers
+            stats["trust"] = next((s for s in layers if s.get("state") == "failed"), None) or next(
+                (s for s in layers if s.get("index") == "unbound" and s.get("state") != "verified"),
+                None) or layers[-1]
+    return stats
+
+
 def _serve(daemon: DaemonBody, metrics: DaemonMetrics, paths: StatePaths,
            stop: threading.Event) -> None:
     """Write the stats file every STATS_INTERVAL_S until a stop signal or the daemon is gone."""
     while True:
         with contextlib.suppress(HybridErofsError):
-            paths.save_stats(daemon_stats(metrics))
+            paths.save_stats(_daemon_status(daemon, metrics))
         if stop.wait(STATS_INTERVAL_S):
             return
         reason = daemon.gone()

@@ -61,7 +61,8 @@ def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
     metrics = split_address(record.metrics_address) if record.metrics_address else None
     if record.is_image:
         layers = [ImageLayer(layer.source, Path(layer.meta),
-                             Path(layer.zinfo) if layer.zinfo else None, layer.blob)
+                             Path(layer.zinfo) if layer.zinfo else None, layer.blob,
+                             trust=layer.trust)
                   for layer in record.layers]
         again = mount_image(record.source, path, layers, registry=registry, via=record.via,
                             timeout_s=timeout_s, metrics_address=metrics)
@@ -71,6 +72,6 @@ def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
     remounted = mount_layer(record.source, path, meta=Path(record.meta),
                             zinfo=Path(record.zinfo) if record.zinfo else None,
                             registry=registry, via=record.via, timeout_s=timeout_s,
-                            metrics_address=metrics)
+                            metrics_address=metrics, trust=record.trust)
     assert remounted is not None
     return remounted

@@ -75,6 +75,7 @@ class LayerState:
     loop_device: str | None = None
     nbd_device: str | None = None
     nbd_socket: str | None = None
+    trust: str = "local"  # how its index was obtained (sources/gate.py, docs/security.md)
 
 
 LAYER = "layer"  # MountRecord.kind: one layer's EROFS on the mountpoint (`mount`)
@@ -106,6 +107,7 @@ class MountRecord:
     image_dir: str | None = None
     layers: tuple[LayerState, ...] = ()  # an image's layers, bottom first
     metrics_address: str | None = None  # HOST:PORT of /metrics (the port bound, when 0 asked)
+    trust: str = "local"  # a layer mount's: how its index was obtained (sources/gate.py)
 
     @property
     def is_image(self) -> bool:
