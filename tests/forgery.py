@@ -34,8 +34,9 @@ def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
 
-def first_file(tar: bytes) -> tuple[int, str]:
-    """(header offset, name) of the first regular file (ustar header, type 0)."""
+def find_file(tar: bytes, target: str | None = None) -> tuple[int, str]:
+    """(header offset, name) of the regular file `target` (ustar header, type 0), or of the
+    first one that is not a whiteout."""
     offset = 0
     while offset + BLOCK <= len(tar):
         header = tar[offset:offset + BLOCK]
@@ -45,15 +46,17 @@ def first_file(tar: bytes) -> tuple[int, str]:
         if header[156:157] in (b"0", b"\0") and header[:1] != b"\0":
             name = header[:100].split(b"\0")[0].decode()
             prefix = header[345:500].split(b"\0")[0].decode()
-            return offset, f"{prefix}/{name}" if prefix else name
+            name = f"{prefix}/{name}" if prefix else name
+            if (name == target or target is None) and ".wh." not in name:
+                return offset, name
         offset += BLOCK + -(-size // BLOCK) * BLOCK
-    raise ValueError("no regular file in the tar")
+    raise ValueError(f"no regular file {target or ''} in the tar")
 
 
-def forge_tar(tar: bytes) -> tuple[bytes, str]:
-    """The forged tar and the name of the file made setuid-root."""
+def forge_tar(tar: bytes, target: str | None = None) -> tuple[bytes, str]:
+    """The forged tar and the name of the file made setuid-root (`target`, or the first)."""
     forged = bytearray(tar)
-    offset, name = first_file(tar)
+    offset, name = find_file(tar, target)
     header = bytearray(forged[offset:offset + BLOCK])
     header[100:108] = _octal(0o4755, 8)
     header[108:116] = _octal(0, 8)
@@ -85,13 +88,14 @@ class ForgedIndex:
 
 
 def forge_index(genuine_blob: Path, layer_tar: bytes, out: Path, *, aufs: bool = False,
-                uuid: bytes | None = None, build_time: int = 0) -> ForgedIndex:
+                uuid: bytes | None = None, build_time: int = 0, target: str | None = None,
+                names: tuple[str, str] = ("m.erofs", "layer.zinfo")) -> ForgedIndex:
     """Genuine zinfo and sidecar of `genuine_blob`, a meta built from the forged tar."""
     out.mkdir(parents=True, exist_ok=True)
-    zinfo, meta = out / "layer.zinfo", out / "m.erofs"
+    zinfo, meta = out / names[1], out / names[0]
     index_layer(str(genuine_blob), zinfo=zinfo, meta=meta, aufs=aufs, uuid=uuid,
                 build_time=build_time, root_owner=(0, 0))
-    forged, name = forge_tar(layer_tar)
+    forged, name = forge_tar(layer_tar, target)
     forged_tar = out / "forged.tar"
     forged_tar.write_bytes(forged)
     forged_meta = out / "forged.erofs"

@@ -157,7 +157,8 @@ def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
 def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | None = None,
                size: int | None = None, cache_bytes: int = 64 << 20,
                registry: RegistryOptions | None = None,
-               meta: str | os.PathLike[str] | None = None) -> ByteSource:
+               meta: str | os.PathLike[str] | None = None,
+               keep_decoded: bool = True) -> ByteSource:
     """Open a layer as uncompressed layer data: a local file, or a registry reference when
     no such file exists.
 
@@ -169,8 +170,10 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
         if zinfo is None:
             raise InvalidInput(f"{path}: a registry layer needs its zinfo (--zinfo FILE)")
         remote, digest = open_registry_layer_blob(str(path), registry or RegistryOptions())
-        store_dir = (blob_dir(remote.cache_dir, digest) if isinstance(remote, ChunkCacheSource)
-                     else None)
+        # Decoded spans are shared by every later mount of the blob: only an index that is
+        # trusted may fill the store (a forged window would decode wrong bytes into it).
+        store_dir = (blob_dir(remote.cache_dir, digest)
+                     if keep_decoded and isinstance(remote, ChunkCacheSource) else None)
         try:
             return open_gzip_layer(remote, zinfo=zinfo, name=str(path), blob_digest=digest,
                                    size=size, cache_bytes=cache_bytes, store_dir=store_dir,
@@ -257,17 +260,20 @@ def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:
 
 
 def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
-                registry: RegistryOptions | None = None) -> ByteSource:
+                registry: RegistryOptions | None = None,
+                keep_decoded: bool = True) -> ByteSource:
     """Open the device the kernel mounts: the meta image followed by the layer's data.
 
     `meta` is checked against the layer (device table, sizes, the blob it records) and the
     zinfo's sidecar (trust/binding.py) before anything is served; closing the result
-    closes both files.
+    closes both files. `keep_decoded=False` (an unbound index) keeps decoded spans out of
+    the blob's shared layer store.
     """
     check_kind(meta, EROFS_IMAGE)
     meta_source = FileSource(meta)
     try:
-        layer_source = open_layer(layer, zinfo=zinfo, registry=registry, meta=meta)
+        layer_source = open_layer(layer, zinfo=zinfo, registry=registry, meta=meta,
+                                  keep_decoded=keep_decoded)
     except BaseException:
         meta_source.close()
         raise

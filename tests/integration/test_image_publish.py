@@ -74,12 +74,40 @@ def published(pushed: dict[str, str], tmp_path_factory: pytest.TempPathFactory
                    "1MiB", "-o", str(out), "--push"])
 
 
+def test_push_publishes_the_image_with_its_index_bound(
+        rig: Rig, image: TestImage, pushed: dict[str, str], published: dict[str, object]) -> None:
+    """pull_ref: the multi-platform index again, each platform's manifest re-published with
+    every indexed layer descriptor naming its sidecar; layers and config unchanged."""
+    from hybrid_erofs.trust.bound import SIDECAR_DIGEST
+
+    pull_ref = str(published["pull_ref"])
+    assert pull_ref.startswith(f"{rig.hosts['plain']}/{REPO}@sha256:")
+    digest = pull_ref.split("@")[1]
+    top = httpx.get(f"http://{rig.hosts['plain']}/v2/{REPO}/manifests/{digest}",
+                    headers={"Accept": "application/vnd.oci.image.index.v1+json"}).json()
+    assert len(top["manifests"]) == len(image.platforms)
+    indexed = {entry["digest"] for entry in published["indexed"]}  # type: ignore[attr-defined]
+    for entry in top["manifests"]:
+        assert entry["digest"] not in {p.manifest_digest for p in image.platforms.values()}
+        manifest = httpx.get(f"http://{rig.hosts['plain']}/v2/{REPO}/manifests/"
+                             f"{entry['digest']}",
+                             headers={"Accept": entry["mediaType"]}).json()
+        original = next(p for p in image.platforms.values()
+                        if p.platform.startswith(f"{entry['platform']['os']}/"
+                                                 f"{entry['platform']['architecture']}"))
+        assert [layer["digest"] for layer in manifest["layers"]] == list(original.layer_digests)
+        assert manifest["config"]["digest"] == original.config_digest
+        annotated = {layer["digest"] for layer in manifest["layers"]
+                     if SIDECAR_DIGEST in layer.get("annotations", {})}
+        assert annotated == indexed & set(original.layer_digests)
+
+
 def test_push_attaches_one_artifact_per_platform(rig: Rig, image: TestImage,
                                                   published: dict[str, object]) -> None:
     pushed = published["pushed"]
     assert isinstance(pushed, list) and len(pushed) == 2
     subjects = {p.manifest_digest for p in image.platforms.values()}
-    assert {entry["subject"] for entry in pushed} == subjects
+    assert {entry["subject"]["digest"] for entry in pushed} == subjects
     for entry in pushed:
         assert entry["referrers"] == "tag" and entry["manifest_pushed"] and entry["tag_updated"]
     tags = _tags(rig, "plain")
@@ -109,8 +137,8 @@ def test_second_push_changes_nothing(rig: Rig, image: TestImage, pushed: dict[st
     for entry in again["pushed"]:  # type: ignore[attr-defined]
         assert entry["blobs_uploaded"] == 0 and not entry["manifest_pushed"]
         assert not entry["tag_updated"] and entry["summary"] == "already there, nothing pushed"
-    assert [e["artifact"] for e in again["pushed"]] == [  # type: ignore[attr-defined]
-        e["artifact"] for e in published["pushed"]]  # type: ignore[attr-defined]
+    assert [e["artifact"]["digest"] for e in again["pushed"]] == [  # type: ignore[attr-defined]
+        e["artifact"]["digest"] for e in published["pushed"]]  # type: ignore[attr-defined]
     assert _tag_digests(rig, image) == before
 
 
@@ -183,8 +211,9 @@ def test_mount_image_equals_umoci_unpack(pushed: dict[str, str], published: dict
     platform = image.platforms[tag].platform
     expected = tree_view(umoci_unpack(image.layout, tag, tmp_path / "bundle"))
     cache = tmp_path / "cache"  # a clean node
-    _cli("mount-image", "--cache-dir", str(cache), "--platform", platform, pushed["plain"],
-         str(mountpoint))
+    # By pull_ref: the image published again with its index bound in (docs/security.md).
+    _cli("mount-image", "--cache-dir", str(cache), "--platform", platform,
+         str(published["pull_ref"]), str(mountpoint))
     try:
         assert tree_view(mountpoint) == expected
         for path in image.absent:
@@ -204,7 +233,7 @@ def test_mount_one_layer_with_only_ref(pushed: dict[str, str], published: dict[s
     platform = image.platforms["amd64"]
     for layer in (1, 3):
         _cli("mount", "--cache-dir", str(tmp_path / "cache"), "--platform", platform.platform,
-             "--layer", str(layer), pushed["plain"], str(mountpoint))
+             "--layer", str(layer), str(published["pull_ref"]), str(mountpoint))
         try:
             assert set(os.listdir(mountpoint)) == _top_names(
                 image.blob_path(platform.layer_digests[layer]))

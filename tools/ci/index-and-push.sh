@@ -83,13 +83,15 @@ started=$SECONDS
 if [[ -n "${REGISTRY_PASSWORD:-}" ]]; then
     [[ -n "${REGISTRY_USER:-}" ]] || die "REGISTRY_PASSWORD is set but REGISTRY_USER is not"
     # printf is a shell builtin: the password reaches the pipe without appearing in any argv.
-    printf '%s' "$REGISTRY_PASSWORD" |
-        "${hybrid_erofs[@]}" "${args[@]}" --username "$REGISTRY_USER" --password-stdin
+    summary=$(printf '%s' "$REGISTRY_PASSWORD" |
+        "${hybrid_erofs[@]}" "${args[@]}" --username "$REGISTRY_USER" --password-stdin)
 elif [[ -n "${REGISTRY_USER:-}" ]]; then
     die "REGISTRY_USER is set but REGISTRY_PASSWORD is not"
 else
-    "${hybrid_erofs[@]}" "${args[@]}"
+    summary=$("${hybrid_erofs[@]}" "${args[@]}")
 fi
+printf '%s\n' "$summary"
+pull_ref=$(sed -n 's/^pull_ref: \([^ ]*\).*/\1/p' <<<"$summary")
 
 files=$(find "$outdir" -type f | wc -l)
 bytes=$(du -sb -- "$outdir" | cut -f1)
@@ -98,6 +100,8 @@ echo "outputs:  $files files, $bytes bytes in $outdir$([[ -n "$output" ]] || ech
 if ((dry_run)); then
     echo "pushed:   no (--dry-run)"
 else
-    echo "pushed:   yes; nodes can now run: hybrid-erofs mount-image $image /mnt"
+    # The image published again with its index bound in (docs/security.md): nodes mount it
+    # by this digest reference; by the original one they need a signature they trust.
+    echo "pushed:   yes; nodes can now run: hybrid-erofs mount-image ${pull_ref:-$image} /mnt"
 fi
 echo "elapsed:  $((SECONDS - started)) s"

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..device import RegistryOptions, open_image
+from ..device import RegistryOptions, is_local, open_image
 from ..erofs.layout import Inode
 from ..erofs.reader import ErofsImage
 from ..erofs.verify import verify_image
@@ -140,7 +140,9 @@ def cat(meta: Path, zinfo: Path | None, layer: str, path: str) -> None:
 
 
 @click.command("verify")
-@_meta_option
+@click.option("--meta", type=click.Path(dir_okay=False, path_type=Path),
+              help="The EROFS metadata image (m.erofs); without it, LAYER is an image "
+                   "reference and the index found for it in the registry is verified.")
 @_zinfo_option
 @click.argument("layer", required=False)
 @click.option("--tar-headers/--no-tar-headers", default=True, show_default=True,
@@ -152,10 +154,11 @@ def cat(meta: Path, zinfo: Path | None, layer: str, path: str) -> None:
               help="Progress line on stderr [default: when stderr is a terminal].")
 @registry_options
 @click.pass_context
-def verify(ctx: click.Context, meta: Path, zinfo: Path | None, layer: str | None,
+def verify(ctx: click.Context, meta: Path | None, zinfo: Path | None, layer: str | None,
            tar_headers: bool, max_problems: int, as_json: bool, progress: bool | None,
            registry: RegistryOptions) -> None:
-    """Check the meta image; with LAYER prove that the index describes it.
+    """Check the meta image; with LAYER prove that the index describes it; or, as
+    `verify REF`, prove it for the index a node would find for image REF.
 
     With LAYER (a .tar.gz, a plain .tar, or a registry reference), every file is read
     through the meta, and the whole blob is read once more to recompute the index: the
@@ -163,11 +166,22 @@ def verify(ctx: click.Context, meta: Path, zinfo: Path | None, layer: str | None
     targets, data offsets, xattrs, devices), every zinfo checkpoint against the stream, and
     the sidecar's digests. Exit status 1 when a problem is found, one line per problem.
 
+    `verify REF` reads every indexed layer of the image in full from the registry (bound,
+    signed or merely attached indexes alike) and checks it the same way, with the
+    manifest's layer digests and the config's diff_ids.
+
     \b
     Examples:
         hybrid-erofs verify --meta m.erofs
         hybrid-erofs verify --meta m.erofs --zinfo layer.zinfo layer.tar.gz
+        hybrid-erofs verify registry.example.com/app@sha256:...
     """
+    if meta is None:
+        if layer is None or is_local(layer) or zinfo is not None:
+            raise click.UsageError("give --meta FILE (and LAYER), or an image reference alone")
+        _verify_image(ctx, layer, registry=registry, max_problems=max_problems,
+                      as_json=as_json, progress=progress)
+        return
     with Progress("verifying", enabled=progress) as bar, \
             open_image(meta, layer=layer, zinfo=zinfo, registry=registry) as image:
         report = verify_image(image, read_data=layer is not None, check_tar=tar_headers,
@@ -187,7 +201,7 @@ def verify(ctx: click.Context, meta: Path, zinfo: Path | None, layer: str | None
     ok = report.ok and (checked is None or checked.ok)
     if as_json:
         click.echo(json.dumps({
-            "meta": str(meta), "layer": layer, "ok": ok, "files": report.files,
+            "meta": {"path": str(meta)}, "source": layer, "ok": ok, "files": report.files,
             "dirs": report.dirs, "symlinks": report.symlinks, "others": report.others,
             "bytes_read": report.bytes_read, "elapsed_s": round(report.elapsed_s, 6),
             "problem_count": report.problem_count,
@@ -217,6 +231,36 @@ def verify(ctx: click.Context, meta: Path, zinfo: Path | None, layer: str | None
             summary += f"; the index matches blob {checked.blob_digest}"
         click.echo(summary)
     if not ok:
+        ctx.exit(1)
+
+
+def _verify_image(ctx: click.Context, reference: str, *, registry: RegistryOptions,
+                  max_problems: int, as_json: bool, progress: bool | None) -> None:
+    from ..trust.imagecheck import check_image_index
+
+    verbose = progress is not False and not as_json
+    check = check_image_index(reference, registry=registry, max_problems=max_problems,
+                              progress=(lambda line: click.echo(line, err=True)) if verbose
+                              else None)
+    if as_json:
+        click.echo(json.dumps({"reference": reference, "ok": check.ok,
+                               "manifest": {"digest": check.manifest},
+                               "index": {"digest": check.origin},
+                               "layers": [{**layer.to_json(),
+                                           "trust": check.trust.get(layer.name)}
+                                          for layer in check.layers]},
+                              indent=2))
+    else:
+        for result in check.layers:
+            click.echo(printable_message(result.summary()))
+            for line in result.problems[1:]:
+                click.echo(f"problem: {printable_message(line)}")
+        kinds = ", ".join(sorted(set(check.trust.values()))) or "none"
+        click.echo(f"{reference}: index {check.origin} ({kinds}): "
+                   + ("OK, every indexed layer verified" if check.ok else
+                      f"{sum(not r.ok for r in check.layers)} of {len(check.layers)} layers do "
+                      f"not match their index"))
+    if not check.ok:
         ctx.exit(1)
 
 

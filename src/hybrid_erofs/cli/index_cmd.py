@@ -11,7 +11,7 @@ import click
 
 from ..device import RegistryOptions, is_local
 from ..gzindex.build import DEFAULT_SPAN
-from ..indexing.image import DEFAULT_MIN_LAYER_SIZE, index_image
+from ..indexing.image import DEFAULT_MIN_LAYER_SIZE, ImageIndexReport, index_image
 from ..indexing.imageindex import INDEX_NAME, SKIPPED_SMALL
 from ..indexing.layer import index_layer
 from ..units import counted, format_rate, format_size
@@ -51,6 +51,10 @@ from .options import Progress, SizeType, UuidType, registry_options
 @click.option("--push", is_flag=True,
               help="With --all-layers: attach the outputs to the image in its registry (OCI "
                    "referrers; a sha256-<hex> tag where the registry lacks the API).")
+@click.option("--sign-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --push: sign the index artifacts and the bound image with this PEM "
+                   "private key, where cosign keeps signatures (nodes trusting the public key "
+                   "use the indexes for the original image too).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress line on stderr [default: when stderr is a terminal].")
@@ -58,8 +62,8 @@ from .options import Progress, SizeType, UuidType, registry_options
 def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span: int,
           every_member: bool, aufs: bool, uuid: bytes | None, build_time: int | None,
           engine: str, all_layers: bool, all_platforms: bool, min_layer_size: int,
-          jobs: int | None, push: bool, as_json: bool, progress: bool | None,
-          registry: RegistryOptions) -> None:
+          jobs: int | None, push: bool, sign_key: Path | None, as_json: bool,
+          progress: bool | None, registry: RegistryOptions) -> None:
     """Index LAYER (a .tar.gz, a plain .tar, - for stdin, or a registry reference) in one pass.
 
     A registry layer is streamed once (nothing is stored on disk) and its digest checked
@@ -90,12 +94,14 @@ def index(layer: str, zinfo: Path | None, meta: Path | None, no_meta: bool, span
         if is_local(layer):
             raise click.UsageError(f"{layer}: --all-layers needs an image reference "
                                    f"(registry or oci:DIR[:TAG]), not a layer file")
+        if sign_key is not None and not push:
+            raise click.UsageError("--sign-key needs --push")
         _index_all(layer, zinfo, all_platforms=all_platforms, min_layer_size=min_layer_size,
-                   jobs=jobs, span=span, push=push, as_json=as_json, progress=progress,
-                   registry=registry)
+                   jobs=jobs, span=span, push=push, sign_key=sign_key, as_json=as_json,
+                   progress=progress, registry=registry)
         return
     for flag, given in (("--all-platforms", all_platforms), ("--jobs", jobs is not None),
-                        ("--push", push)):
+                        ("--push", push), ("--sign-key", sign_key is not None)):
         if given:
             raise click.UsageError(f"{flag} needs --all-layers")
     if zinfo is not None and zinfo.is_dir():
@@ -158,8 +164,8 @@ def _recorded_blob(meta: Path | None) -> str | None:
 
 
 def _index_all(reference: str, directory: Path, *, all_platforms: bool, min_layer_size: int,
-               jobs: int | None, span: int, push: bool, as_json: bool, progress: bool | None,
-               registry: RegistryOptions) -> None:
+               jobs: int | None, span: int, push: bool, sign_key: Path | None, as_json: bool,
+               progress: bool | None, registry: RegistryOptions) -> None:
     verbose = (progress is not False) and not as_json
 
     def say(line: str) -> None:
@@ -170,18 +176,31 @@ def _index_all(reference: str, directory: Path, *, all_platforms: bool, min_laye
                          min_layer_size=min_layer_size, jobs=jobs, span=span,
                          registry=registry, progress=say)
     pushed: list[dict[str, object]] = []
+    pull_ref = _pinned(reference, report)
+    signatures: list[str] = []
     if push:
-        from ..indexing.publish import push_image_index
+        from ..indexing.publish import publish_bound_image, push_image_index, sign_artifacts
 
+        key = sign_key.read_bytes() if sign_key is not None else None
         pushed = push_image_index(reference, report.directory, report.index,
                                   registry=registry, progress=say)
+        bound = publish_bound_image(reference, report.index, registry=registry,
+                                    sign_key=key, progress=say)
+        pull_ref = bound.pull_ref
+        signatures = list(bound.signatures)
+        if key is not None:
+            signatures += sign_artifacts(reference, [_digest_of(p["artifact"]) for p in pushed],
+                                         registry=registry, sign_key=key)
     if as_json:
         click.echo(json.dumps({
             "directory": str(report.directory), "index": report.index.to_json(),
-            "indexed": list(report.indexed), "reused": list(report.reused),
+            "indexed": [{"digest": d} for d in report.indexed],
+            "reused": [{"digest": d} for d in report.reused],
             "skipped": [{"digest": d, "status": s} for d, s in report.skipped],
             "layer_bytes": report.layer_bytes, "elapsed_s": round(report.elapsed_s, 3),
-            "pushed": pushed}, indent=2, sort_keys=True))
+            "pushed": pushed, "pull_ref": pull_ref,
+            "signatures": [{"digest": d} for d in signatures]},
+            indent=2, sort_keys=True))
         return
     rate = report.layer_bytes / report.elapsed_s if report.elapsed_s > 0 else 0.0
     parts = [f"{reference}: {counted(len(report.index.images), 'platform')}, "
@@ -199,8 +218,30 @@ def _index_all(reference: str, directory: Path, *, all_platforms: bool, min_laye
         parts.append(f"{other} not gzip (cannot be indexed)")
     click.echo("; ".join(parts) + f" -> {report.directory / INDEX_NAME}")
     for entry in pushed:
-        click.echo(f"pushed {entry['platform']}: artifact {entry['artifact']} "
+        click.echo(f"pushed {entry['platform']}: artifact {_digest_of(entry['artifact'])} "
                    f"({entry['summary']})")
+    if signatures:
+        click.echo(f"signed: {len(signatures)} signature manifest(s) written")
+    click.echo(f"pull_ref: {pull_ref}" + (" (the image with its index bound in: mount or "
+                                          "pull this)" if push else ""))
+
+
+def _digest_of(value: object) -> str:
+    assert isinstance(value, dict)
+    return str(value["digest"])
+
+
+def _pinned(reference: str, report: ImageIndexReport) -> str:
+    """The reference as given, pinned to the digest it was indexed at (nothing published)."""
+    from ..oci.layout import is_layout_reference
+    from ..oci.reference import parse_reference
+
+    if is_layout_reference(reference):
+        return reference
+    ref = parse_reference(reference)
+    images = report.index.images
+    digest = images[0].manifest if len(images) == 1 else ref.digest
+    return f"{ref.registry}/{ref.repository}@{digest}" if digest else reference
 
 
 COMMANDS: list[click.Command] = [index]

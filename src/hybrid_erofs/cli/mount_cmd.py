@@ -16,8 +16,9 @@ from ..mounting.lifecycle import VIAS, mount_statuses, require_root, status_json
 from ..mounting.reattach import reattach as reattach_mount
 from ..printable import printable_message
 from ..sources.gate import LOCAL, TRUST_KINDS
+from ..trust.policy import TrustPolicy
 from ..units import counted, format_size
-from .options import metrics_address_option, registry_options
+from .options import metrics_address_option, registry_options, trust_options
 
 
 @click.command("mount")
@@ -40,14 +41,17 @@ from .options import metrics_address_option, registry_options
 @click.option("--_trust", "trust", type=click.Choice(TRUST_KINDS), default=LOCAL, hidden=True)
 @metrics_address_option
 @registry_options
+@trust_options
 def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
           via: str, foreground: bool, reattach: bool, timeout_s: float, ready_fd: int | None,
           trust: str, metrics_address: tuple[str, int] | None,
-          registry: RegistryOptions) -> None:
+          registry: RegistryOptions, policy: TrustPolicy) -> None:
     """Mount layer REF (a registry reference or a local .tar.gz) read-only on MOUNTPOINT.
 
     Without --meta/--zinfo, the index that `hybrid-erofs index REF --all-layers --push`
-    attached to the image is found in the registry, verified and cached.
+    published is found in the registry and cached: bound to the image (mount the pull_ref
+    it printed), or attached to it and signed by a key this node trusts (--trusted-key);
+    an index that is neither is refused unless --accept-unbound (docs/security.md).
 
     Returns once the mount answers; a daemon keeps serving it (log and state under
     /run/hybrid-erofs). Only the bytes that reads need are fetched. Needs root.
@@ -84,8 +88,9 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
                                    f"for a .tar.gz); only registry images carry their index")
         from ..mounting.discovery import discover_layer
 
-        source, meta, zinfo, registry = discover_layer(
-            source, registry=registry, progress=lambda line: click.echo(line, err=True))
+        source, meta, zinfo, registry, trust = discover_layer(
+            source, registry=registry, policy=policy,
+            progress=lambda line: click.echo(line, err=True))
     if meta is None:
         raise click.UsageError("missing --meta FILE (the layer's meta image)")
     if ready_fd is not None or foreground:

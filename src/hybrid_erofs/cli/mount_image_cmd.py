@@ -10,8 +10,9 @@ import click
 from ..device import RegistryOptions
 from ..mounting.image import load_plan, mount_image, run_image_mount
 from ..mounting.lifecycle import READY_TIMEOUT_S, VIAS, require_root
+from ..trust.policy import TrustPolicy
 from .mount_cmd import _detach_stdin
-from .options import metrics_address_option, registry_options
+from .options import metrics_address_option, registry_options, trust_options
 
 
 @click.command("mount-image")
@@ -34,15 +35,18 @@ from .options import metrics_address_option, registry_options
               hidden=True)
 @metrics_address_option
 @registry_options
+@trust_options
 def mount_image_command(reference: str, mountpoint: str, index_dir: Path | None, via: str,
                         foreground: bool, timeout_s: float, ready_fd: int | None,
                         plan_file: Path | None, metrics_address: tuple[str, int] | None,
-                        registry: RegistryOptions) -> None:
+                        registry: RegistryOptions, policy: TrustPolicy) -> None:
     """Mount every layer of image REF lazily and stack them read-only on MOUNTPOINT.
 
     REF is a registry reference or oci:DIR[:TAG]. Without --index-dir, the index that
-    `hybrid-erofs index REF --all-layers --push` attached to the image is found in the
-    registry, verified and cached (layers too small to have been indexed are indexed here);
+    `hybrid-erofs index REF --all-layers --push` published is found in the registry and
+    cached: bound to the image (mount the pull_ref it printed), or attached to it and signed
+    by a key this node trusts; an index that is neither is refused unless --accept-unbound
+    (layers too small to have been indexed are indexed here);
     with it, each layer's zinfo and meta come from that directory. One daemon serves all
     layers; each is mounted as EROFS and overlayfs merges them (deleted files, opaque
     directories and all), read-only. --platform picks the image of a multi-platform index
@@ -73,7 +77,8 @@ def mount_image_command(reference: str, mountpoint: str, index_dir: Path | None,
             click.echo(line, err=True)
 
         if index_dir is None:
-            plan = discover_image_plan(reference, registry=registry, progress=say)
+            plan = discover_image_plan(reference, registry=registry, policy=policy,
+                                       progress=say)
         else:
             plan = plan_from_index(index_dir, reference, registry=registry, progress=say)
         layers = list(plan.layers)

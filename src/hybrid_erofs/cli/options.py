@@ -282,3 +282,33 @@ def registry_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+def trust_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the node's policy for indexes found in a registry (trust/policy.py); the command
+    receives `policy` (a TrustPolicy)."""
+    from ..trust.policy import ACCEPT_UNBOUND_FLAG, DEFAULT_KEYS_DIR, TRUSTED_KEY_FLAG
+
+    options = [
+        click.option(ACCEPT_UNBOUND_FLAG, "accept_unbound", is_flag=True,
+                     help="Use an index attached to the image that is neither bound to it nor "
+                          "signed by a trusted key: mounted nosuid,nodev, verified against the "
+                          "layer in the background, reads fail with EIO on a mismatch."),
+        click.option(TRUSTED_KEY_FLAG, "trusted_keys", multiple=True,
+                     type=click.Path(exists=True, path_type=Path), metavar="FILE|DIR",
+                     help=f"A PEM public key (cosign.pub) whose signature on an index makes it "
+                          f"usable; repeatable [also: {DEFAULT_KEYS_DIR}/*.pub]."),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, accept_unbound: bool, trusted_keys: tuple[Path, ...],
+                **kwargs: Any) -> Any:
+        from ..trust.policy import TrustPolicy
+
+        kwargs["policy"] = TrustPolicy(accept_unbound=accept_unbound,
+                                       trusted_keys=tuple(trusted_keys))
+        return func(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper

@@ -1,20 +1,26 @@
-"""Publish an image's indexes next to it in the registry (the node side is mounting/discovery.py).
+"""Publish an image's indexes in its registry (the node side is mounting/discovery.py).
 
 push_image_index(): one OCI artifact per platform manifest (subject = that manifest), holding
 that platform's index.json and each indexed layer's zinfo, sidecar and meta (oci/artifact.py
 pushes it through the Referrers API or the `sha256-<hex>` fallback tag).
+publish_bound_image(): the image again, each indexed layer descriptor annotated with its
+sidecar's digest (trust/bound.py), so the new image digest covers the index: its reference
+by digest is the `pull_ref` nodes should use. Optionally both are signed (cosign layout).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..device import RegistryOptions
 from ..errors import InvalidInput
 from ..oci.artifact import ArtifactFile, push_artifact
-from ..oci.client import Descriptor, RegistryClient
+from ..oci.client import Descriptor, Manifest, RegistryClient
 from ..oci.credentials import resolve_credentials
 from ..oci.layout import is_layout_reference
 from ..oci.reference import parse_reference
@@ -91,8 +97,9 @@ def push_image_index(reference: str, directory: Path, index: ImageIndex, *,
                            f"{report.referrers}")
             else:
                 summary = "already there, nothing pushed"
-            results.append({"platform": image.platform, "subject": image.manifest,
-                            "artifact": report.manifest_digest, "summary": summary,
+            results.append({"platform": image.platform,
+                            "subject": {"digest": image.manifest},
+                            "artifact": {"digest": report.manifest_digest}, "summary": summary,
                             "blobs_uploaded": report.blobs_uploaded,
                             "blobs_present": report.blobs_present,
                             "manifest_pushed": report.manifest_pushed,
@@ -100,4 +107,97 @@ def push_image_index(reference: str, directory: Path, index: ImageIndex, *,
     return results
 
 
-__all__ = ["artifact_files", "artifact_stem", "push_image_index", "registry_client"]
+@dataclass(frozen=True, slots=True)
+class BoundImage:
+    """What publish_bound_image did: `pull_ref` is REPO@DIGEST of the image to give nodes
+    (the reference as given, pinned, when nothing was published)."""
+
+    pull_ref: str
+    published: bool
+    manifests: dict[str, str]  # platform manifest digest -> its bound copy's digest
+    signatures: tuple[str, ...] = ()  # digests of the signature manifests written
+
+
+def _bound_manifest(original: Manifest, image: ImageEntry) -> bytes | None:
+    """`original` with each indexed layer descriptor annotated (trust/bound.py); None when no
+    layer of it is indexed (there is nothing to bind)."""
+    from ..trust.bound import layer_annotations
+
+    document = json.loads(original.body)
+    sidecars = {layer.digest: layer.sidecar for layer in image.layers
+                if layer.status == INDEXED and layer.sidecar is not None}
+    changed = False
+    for descriptor in document.get("layers", []):
+        sidecar = sidecars.get(descriptor.get("digest"))
+        if sidecar is None:
+            continue
+        annotations = dict(descriptor.get("annotations") or {})
+        annotations.update(layer_annotations(sidecar))
+        descriptor["annotations"] = annotations
+        changed = True
+    return json.dumps(document, separators=(",", ":")).encode() if changed else None
+
+
+def publish_bound_image(reference: str, index: ImageIndex, *, registry: RegistryOptions,
+                        sign_key: bytes | None = None,
+                        progress: Callable[[str], None] | None = None) -> BoundImage:
+    """Push each indexed platform manifest again with its layers annotated, and (for a
+    multi-platform image) an image index listing them in place of the originals. Layers,
+    config and every other field stay as they are, so containerd pulls the same content;
+    the index files must already be in the repository (push_image_index). Pushing the same
+    index again writes nothing new. With `sign_key` (PEM), the new image is signed.
+    """
+    say = progress or (lambda _line: None)
+    ref = parse_reference(reference)
+    repository = f"{ref.registry}/{ref.repository}"
+    with registry_client(reference, registry, what="--push") as client:
+        top = client.get_manifest()
+        replaced: dict[str, str] = {}
+        for image in index.images:
+            original = client.get_manifest(image.manifest, expected_digest=image.manifest)
+            body = _bound_manifest(original, image)
+            if body is None:
+                continue
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            if not client.head_manifest(digest):
+                client.put_manifest(digest, body, media_type=original.media_type)
+            replaced[image.manifest] = digest
+            say(f"{image.platform}: bound image manifest {digest}")
+        if not replaced:
+            return BoundImage(f"{repository}@{top.digest}", False, {})
+        if top.is_index:
+            document = json.loads(top.body)
+            for entry in document.get("manifests", []):
+                new = replaced.get(entry.get("digest"))
+                if new is not None:
+                    entry["digest"] = new
+                    entry["size"] = len(client.get_manifest(new, expected_digest=new).body)
+            body = json.dumps(document, separators=(",", ":")).encode()
+            pull_digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            if not client.head_manifest(pull_digest):
+                client.put_manifest(pull_digest, body, media_type=top.media_type)
+        elif top.digest in replaced:
+            pull_digest = replaced[top.digest]
+        else:  # pragma: no cover - the index was made from this reference
+            raise InvalidInput(f"{reference}: the index is not for this image")
+        signatures: tuple[str, ...] = ()
+        if sign_key is not None:
+            from ..trust.signature import sign_manifest
+
+            signatures = (sign_manifest(client, pull_digest, sign_key),)
+            say(f"signed {pull_digest}")
+    return BoundImage(f"{repository}@{pull_digest}", True, replaced, signatures)
+
+
+def sign_artifacts(reference: str, artifacts: list[str], *, registry: RegistryOptions,
+                   sign_key: bytes) -> list[str]:
+    """Sign each artifact manifest digest (cosign layout): nodes that trust the key then use
+    these indexes for the original image too. Returns the signature manifests' digests."""
+    from ..trust.signature import sign_manifest
+
+    with registry_client(reference, registry, what="--sign-key") as client:
+        return [sign_manifest(client, digest, sign_key) for digest in artifacts]
+
+
+__all__ = ["BoundImage", "artifact_files", "artifact_stem", "publish_bound_image",
+           "push_image_index", "registry_client", "sign_artifacts"]

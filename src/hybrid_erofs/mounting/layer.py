@@ -97,7 +97,8 @@ class LayerMount:
     def start(self, via: str) -> str:
         """Open the device, export it and mount it; the transport that runs."""
         self.gate = GateSource(open_device(self.source, meta=self.meta, zinfo=self.zinfo,
-                                           registry=self.registry),
+                                           registry=self.registry,
+                                           keep_decoded=self.trust != UNBOUND),
                                trust=self.trust, name=str(self.meta))
         self.device = MeteredSource(self.gate)
         self.label = layer_label(self.device, self.registry.blob or self.source)

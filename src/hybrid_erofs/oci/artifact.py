@@ -204,11 +204,17 @@ def fetch_artifact(
         raise OutputError(f"{dest_dir}: cannot create: {exc.strerror}") from exc
     paths: dict[str, Path] = {}
     for title, layer in wanted.items():
-        target = dest_dir / title
-        if not _has_content(target, layer):
-            _download(client, layer, target, max_blob_size)
-        paths[title] = target
+        paths[title] = fetch_blob_file(client, layer, dest_dir / title, max_size=max_blob_size)
     return paths
+
+
+def fetch_blob_file(client: RegistryClient, descriptor: Descriptor, target: Path, *,
+                    max_size: int = 4 << 30) -> Path:
+    """Blob `descriptor` as the file `target`: kept when it is there with the right size and
+    digest, else streamed to a temporary file, checked, and renamed into place."""
+    if not _has_content(target, descriptor):
+        _download(client, descriptor, target, max_size)
+    return target
 
 
 # -- helpers ----------------------------------------------------------------------------------

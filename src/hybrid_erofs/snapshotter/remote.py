@@ -24,7 +24,7 @@ from ..errors import (
     MountError,
     RegistryError,
 )
-from ..mounting.discovery import DiscoveredImage, discover_image_index
+from ..mounting.discovery import DiscoveredImage, discover_image_index, resolve_layer_index
 from ..mounting.kernel import mounted_at, umount
 from ..mounting.layer import mount_layer
 from ..mounting.lifecycle import (
@@ -37,6 +37,9 @@ from ..mounting.lifecycle import (
 from ..mounting.lifecycle import unmount as unmount_layer
 from ..oci.client import GZIP_LAYER_TYPES
 from ..oci.reference import parse_reference
+from ..sources.gate import BOUND, UNBOUND
+from ..trust.bound import bound_sidecar
+from ..trust.policy import TrustPolicy as NodePolicy
 from .hosts import HostsConfig
 
 log = logging.getLogger(__name__)
@@ -126,10 +129,13 @@ def resolve_layer(request: LayerRequest, *, finder: IndexFinder,
 
 
 class DiscoveryFinder:
-    """The index attached to the image in its registry (mounting/discovery.py: referrers or
-    the `sha256-<hex>` tag, digests verified, files cached). One discovery per image: its
-    result is kept for the image's other layers (content-addressed, so it cannot go stale;
-    failures are not kept). Thread-safe."""
+    """The layer's index: bound through the layer descriptor's annotations (they arrive as
+    labels: mounting/discovery.resolve_layer_index fetches the files by digest), else the
+    index attached to the image in its registry (mounting/discovery.py: referrers or the
+    `sha256-<hex>` tag, digests verified, files cached; signed by a key in the node's
+    trusted-keys directory, or unbound: TrustPolicy then decides). One discovery per image:
+    its result is kept for the image's other layers (content-addressed, so it cannot go
+    stale; failures are not kept). Thread-safe."""
 
     def __init__(self, registry: RegistryOptions, *, hosts: HostsConfig | None = None,
                  keep: int = 64) -> None:
@@ -152,6 +158,10 @@ class DiscoveryFinder:
         for endpoint in endpoints:  # mirrors first, as containerd tries them
             pinned = f"{endpoint.host}/{ref.repository}@{request.manifest_digest}"
             try:
+                bound = self._bound(request, f"{endpoint.host}/{ref.repository}",
+                                    plain_http=endpoint.plain_http)
+                if bound is not None:
+                    return bound
                 found = self._discover(pinned, plain_http=endpoint.plain_http)
                 break
             except LayerFallback as exc:
@@ -172,8 +182,28 @@ class DiscoveryFinder:
             raise LayerFallback(f"{pinned}: layer {request.layer_digest} is not in the index "
                                 f"{found.artifact}", reason="index-error")
         meta, zinfo = found.layer_paths(layer)
-        return LayerIndex(pinned, meta, zinfo, found.artifact, bound=False,
+        return LayerIndex(pinned, meta, zinfo, found.artifact,
+                          bound=found.trust.get(layer.digest) != UNBOUND,
                           plain_http=endpoint.plain_http)
+
+    def _bound(self, request: LayerRequest, repository: str, *,
+               plain_http: bool) -> LayerIndex | None:
+        """The layer's bound index when its labels name one (the image's manifest does),
+        fetched by digest from `repository` (an endpoint's)."""
+        try:
+            if bound_sidecar(request.labels, layer=request.layer_digest) is None:
+                return None
+            found = resolve_layer_index(
+                repository, request.manifest_digest, request.layer_digest, request.labels,
+                registry=replace(self.registry, insecure=self.registry.insecure or plain_http))
+        except RegistryError as exc:
+            raise LayerFallback(str(exc), reason="no-index") from exc
+        except InvalidInput as exc:
+            raise LayerFallback(str(exc), reason="unsupported") from exc
+        except HybridErofsError as exc:
+            raise LayerFallback(str(exc), reason="index-error") from exc
+        return LayerIndex(found.source, found.meta, found.zinfo, found.origin, bound=True,
+                          plain_http=plain_http)
 
     def _discover(self, pinned: str, *, plain_http: bool) -> DiscoveredImage:
         with self._lock:
@@ -185,6 +215,7 @@ class DiscoveryFinder:
                     pinned, registry=replace(self.registry, platform=None, layer=None,
                                              blob=None,
                                              insecure=self.registry.insecure or plain_http),
+                    policy=NodePolicy(accept_unbound=True),  # judged by the caller's TrustPolicy
                     layers=lambda image: [layer for layer in image.layers
                                           if layer.media_type in GZIP_LAYER_TYPES])
             except RegistryError as exc:
@@ -249,11 +280,14 @@ class LazyLayers:
 
     def _mount(self, layer: RemoteLayer, mountpoint: Path) -> None:
         try:
+            # An unbound index: the layer's own mount is nosuid,nodev too, and verified
+            # against the layer in the background (reads fail with EIO on a mismatch).
             mount_layer(layer.source, mountpoint, meta=Path(layer.meta), zinfo=Path(layer.zinfo),
                         registry=replace(self.registry, blob=layer.blob, layer=None,
                                          platform=None,
                                          insecure=self.registry.insecure or layer.plain_http),
-                        via=self.via, timeout_s=self.timeout_s)
+                        via=self.via, timeout_s=self.timeout_s,
+                        trust=UNBOUND if layer.restricted else BOUND)
         except (HybridErofsError, OSError) as exc:
             raise LayerFallback(f"{layer.blob}: mounting failed: {exc}",
                                 reason="mount-failed") from exc

@@ -1,0 +1,105 @@
+"""Bound indexes: the image's own manifest names each layer's index by digest, so the image
+digest (and any signature on the image) covers the index, as eStargz's TOC digest annotation
+does. `index --push` publishes the image anew with these annotations (indexing/publish.py).
+
+On each indexed layer descriptor of the new manifest:
+
+    containerd.io/snapshot/hybrid-erofs/sidecar.digest   sha256:<hex> of the layer's sidecar
+    containerd.io/snapshot/hybrid-erofs/sidecar.size     its size in bytes
+    containerd.io/snapshot/hybrid-erofs/version          "2" (the sidecar's format version)
+
+The `containerd.io/snapshot/` prefix makes containerd hand them to snapshotters as labels of
+the layer's snapshot. The sidecar names the zinfo and the meta by digest (gzindex/sidecar.py);
+all three are blobs of the same repository.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import IndexFormatError, OutputError, TrustError
+from ..gzindex.sidecar import VERSION, parse_sidecar, require_sha256
+from ..indexing.imageindex import (
+    META_MEDIA_TYPE,
+    SIDECAR_MEDIA_TYPE,
+    ZINFO_MEDIA_TYPE,
+    FileRef,
+    layer_file_names,
+)
+from ..oci.artifact import fetch_blob_file
+from ..oci.client import Descriptor, RegistryClient
+
+PREFIX = "containerd.io/snapshot/hybrid-erofs/"
+SIDECAR_DIGEST = PREFIX + "sidecar.digest"
+SIDECAR_SIZE = PREFIX + "sidecar.size"
+FORMAT_VERSION = PREFIX + "version"
+MAX_INDEX_FILE = 4 << 30
+
+
+def layer_annotations(sidecar: FileRef) -> dict[str, str]:
+    """The annotations that bind a layer descriptor to its index (through its sidecar)."""
+    return {SIDECAR_DIGEST: sidecar.digest, SIDECAR_SIZE: str(sidecar.size),
+            FORMAT_VERSION: str(VERSION)}
+
+
+def bound_sidecar(annotations: Mapping[str, str], *, layer: str) -> Descriptor | None:
+    """The sidecar a layer descriptor's annotations (or a snapshot's labels) name, or None.
+    Malformed annotations, or another format version, are a TrustError naming the layer."""
+    digest = annotations.get(SIDECAR_DIGEST)
+    if digest is None:
+        return None
+    version = annotations.get(FORMAT_VERSION)
+    if version != str(VERSION):
+        raise TrustError(f"layer {layer}: its bound index has format version {version!r}; "
+                         f"this hybrid-erofs reads version {VERSION} (index and push it again)")
+    try:
+        size = int(annotations.get(SIDECAR_SIZE, ""))
+        require_sha256(digest, f"layer {layer}: {SIDECAR_DIGEST}")
+    except (ValueError, IndexFormatError) as exc:
+        raise TrustError(f"layer {layer}: malformed bound-index annotations: {exc}") from exc
+    if not 0 < size <= MAX_INDEX_FILE:
+        raise TrustError(f"layer {layer}: {SIDECAR_SIZE} {size} is not a plausible size")
+    return Descriptor(SIDECAR_MEDIA_TYPE, digest, size)
+
+
+@dataclass(frozen=True, slots=True)
+class BoundFiles:
+    """A layer's index files, fetched by the digests its bound sidecar names."""
+
+    meta: Path
+    zinfo: Path
+    sidecar: Path
+
+
+def fetch_bound_files(client: RegistryClient, layer_digest: str, sidecar: Descriptor,
+                      directory: Path) -> BoundFiles:
+    """Fetch (or keep, when already there with the right digest) the sidecar, then the zinfo
+    and the meta it names, into `directory` under layer_file_names(layer_digest). The
+    sidecar must be for this very layer."""
+    names = layer_file_names(layer_digest)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot create: {exc.strerror}") from exc
+    side_path = fetch_blob_file(client, sidecar, directory / names["sidecar"],
+                                max_size=MAX_INDEX_FILE)
+    parsed = parse_sidecar(side_path.read_bytes(), name=f"bound sidecar {sidecar.digest}")
+    if parsed.blob_digest != layer_digest:
+        raise TrustError(f"layer {layer_digest}: its bound sidecar {sidecar.digest} is for "
+                         f"blob {parsed.blob_digest}")
+    if parsed.meta_digest is None or parsed.meta_size is None:
+        raise TrustError(f"layer {layer_digest}: its bound sidecar {sidecar.digest} names no "
+                         f"meta")
+    zinfo = fetch_blob_file(
+        client, Descriptor(ZINFO_MEDIA_TYPE, parsed.zinfo_digest, parsed.zinfo_size),
+        directory / names["zinfo"], max_size=MAX_INDEX_FILE)
+    meta = fetch_blob_file(
+        client, Descriptor(META_MEDIA_TYPE, parsed.meta_digest, parsed.meta_size),
+        directory / names["meta"], max_size=MAX_INDEX_FILE)
+    return BoundFiles(meta=meta, zinfo=zinfo, sidecar=side_path)
+
+
+__all__ = ["FORMAT_VERSION", "PREFIX", "SIDECAR_DIGEST", "SIDECAR_SIZE", "BoundFiles",
+           "bound_sidecar", "fetch_bound_files", "layer_annotations"]
