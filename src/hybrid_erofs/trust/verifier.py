@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from ..erofs.layout import Inode, decode_dev
 from ..erofs.reader import ErofsImage
-from ..erofs.tar import TarParser
+from ..erofs.tar import TarMember, TarParser
 from ..erofs.tree import Node, Tree
 from ..errors import GzipFormatError, HybridErofsError, IndexFormatError, TarFormatError
 from ..filekind import detect_format
@@ -148,12 +148,14 @@ def verify_layer(blob: ByteSource | BinaryIO | Iterable[bytes], files: LayerInde
     aufs = _whiteouts_converted(image, sidecar)
     owner, root_mtime = _root_facts(image, root_owner)
     tree = Tree(aufs=aufs, root_uid=owner[0], root_gid=owner[1], root_mtime=root_mtime)
-    parser = TarParser(tree.add)
+    capture = _SparseCapture(_copied_extents(image))
+    parser = TarParser(capture.watching(tree.add))
     layer_hash = hashlib.sha256()
 
     def sink(view: memoryview) -> None:
         layer_hash.update(view)
         parser.feed(view)
+        capture.feed(view)
 
     chunks = _chunks(blob)
     first = next(chunks, b"")
@@ -199,7 +201,7 @@ def verify_layer(blob: ByteSource | BinaryIO | Iterable[bytes], files: LayerInde
                        zinfo_bytes=zinfo_bytes, meta_bytes=meta_bytes, problem=problem)
     entries = 0
     if image is not None and tar_ok:
-        entries = compare_tree(image, tree.root, problem)
+        entries = compare_tree(image, tree.root, problem, captured=capture)
         _check_device(image, parser.end_offset, problem)
     return LayerVerification(
         name=label, problems=tuple(problem.lines), problem_count=problem.count,
@@ -396,7 +398,83 @@ _KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlin
           stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
 
 
-def compare_tree(image: ErofsImage, root: Node, problem: Callable[[str], None]) -> int:
+class _SparseCapture:
+    """The tar bytes behind the chunks a meta copied into itself (sparse files, erofs/
+    sparse.py), kept while the layer streams by so those chunks can be checked too; bounded
+    by what the meta holds (the builder copies at most 64 MiB per image)."""
+
+    def __init__(self, copied: dict[str, list[tuple[int, int]]]) -> None:
+        self._copied = copied  # path -> [(logical offset, length)] of copied chunks
+        self._ranges: list[tuple[int, int]] = []  # tar [start, end) still to capture
+        self._kept: dict[int, bytearray] = {}
+        self._offset = 0
+
+    def watching(self, inner: Callable[[TarMember], None]) -> Callable[[TarMember], None]:
+        def on_member(member: TarMember) -> None:
+            inner(member)
+            if member.sparse is None or not self._copied:
+                return
+            chunks = self._copied.get(_member_path(member.name), ())
+            at = member.data_offset
+            for offset, length in member.sparse:
+                for lo, size in chunks:
+                    start, end = max(offset, lo), min(offset + length, lo + size)
+                    if start < end:
+                        self._ranges.append((at + start - offset, at + end - offset))
+                at += length
+            self._ranges.sort()
+        return on_member
+
+    def feed(self, view: memoryview) -> None:
+        base, end = self._offset, self._offset + len(view)
+        self._offset = end
+        while self._ranges and self._ranges[0][0] < end:
+            start, stop = self._ranges[0]
+            lo, hi = max(start, base), min(stop, end)
+            if lo < hi:
+                self._kept.setdefault(start, bytearray()).extend(view[lo - base:hi - base])
+            if stop <= end:
+                self._ranges.pop(0)
+            else:
+                break
+
+    def tar_bytes(self, start: int, length: int) -> bytes | None:
+        """Captured tar bytes [start, start+length), or None when they were not kept."""
+        for first, data in self._kept.items():
+            if first <= start and start + length <= first + len(data):
+                return bytes(data[start - first:start - first + length])
+        return None
+
+
+def _member_path(name: bytes) -> str:
+    parts: list[str] = []
+    for part in name.decode("utf-8", "surrogateescape").split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def _copied_extents(image: ErofsImage | None) -> dict[str, list[tuple[int, int]]]:
+    """Regular files whose meta holds some of their bytes itself (device 0 chunks)."""
+    found: dict[str, list[tuple[int, int]]] = {}
+    if image is None:
+        return found
+    try:
+        for path, inode in image.walk():
+            if inode.is_reg and inode.size:
+                copied = [(e.offset, e.length) for e in image.extents(inode) if e.device == 0]
+                if copied:
+                    found[path] = copied
+    except HybridErofsError:
+        return found  # reported by the comparison
+    return found
+
+
+def compare_tree(image: ErofsImage, root: Node, problem: Callable[[str], None], *,
+                 captured: _SparseCapture | None = None) -> int:
     """Compare every entry of the meta with the tree the tar's headers make (erofs/tree.py
     rules); report each difference through `problem`. Returns the entries compared."""
     seen: dict[int, int] = {}  # id(tree node) -> nid: hard links must be shared alike
@@ -407,7 +485,7 @@ def compare_tree(image: ErofsImage, root: Node, problem: Callable[[str], None]) 
         entries += 1
         try:
             inode = image.inode(nid)
-            _compare_entry(image, path, inode, node, problem)
+            _compare_entry(image, path, inode, node, problem, captured)
             known = seen.setdefault(id(node), nid)
             if known != nid:
                 problem(f"{printable(path)}: a separate inode in the meta, a hard link of "
@@ -444,7 +522,7 @@ def _describe(image: ErofsImage, nid: int) -> str:
 
 
 def _compare_entry(image: ErofsImage, path: str, inode: Inode, node: Node,
-                   problem: Callable[[str], None]) -> None:
+                   problem: Callable[[str], None], captured: _SparseCapture | None) -> None:
     shown = printable(path)
     if stat.S_IFMT(inode.mode) != stat.S_IFMT(node.mode):
         problem(f"{shown}: a {_KINDS.get(stat.S_IFMT(inode.mode), 'entry')} in the meta, a "
@@ -459,7 +537,9 @@ def _compare_entry(image: ErofsImage, path: str, inode: Inode, node: Node,
     if (inode.mtime, inode.mtime_nsec) != (node.mtime, node.nsec):
         problem(f"{shown}: mtime {inode.mtime}.{inode.mtime_nsec:09d} in the meta, "
                 f"{node.mtime}.{node.nsec:09d} in the layer")
-    if stat.S_ISREG(node.mode):
+    if stat.S_ISREG(node.mode) and node.sparse is not None:
+        _compare_sparse(image, shown, inode, node, problem, captured)
+    elif stat.S_ISREG(node.mode):
         _compare_data(image, shown, inode, node, problem)
     elif stat.S_ISLNK(node.mode):
         target = image.readlink(inode)
@@ -489,6 +569,46 @@ def _compare_data(image: ErofsImage, shown: str, inode: Inode, node: Node,
                      f"device {extent.device} offset {extent.physical}")
             problem(f"{shown}: bytes {extent.offset}+{extent.length} are {where} in the meta, "
                     f"at layer offset {node.data_offset + extent.offset} in the layer")
+            return
+
+
+def _compare_sparse(image: ErofsImage, shown: str, inode: Inode, node: Node,
+                    problem: Callable[[str], None], captured: _SparseCapture | None) -> None:
+    """A sparse file: data chunks must point at its segments' bytes in the tar, null chunks
+    must cover holes only, and chunks copied into the meta must hold the segments' bytes
+    (zeros in the holes)."""
+    if inode.size != node.size:
+        problem(f"{shown}: {inode.size} bytes in the meta, {node.size} in the layer")
+        return
+    segments, at = [], node.data_offset
+    for offset, length in node.sparse or ():
+        segments.append((offset, length, at))
+        at += length
+    for extent in image.extents(inode):
+        lo, hi = extent.offset, extent.offset + extent.length
+        pieces = [(max(o, lo), min(o + n, hi), t + max(o, lo) - o) for o, n, t in segments
+                  if o < hi and lo < o + n]
+        covered = sum(end - start for start, end, _ in pieces)
+        if extent.device == 1:
+            bad = covered != extent.length or any(
+                tar != extent.physical + start - lo for start, _, tar in pieces)
+        elif extent.device is None:
+            bad = covered != 0
+        else:
+            expected = bytearray(extent.length)
+            for start, end, tar in pieces:
+                data = captured.tar_bytes(tar, end - start) if captured else None
+                if data is None:
+                    problem(f"{shown}: bytes {lo}+{extent.length} copied into the meta could "
+                            f"not be compared (their tar bytes were not seen)")
+                    return
+                expected[start - lo:end - lo] = data
+            bad = image.read(inode, extent.length, lo) != bytes(expected)
+        if bad:
+            where = ("a hole" if extent.device is None else "copied into the meta"
+                     if extent.device == 0 else f"at layer offset {extent.physical}")
+            problem(f"{shown}: bytes {lo}+{extent.length} are {where} in the meta, which is not "
+                    f"what the tar's sparse map says")
             return
 
 
