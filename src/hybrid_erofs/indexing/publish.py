@@ -153,6 +153,7 @@ def publish_bound_image(reference: str, index: ImageIndex, *, registry: Registry
     with registry_client(reference, registry, what="--push") as client:
         top = client.get_manifest()
         replaced: dict[str, str] = {}
+        sizes: dict[str, int] = {}
         for image in index.images:
             original = client.get_manifest(image.manifest, expected_digest=image.manifest)
             body = _bound_manifest(original, image)
@@ -162,16 +163,21 @@ def publish_bound_image(reference: str, index: ImageIndex, *, registry: Registry
             if not client.head_manifest(digest):
                 client.put_manifest(digest, body, media_type=original.media_type)
             replaced[image.manifest] = digest
+            sizes[digest] = len(body)
             say(f"{image.platform}: bound image manifest {digest}")
         if not replaced:
             return BoundImage(f"{repository}@{top.digest}", False, {})
         if top.is_index:
             document = json.loads(top.body)
+            found = 0
             for entry in document.get("manifests", []):
                 new = replaced.get(entry.get("digest"))
                 if new is not None:
-                    entry["digest"] = new
-                    entry["size"] = len(client.get_manifest(new, expected_digest=new).body)
+                    entry["digest"], entry["size"] = new, sizes[new]
+                    found += 1
+            if found != len(replaced):
+                raise InvalidInput(f"{reference}: now names another image than the one indexed "
+                                   f"(the tag moved?): index it again")
             body = json.dumps(document, separators=(",", ":")).encode()
             pull_digest = "sha256:" + hashlib.sha256(body).hexdigest()
             if not client.head_manifest(pull_digest):
