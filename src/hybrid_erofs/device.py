@@ -29,7 +29,6 @@ from .oci.layout import is_layout_reference, open_layout_blob
 from .source import ByteSource, FileSource
 from .sources.cachedir import default_cache_dir, default_cache_limit
 from .sources.chunkcache import ChunkCacheSource
-from .sources.chunkstore import blob_dir
 from .sources.concat import open_disk
 from .sources.failmemory import DEFAULT_TTL_S, FailureMemorySource
 from .sources.layerstore import LayerStore
@@ -40,6 +39,15 @@ from .sources.verify import VerifiedSource
 from .trust.binding import BlobIdentity, check_binding
 
 log = logging.getLogger("hybrid_erofs.device")
+
+DEFAULT_MEMORY_CACHE = 64 << 20
+
+
+def memory_shares(memory_cache_bytes: int) -> tuple[int, int, int]:
+    """How one layer's memory bound is split: (decoded spans, verified compressed spans,
+    chunks that could not be stored)."""
+    return memory_cache_bytes, memory_cache_bytes // 4, memory_cache_bytes // 4
+
 
 # Spans decoded ahead of a sequential reader, and the threads doing it (tools/bench_full_read.py:
 # both cores busy on a whole-layer read).
@@ -54,6 +62,9 @@ class RegistryOptions:
 
     `retries` and `retry_delay_s` shape RetrySource (tries after the first, first back-off);
     `failure_ttl_s` is how long FailureMemorySource remembers a range that failed anyway.
+    `memory_cache_bytes` bounds the memory of one layer's caches: decoded spans (GzipSource)
+    up to it, verified compressed spans and chunks that cannot be stored up to a quarter of
+    it each (MEMORY_SHARES).
     """
 
     platform: str | None = None
@@ -67,6 +78,7 @@ class RegistryOptions:
     retries: int = 4
     retry_delay_s: float = 0.2
     failure_ttl_s: float = DEFAULT_TTL_S
+    memory_cache_bytes: int = DEFAULT_MEMORY_CACHE
     transport: httpx.BaseTransport | None = field(default=None, repr=False, compare=False)
 
 
@@ -105,7 +117,8 @@ def open_registry_layer_blob(reference: str, options: RegistryOptions) -> tuple[
         cache_dir = options.cache_dir or default_cache_dir()
         cached = ChunkCacheSource(remembered, key=descriptor.digest, cache_dir=cache_dir,
                                   max_bytes=options.cache_max_bytes
-                                  or default_cache_limit(cache_dir))
+                                  or default_cache_limit(cache_dir),
+                                  memory_bytes=memory_shares(options.memory_cache_bytes)[2])
     except BaseException:
         blob.close()
         raise
@@ -155,7 +168,7 @@ def open_image(meta: str | os.PathLike[str], *, layer: str | None = None,
 
 
 def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | None = None,
-               size: int | None = None, cache_bytes: int = 64 << 20,
+               size: int | None = None, cache_bytes: int | None = None,
                registry: RegistryOptions | None = None,
                meta: str | os.PathLike[str] | None = None,
                keep_decoded: bool = True) -> ByteSource:
@@ -163,16 +176,19 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
     no such file exists.
 
     A plain tar is read directly; a gzip layer needs its zinfo (see `open_gzip_layer`). With
-    `meta`, the meta must belong to this layer too (trust/binding.py).
+    `meta`, the meta must belong to this layer too (trust/binding.py). `cache_bytes` (the
+    layer's memory bound) defaults to `registry.memory_cache_bytes`.
     """
     meta_path = Path(meta) if meta is not None else None
+    if cache_bytes is None:
+        cache_bytes = (registry or RegistryOptions()).memory_cache_bytes
     if not is_local(str(path)):
         if zinfo is None:
             raise InvalidInput(f"{path}: a registry layer needs its zinfo (--zinfo FILE)")
         remote, digest = open_registry_layer_blob(str(path), registry or RegistryOptions())
         # Decoded spans are shared by every later mount of the blob: only an index that is
         # trusted may fill the store (a forged window would decode wrong bytes into it).
-        store_dir = (blob_dir(remote.cache_dir, digest)
+        store_dir = (remote.directory
                      if keep_decoded and isinstance(remote, ChunkCacheSource) else None)
         try:
             return open_gzip_layer(remote, zinfo=zinfo, name=str(path), blob_digest=digest,
@@ -202,7 +218,7 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
 
 def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: str,
                     blob_digest: str | None = None, size: int | None = None,
-                    cache_bytes: int = 64 << 20, store_dir: Path | None = None,
+                    cache_bytes: int = DEFAULT_MEMORY_CACHE, store_dir: Path | None = None,
                     meta: Path | None = None,
                     local_path: Path | None = None) -> GzipSource | StoredLayerSource:
     """Layer data of a gzip `blob` through its zinfo.
@@ -228,7 +244,8 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
         check_binding(blob=identity, meta=meta, zinfo=Path(zinfo), sidecar=sidecar)
         index = parse_index(zinfo_bytes, name=str(zinfo), blob_size=blob.size,
                             layer_size=sidecar.layer_size)
-        inner = VerifiedSource(blob, sidecar.spans, name=name)
+        inner = VerifiedSource(blob, sidecar.spans, name=name,
+                               cache_bytes=memory_shares(cache_bytes)[1])
         size = sidecar.layer_size if size is None else size
     else:
         # A zinfo of another tool (erofs-utils, SOCI): runs of checkpoints at one offset
@@ -241,7 +258,9 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
     if store_dir is None or not side_path.exists():
         return layer
     try:
-        store = LayerStore(store_dir, size=layer.size, starts=[cp.out_offset for cp in index.checkpoints])
+        store = LayerStore(store_dir, size=layer.size,
+                           starts=[cp.out_offset for cp in index.checkpoints],
+                           budget=blob.reserve if isinstance(blob, ChunkCacheSource) else None)
     except CacheError as exc:
         log.warning("%s; decoded spans are not kept", exc)
         return layer
@@ -294,4 +313,5 @@ __all__ = [
     "open_layer",
     "open_layer_blob",
     "open_registry_layer_blob",
+    "memory_shares",
 ]

@@ -6,6 +6,7 @@ recover; `status` and /metrics count what happened as it happens.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import io
@@ -129,19 +130,19 @@ class Mounted:
         return -(-Path(self.record["meta"]).stat().st_size // 4096) * 4096
 
 
-@pytest.fixture
-def mount(layer: Layer, tmp_path: Path) -> Iterator[Mounted]:
-    """The layer mounted from the fault registry via FUSE with short retry settings and
-    metrics on a free port; unmounted after, leaving no daemon behind."""
+@contextlib.contextmanager
+def mounted(layer: Layer, tmp_path: Path, *options: str) -> Iterator[Mounted]:
+    """The layer mounted from the fault registry via FUSE with short retry settings, metrics
+    on a free port and a cache in tmp_path; unmounted after, leaving no daemon behind."""
     runtime = tmp_path / "run"
     env = {**os.environ, "HYBRID_EROFS_RUNTIME_DIR": str(runtime)}
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
-    mnt.mkdir()
+    mnt.mkdir(exist_ok=True)
     proc = subprocess.run(
         [*CLI, "mount", "--meta", str(layer.meta), "--zinfo", str(layer.zinfo), "--via", "fuse",
          "--cache-dir", str(cache), "--retries", str(RETRIES), "--retry-delay",
          str(RETRY_DELAY_S), "--failure-memory", str(FAILURE_MEMORY_S),
-         "--metrics-address", "127.0.0.1:0", layer.registry.ref, str(mnt)],
+         "--metrics-address", "127.0.0.1:0", *options, layer.registry.ref, str(mnt)],
         env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(next(runtime.glob("mounts/*[0-9a-f].json")).read_text())
@@ -153,6 +154,12 @@ def mount(layer: Layer, tmp_path: Path) -> Iterator[Mounted]:
                               text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert daemons_for(runtime) == []
+
+
+@pytest.fixture
+def mount(layer: Layer, tmp_path: Path) -> Iterator[Mounted]:
+    with mounted(layer, tmp_path) as mount:
+        yield mount
 
 
 def _uncache(fd: int, offset: int = 0) -> None:
@@ -226,10 +233,28 @@ def test_a_dead_registry_costs_one_retry_budget_and_reads_recover(layer: Layer,
         os.close(disk_fd)
 
 
-def test_fault_soak_never_returns_wrong_bytes(layer: Layer, mount: Mounted) -> None:
+def test_fault_soak_never_returns_wrong_bytes(layer: Layer, tmp_path: Path) -> None:
     """10,000 reads through the mount while the registry fails (503, resets, truncated and
     tampered bodies) and, for a while, fails everything: every read returns the right bytes or
-    EIO, and reads succeed again once the registry is back."""
+    EIO, and reads succeed again once the registry is back. A 10 MiB cache limit and 8 MiB
+    of memory caches for a 12 MB blob keep the registry (and eviction) busy throughout; a
+    10 ms first back-off keeps the many retries short."""
+    with mounted(layer, tmp_path, "--cache-max-size", "10MiB", "--memory-cache",
+                 "8MiB", "--retry-delay", "0.01") as mount:
+        _soak(layer, mount)
+        sizes = [blob["disk_bytes"] for blob in _cache_ls(mount)["blobs"]]
+        assert sum(sizes) <= 10 << 20
+
+
+def _cache_ls(mount: Mounted) -> dict[str, Any]:
+    proc = subprocess.run([*CLI, "cache", "ls", "--json", "--cache-dir", str(mount.cache)],
+                          env=mount.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    listing: dict[str, Any] = json.loads(proc.stdout)
+    return listing
+
+
+def _soak(layer: Layer, mount: Mounted) -> None:
     registry = layer.registry
     rng = random.Random(12)
     names = sorted(layer.files)
@@ -242,7 +267,7 @@ def test_fault_soak_never_returns_wrong_bytes(layer: Layer, mount: Mounted) -> N
         chaos_rng = random.Random(13)
         faults = [registry.fail_next, registry.reset_next, registry.truncate_next]
         seen = registry.blob_requests
-        while not stop.wait(0.002):
+        while not stop.wait(0.005):
             if dead.is_set() or registry.blob_requests == seen or registry.pending:
                 continue
             seen = registry.blob_requests
@@ -262,15 +287,15 @@ def test_fault_soak_never_returns_wrong_bytes(layer: Layer, mount: Mounted) -> N
     thread.start()
     try:
         for n in range(reads):
-            if n == 100:  # the registry dies for a while (most of the blob is not cached)...
+            if n == 3000:  # the registry dies for a while...
                 dead.set()
                 registry.dead = True
-            if n == 600:  # ...and comes back, the chaos paused for a while
+            if n == 3500:  # ...and comes back, the chaos paused for a while
                 registry.clear_faults()
                 time.sleep(FAILURE_MEMORY_S)
-            if n == 2100:
+            if n == 5000:
                 dead.clear()
-            phase = ("chaos" if n < 100 else "dead" if n < 600 else "recovered" if n < 2100
+            phase = ("chaos" if n < 3000 else "dead" if n < 3500 else "recovered" if n < 5000
                      else "chaos again")
             name = rng.choice(names)
             expected = layer.files[name]
@@ -300,15 +325,10 @@ def test_fault_soak_never_returns_wrong_bytes(layer: Layer, mount: Mounted) -> N
         assert (mount.mnt / name).read_bytes() == data
 
 
-def test_metrics_scraped_during_reads_match_the_work_done(layer: Layer, mount: Mounted) -> None:
-    """/metrics scraped between reads only grows; afterwards its counters equal the
-    registry's own count of requests and bytes and the bytes the reads asked for."""
-    registry = layer.registry
-    registry.reset_counters()
-    before = mount.metrics()
-    scrapes: list[dict[str, float]] = []
-    # Reads straight from the device file, readahead off: the daemon serves exactly these.
-    blocks = [(65536, offset) for offset in range(0, 8 << 20, 65536 * 3)]
+def _read_blocks(mount: Mounted, blocks: list[tuple[int, int]],
+                 scrapes: list[dict[str, float]]) -> None:
+    """Reads straight from the device file, readahead off, its pages dropped before each: the
+    daemon serves exactly these bytes. /metrics is scraped every 8 reads."""
     disk_fd = os.open(mount.disk(), os.O_RDONLY)
     os.posix_fadvise(disk_fd, 0, 0, os.POSIX_FADV_RANDOM)
     try:
@@ -319,7 +339,21 @@ def test_metrics_scraped_during_reads_match_the_work_done(layer: Layer, mount: M
                 scrapes.append(mount.metrics())
     finally:
         os.close(disk_fd)
-    after = mount.metrics()
+
+
+def test_metrics_scraped_during_reads_match_the_work_done(layer: Layer, tmp_path: Path) -> None:
+    """/metrics scraped between reads only grows; its counters equal the bytes the reads asked
+    for and the registry's own count of requests and bytes; after a remount on the same cache
+    (decoded spans removed, so reads go through the chunk cache) every lookup is a hit."""
+    registry = layer.registry
+    blocks = [(65536, offset) for offset in range(0, 8 << 20, 65536 * 3)]
+    scrapes: list[dict[str, float]] = []
+    with mounted(layer, tmp_path) as mount:
+        registry.reset_counters()
+        before = mount.metrics()
+        _read_blocks(mount, blocks, scrapes)
+        after = mount.metrics()
+        stats = mount.status()
     counters = [name for name in after if name.endswith("_total")]
     for earlier, later in zip(scrapes, scrapes[1:], strict=False):
         assert all(later.get(name, 0) >= earlier.get(name, 0) for name in counters)
@@ -327,16 +361,31 @@ def test_metrics_scraped_during_reads_match_the_work_done(layer: Layer, mount: M
     def delta(name: str) -> float:
         return after.get(name, 0) - before.get(name, 0)
 
+    assert len(scrapes) == -(-len(blocks) // 8)
     assert delta("hybrid_erofs_read_bytes_total") == sum(n for n, _ in blocks)
     assert delta("hybrid_erofs_reads_total") >= len(blocks)
     assert delta("hybrid_erofs_read_errors_total") == 0
     assert delta("hybrid_erofs_fetched_bytes_total") == registry.bytes_served > 0
     assert delta("hybrid_erofs_registry_requests_total") == registry.blob_requests
-    misses = delta("hybrid_erofs_chunk_cache_misses_total")
-    assert misses > 0
+    assert delta("hybrid_erofs_chunk_cache_misses_total") > 0
     assert after["hybrid_erofs_read_duration_seconds_count"] == after["hybrid_erofs_reads_total"]
     assert after["hybrid_erofs_resident_memory_bytes"] > 0
+    assert 0 < after["hybrid_erofs_chunk_cache_size_bytes"] <= after[
+        "hybrid_erofs_chunk_cache_limit_bytes"]
     # status shows the same counters
-    stats = mount.status()
     assert stats["bytes_fetched"] == after["hybrid_erofs_fetched_bytes_total"]
     assert stats["cache_misses"] == after["hybrid_erofs_chunk_cache_misses_total"]
+    assert stats["cache_hits"] == after["hybrid_erofs_chunk_cache_hits_total"]
+
+    for decoded in (tmp_path / "cache").rglob("layer*"):
+        decoded.unlink()
+    registry.reset_counters()
+    with mounted(layer, tmp_path) as mount:
+        start = mount.metrics()  # the kernel read a page or two when it mounted
+        _read_blocks(mount, blocks, [])
+        again = mount.metrics()
+    assert registry.blob_requests == 0 and again["hybrid_erofs_fetched_bytes_total"] == 0
+    assert again["hybrid_erofs_chunk_cache_misses_total"] == 0
+    assert again["hybrid_erofs_chunk_cache_hits_total"] > 0
+    assert (again["hybrid_erofs_read_bytes_total"] - start["hybrid_erofs_read_bytes_total"]
+            == sum(n for n, _ in blocks))

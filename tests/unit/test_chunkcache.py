@@ -223,7 +223,8 @@ def _damage(path: Path, offset: int, data: bytes) -> None:
     "truncate index", "bad header",
 ])
 def test_damaged_files_are_refetched_never_zeros(open_cache: Open, tmp_path: Path,
-                                                 damage: str) -> None:
+                                                 damage: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     open_cache().pread(len(DATA), 0)
     directory = blob_dir(tmp_path, KEY)
     data, index = directory / "data", directory / "index"
@@ -242,12 +243,40 @@ def test_damaged_files_are_refetched_never_zeros(open_cache: Open, tmp_path: Pat
     else:
         _damage(index, 0, b"XXXX")
     inner = CountingSource(DATA)
+    caplog.clear()
     source = open_cache(inner)
     assert source.pread(len(DATA), 0) == DATA
     refetched = set(_chunks_fetched(inner.calls))
     assert 2 in refetched and (0 not in refetched or damage == "bad header")
+    # One line per event, naming what was found (a zeroed record is a chunk never stored).
+    expected = {"zero data": "chunk 2 (65536 bytes) fails its crc32 check",
+                "flip data bit": "chunk 2 (65536 bytes) fails its crc32 check",
+                "garbage record": "index record of chunk 2 is damaged",
+                "truncate index": None, "zero record": None,
+                "truncate data": None}.get(damage, "index header damaged")
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if expected is not None:
+        assert len(lines) == 1 and expected in lines[0], lines
+    if damage == "truncate data":  # chunks 2..10 are damaged: each logged once
+        assert sorted(line.split("chunk ")[1].split()[0] for line in lines) == sorted(
+            str(n) for n in range(2, 11))
     inner.calls.clear()
     assert open_cache(inner).pread(len(DATA), 0) == DATA and inner.calls == []
+
+
+def test_a_deleted_index_is_logged_and_its_data_dropped(open_cache: Open, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    open_cache().close()
+    first = open_cache()
+    first.pread(len(DATA), 0)
+    first.close()
+    directory = blob_dir(tmp_path, KEY)
+    (directory / "index").unlink()
+    inner = CountingSource(DATA)
+    assert open_cache(inner).pread(len(DATA), 0) == DATA
+    assert len(inner.calls) == 1
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1 and "index missing" in lines[0]
 
 
 _WRITER = """
@@ -298,7 +327,8 @@ data = random.Random(1).randbytes(8 * 65536)
 src = ChunkCacheSource(MemorySource(data), key=sys.argv[1], cache_dir=Path(sys.argv[2]),
                        chunk_size=65536, readahead=0)
 assert src.pread(len(data), 0) == data and src.pread(len(data), 0) == data
-print(src.stats.inner_reads)
+print(src.stats.inner_reads, src.stats.unstored_chunks)
+src.close()
 """
 
 
@@ -307,10 +337,11 @@ def test_chunks_that_cannot_be_stored_are_still_served(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", _FULL_DISK, KEY, str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    # The one 8-chunk run could not be stored whole, so none of it is marked present and the
-    # second read fetched again: served both times, never marked present half-written.
-    assert done.stdout == "2\n" and "cannot store" in done.stderr
-    assert scan_blobs(tmp_path)[0].chunks_present == 0
+    # The one 8-chunk run could not be stored whole, so none of it is marked present; it was
+    # served from memory the second time (not fetched again), and the blob, left without a
+    # chunk, was removed on close: no empty entry.
+    assert done.stdout == "1 8\n" and done.stderr.count("cannot store") == 1
+    assert scan_blobs(tmp_path) == []
 
 
 def _process_reader(args: tuple[str, str, int]) -> list[tuple[int, int]]:
@@ -368,23 +399,72 @@ def test_threads_fetch_each_chunk_once(open_cache: Open) -> None:
 
 # -- eviction ----------------------------------------------------------------------------------
 
+def _age(directory: Path, age_s: float, chunks: range | None = None) -> None:
+    """Make a blob's chunks (all, or `chunks`) look last used `age_s` ago."""
+    stamp = time.time() - age_s
+    count = -(-len(DATA) // CHUNK)
+    with open(directory / "access", "r+b") as access:  # milliseconds, 8 bytes per chunk
+        for number in chunks if chunks is not None else range(count):
+            access.seek(8 * number)
+            access.write(int(stamp * 1000).to_bytes(8, "little"))
+    os.utime(directory / "index", (stamp, stamp))
+
+
 def _fill(tmp_path: Path, digest: str, *, age_s: float, **kwargs: object) -> None:
     source = ChunkCacheSource(CountingSource(DATA), key=digest, cache_dir=tmp_path,
                               chunk_size=CHUNK, readahead=0, **kwargs)  # type: ignore[arg-type]
     source.pread(len(DATA), 0)
     source.close()
-    stamp = time.time() - age_s
-    os.utime(blob_dir(tmp_path, digest) / "index", (stamp, stamp))
+    _age(blob_dir(tmp_path, digest), age_s)
 
 
-def test_size_limit_evicts_least_recently_used_blobs(tmp_path: Path) -> None:
-    per_blob = len(DATA) + 8192  # data blocks plus the index's block, roughly
-    limit = 3 * per_blob + 4096
+def test_size_limit_evicts_least_recently_used_chunks_across_blobs(tmp_path: Path) -> None:
+    per_blob = len(DATA) + 12288  # data blocks plus the index's and access file's blocks
+    limit = 3 * per_blob
     for k in range(6):
-        _fill(tmp_path, f"sha256:{k:064x}", age_s=600 - k, max_bytes=limit)
-    blobs = scan_blobs(tmp_path)
-    assert sum(blob.disk_bytes for blob in blobs) <= limit + per_blob
-    assert [blob.digest[-1] for blob in blobs] == ["3", "4", "5"]  # newest kept, oldest first
+        _fill(tmp_path, f"sha256:{k:064x}", age_s=600 - 100 * k, max_bytes=limit)
+    blobs = {blob.digest[-1]: blob for blob in scan_blobs(tmp_path)}
+    assert sum(blob.disk_bytes for blob in blobs.values()) <= limit
+    assert set(blobs) <= {"2", "3", "4", "5"}  # the oldest went whole (no empty entries)
+    assert all(blobs[k].chunks_present == blobs[k].chunks for k in "45")  # the newest stayed
+    assert all(blob.chunks_present > 0 for blob in blobs.values())
+
+
+def test_eviction_takes_old_chunks_of_blobs_in_use_never_pinned_ones(tmp_path: Path,
+                                                                     open_cache: Open) -> None:
+    source = open_cache()
+    assert source.pread(len(DATA), 0) == DATA
+    _age(blob_dir(tmp_path, KEY), 1000)
+    _age(blob_dir(tmp_path, KEY), 10, range(3, 5))  # read lately: evicted last
+    store = source._store
+    assert store is not None
+    store.pin(0, 1)  # a read in flight needs chunk 0
+    limit = 19 * CHUNK + 32768  # 3/4 of it: room for 3 of this blob's chunks beside the next
+    _fill(tmp_path, f"sha256:{1:064x}", age_s=0, max_bytes=limit)
+    mine = next(blob for blob in scan_blobs(tmp_path) if blob.digest == KEY)
+    assert sum(blob.disk_bytes for blob in scan_blobs(tmp_path)) <= limit
+    present = store.present()
+    assert present[0] and present[3] and present[4]  # pinned, and recently used
+    assert not all(present) and source.stats.evicted_chunks == 0  # another source evicted
+    assert 0 < mine.chunks_present < mine.chunks
+    store.unpin(0, 1)
+    assert source.pread(len(DATA), 0) == DATA  # evicted chunks are simply fetched again
+
+
+def test_an_evicted_chunk_is_no_damage(tmp_path: Path, open_cache: Open,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    from hybrid_erofs.sources.eviction import evict
+
+    inner = CountingSource(DATA)
+    source = open_cache(inner)
+    source.pread(len(DATA), 0)
+    other = open_cache(CountingSource(DATA))  # a second store of the blob, in this process
+    assert other.pread(CHUNK, 0) == DATA[:CHUNK]  # it remembers chunk 0's crc32
+    _age(blob_dir(tmp_path, KEY), 1000)
+    source.close()  # now only `other` is registered for evictions
+    evict(tmp_path, max_bytes=1, target_bytes=0)
+    assert other.pread(CHUNK, 0) == DATA[:CHUNK]  # fetched again
+    assert "crc32" not in caplog.text
 
 
 def test_eviction_never_removes_a_blob_in_use(tmp_path: Path, open_cache: Open) -> None:
@@ -493,3 +573,14 @@ def test_default_limit_is_half_the_room_and_capped(tmp_path: Path, open_cache: O
     assert abs(default_cache_limit(tmp_path) - expected(held)) < slack
     # A directory not made yet: measured on its nearest parent, holding nothing.
     assert abs(default_cache_limit(tmp_path / "new" / "cache") - expected(0)) < slack
+
+
+def test_reserve_grants_room_beside_the_chunks_within_the_limit(open_cache: Open) -> None:
+    limit = 64 * CHUNK
+    source = open_cache(max_bytes=limit)
+    source.pread(len(DATA), 0)  # 11 chunks stored
+    assert source.reserve(10 * CHUNK) and source.reserve(10 * CHUNK)
+    assert not source.reserve(13 * CHUNK)  # more than half the limit for one blob
+    assert source.reserve(12 * CHUNK)  # 32 chunks granted: exactly half
+    assert not source.reserve(1)
+    assert open_cache(max_bytes=None).reserve(1 << 40)  # no limit, no question

@@ -195,9 +195,13 @@ def _stats_lines(stats: dict[str, Any]) -> list[str]:
                 f"failed at once (failure memory)" if "registry_requests" in stats else "")]
     if stats.get("cache_hits") is not None:
         rate = stats.get("hit_rate")
+        size = (f", {format_size(count('chunk_cache_size_bytes'))} of "
+                f"{format_size(count('chunk_cache_limit_bytes'))} on disk"
+                if stats.get("chunk_cache_limit_bytes") else "")
         lines.append(f"cache   {'n/a' if rate is None else f'{100 * rate:.0f}%'} hits "
                      f"({counted(count('cache_hits'), 'hit')}, "
-                     f"{counted(count('cache_misses'), 'miss', 'misses')})")
+                     f"{counted(count('cache_misses'), 'miss', 'misses')}, "
+                     f"{count('chunk_cache_evicted_chunks')} evicted){size}")
     decoded = (f"{counted(count('spans_decoded'), 'span')} decoded, "
                f"{count('spans_verified')} verified")
     failures = count("verification_failures")

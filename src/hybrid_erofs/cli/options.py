@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from ..device import RegistryOptions
+from ..device import DEFAULT_MEMORY_CACHE, RegistryOptions
 from ..sources.failmemory import DEFAULT_TTL_S
 from ..units import format_duration, format_rate, format_size
 
@@ -252,6 +252,10 @@ def registry_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--retry-delay", "retry_delay_s", type=click.FloatRange(min=0),
                      default=0.2, show_default=True, metavar="SECONDS",
                      help="Longest wait before the first retry; doubled each time."),
+        click.option("--memory-cache", "memory_cache_bytes", type=SizeType(),
+                     default=DEFAULT_MEMORY_CACHE, show_default=True, metavar="SIZE",
+                     help="Memory for one layer's caches: decoded data up to SIZE, compressed "
+                          "spans and chunks the disk cannot take up to SIZE/4 each."),
         click.option("--failure-memory", "failure_ttl_s", type=click.FloatRange(min=0),
                      default=DEFAULT_TTL_S, show_default=True, metavar="SECONDS",
                      help="How long a range the registry failed to give is failed at once "
@@ -262,7 +266,8 @@ def registry_options(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, platform: str | None, layer_index: int | None, blob: str | None,
                 username: str | None, password_stdin: bool, insecure: bool,
                 cache_dir: Path | None, cache_max_bytes: int | None, retries: int,
-                retry_delay_s: float, failure_ttl_s: float, **kwargs: Any) -> Any:
+                retry_delay_s: float, failure_ttl_s: float, memory_cache_bytes: int,
+                **kwargs: Any) -> Any:
         password = None
         if password_stdin:
             if username is None:
@@ -276,7 +281,7 @@ def registry_options(func: Callable[..., Any]) -> Callable[..., Any]:
             platform=platform, layer=layer_index, blob=blob, username=username,
             password=password, insecure=insecure, cache_dir=cache_dir,
             cache_max_bytes=cache_max_bytes, retries=retries, retry_delay_s=retry_delay_s,
-            failure_ttl_s=failure_ttl_s)
+            failure_ttl_s=failure_ttl_s, memory_cache_bytes=memory_cache_bytes)
         return func(*args, **kwargs)
 
     for option in reversed(options):

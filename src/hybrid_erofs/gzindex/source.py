@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import SourceIOError
-from ..metrics.samples import Sample, counter
+from ..metrics.samples import Sample, counter, gauge
 from ..source import ByteSource, check_range
 from .format import WINDOW_SIZE, GzipIndex
 from .prime import primed_start
@@ -161,7 +161,9 @@ class GzipSource:
                         "Decodes started at a zinfo checkpoint"),
                 counter("decoded_bytes", self.decoded_bytes, "Uncompressed bytes inflated"),
                 counter("gzip_input_bytes", self.fetched_bytes,
-                        "Compressed bytes read by the decoder (from the cache or a file)")]
+                        "Compressed bytes read by the decoder (from the cache or a file)"),
+                gauge("decoded_cache_bytes", self._cached,
+                      "Decoded layer data kept in memory (bound: the decoded-span cache size)")]
 
     def pread(self, length: int, offset: int) -> bytes:
         check_range(self, length, offset)

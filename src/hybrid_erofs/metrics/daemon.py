@@ -85,6 +85,11 @@ class DaemonMetrics:
         return Gauge(PREFIX + name, documentation, labelnames, registry=self.registry)
 
     # -- reading ----------------------------------------------------------------------------
+    def stacks(self) -> list[object]:
+        """The layers' stacks, in the order added."""
+        with self._lock:
+            return list(self._layers.values())
+
     def layer_samples(self) -> list[tuple[str, list[Sample]]]:
         with self._lock:
             layers = list(self._layers.items())
@@ -99,18 +104,20 @@ class DaemonMetrics:
         """What /metrics shows, as `status` prints it: per-layer values (in the order added),
         their sums, daemon-wide values, and the counters made with counter()/gauge()."""
         layers = self.layer_samples()
+        daemon = self.daemon_samples()
         total = as_dict(merge(sample for _, samples in layers for sample in samples))
+        ours = {sample.name for _, samples in layers for sample in samples}
+        ours.update(sample.name for sample in daemon)
         own: dict[str, Any] = {}
         for family in self.registry.collect():
-            if family.name.startswith(PREFIX) and family.name not in total:
+            if family.name.startswith(PREFIX) and family.name[len(PREFIX):] not in ours:
                 for sample in family.samples:
                     key = sample.name.removeprefix(PREFIX)
                     if sample.labels:
                         key += "{" + ",".join(f"{k}={v}" for k, v in
                                               sorted(sample.labels.items())) + "}"
                     own[key] = sample.value
-        return {"updated": time.time(), **total, **as_dict(self.daemon_samples()),
-                **{k: v for k, v in own.items() if k not in total},
+        return {"updated": time.time(), **total, **as_dict(daemon), **own,
                 "layers": [{"layer": layer, **as_dict(samples)} for layer, samples in layers]}
 
     @staticmethod

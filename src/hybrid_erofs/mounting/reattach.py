@@ -57,7 +57,8 @@ def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
         username=settings.username, password=password, insecure=settings.insecure,
         cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
         cache_max_bytes=settings.cache_max_bytes, retries=settings.retries,
-        retry_delay_s=settings.retry_delay_s, failure_ttl_s=settings.failure_ttl_s)
+        retry_delay_s=settings.retry_delay_s, failure_ttl_s=settings.failure_ttl_s,
+        memory_cache_bytes=settings.memory_cache_bytes)
     metrics = split_address(record.metrics_address) if record.metrics_address else None
     if record.is_image:
         layers = [ImageLayer(layer.source, Path(layer.meta),

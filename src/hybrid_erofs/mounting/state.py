@@ -58,6 +58,7 @@ class RegistrySettings:
     retries: int = 4
     retry_delay_s: float = 0.2
     failure_ttl_s: float = 5.0
+    memory_cache_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)

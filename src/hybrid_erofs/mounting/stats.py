@@ -16,7 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..metrics import DaemonMetrics, as_dict, stack_samples
+from ..metrics import DaemonMetrics, Sample, as_dict, gauge, stack_samples
+from ..sources.cachedir import scan_blobs
+from ..sources.chunkcache import ChunkCacheSource
+from ..sources.metered import iter_stages
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,23 @@ def daemon_stats(metrics: DaemonMetrics) -> dict[str, Any]:
     snapshot = metrics.snapshot()
     snapshot["layers"] = [{**layer, **_status_fields(layer)} for layer in snapshot["layers"]]
     return {**snapshot, **_status_fields(snapshot)}
+
+
+def cache_samples(metrics: DaemonMetrics) -> list[Sample]:
+    """The chunk cache directories the daemon's layers use, as daemon-wide samples: their
+    size on disk (a directory scan, at scrape time) and their limit."""
+    limits: dict[Path, int | None] = {}
+    for stack in metrics.stacks():
+        for stage in iter_stages(stack):
+            if isinstance(stage, ChunkCacheSource):
+                limits[stage.cache_dir] = stage.max_bytes
+    size = sum(blob.disk_bytes for cache_dir in limits for blob in scan_blobs(cache_dir,
+                                                                               count=False))
+    if not limits:
+        return []
+    return [gauge("chunk_cache_size_bytes", size, "Bytes the chunk cache directory holds"),
+            gauge("chunk_cache_limit_bytes", sum(limit or 0 for limit in limits.values()),
+                  "Size limit of the chunk cache directory (0: none)")]
 
 
 class StatsServer:
@@ -127,4 +147,5 @@ def query_stats(path: Path, *, timeout_s: float = QUERY_TIMEOUT_S) -> dict[str, 
     return loaded if isinstance(loaded, dict) and loaded else None
 
 
-__all__ = ["StatsServer", "collect_image_stats", "collect_stats", "daemon_stats", "query_stats"]
+__all__ = ["StatsServer", "cache_samples", "collect_image_stats", "collect_stats",
+           "daemon_stats", "query_stats"]

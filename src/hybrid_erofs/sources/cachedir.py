@@ -95,7 +95,8 @@ def _info(directory: Path, digest: str, *, count: bool) -> BlobInfo:
     size = chunk_size = present = 0
     disk = 0
     last = 0.0
-    for name in ("data", "index", LAYER_DATA):  # chunks, their records, decoded layer
+    # chunks, their records and last-use times, decoded layer
+    for name in ("data", "index", "access", LAYER_DATA):
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(directory / name)
             disk += st.st_blocks * 512

@@ -13,11 +13,11 @@ import os
 import struct
 import threading
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import CacheError
-from .chunkstore import DIR_MODE, FILE_MODE
+from .chunkstore import DIR_MODE, FILE_MODE, punch_hole
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,17 @@ class LayerStore:
         directory: the blob's cache directory (ChunkStore's, which holds its open.lock).
         size: layer data size.
         starts: uncompressed offset of each span (the zinfo's checkpoints).
+        budget: asked before a span is written, with its size: False (the cache is at its
+            limit, ChunkCacheSource.reserve) leaves the span unstored. None: no limit.
 
     Thread-safe. `close()` flushes.
     """
 
-    def __init__(self, directory: Path, *, size: int, starts: Sequence[int]) -> None:
+    def __init__(self, directory: Path, *, size: int, starts: Sequence[int],
+                 budget: Callable[[int], bool] | None = None) -> None:
         self.directory = directory
+        self._budget = budget
+        self._refused = False  # a write failed or the budget said no: logged once
         self.size = size
         self._starts = list(starts)
         self._count = len(self._starts)
@@ -128,14 +133,18 @@ class LayerStore:
             raise ValueError(f"span {number} has {length} bytes, got {len(data)}")
         if self._present[number] or self._closed:
             return
+        if self._budget is not None and not self._budget(length):
+            self._refuse(logging.INFO, "the cache is at its size limit")
+            return
         try:
             view = memoryview(data)
             done = 0
             while done < length:
                 done += os.pwrite(self._fd, view[done:], offset + done)
         except OSError as exc:
-            log.warning("%s: cannot store span %d: %s", self.directory, number,
-                        exc.strerror or exc)
+            with contextlib.suppress(OSError):  # give back what was written
+                punch_hole(self._fd, offset, length)
+            self._refuse(logging.WARNING, exc.strerror or str(exc))
             return
         with self._lock:
             self._present[number] = 1
@@ -144,6 +153,13 @@ class LayerStore:
                 self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
                                                  name="layer-store-flush")
                 self._flusher.start()
+
+    def _refuse(self, level: int, why: str) -> None:
+        """Log the first span not stored (one line, not one per span)."""
+        if not self._refused:
+            self._refused = True
+            log.log(level, "%s: decoded spans not kept (%s); they are decoded again when "
+                    "read", self.directory, why)
 
     def mark_verified(self) -> None:
         """The complete layer passed verification: the record says so from the next flush."""

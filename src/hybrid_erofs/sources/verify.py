@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import SourceIOError
 from ..gzindex.spans import SpanDigest
-from ..metrics.samples import Sample, counter
+from ..metrics.samples import Sample, counter, gauge
 from ..source import ByteSource, check_range
 
 log = logging.getLogger("hybrid_erofs.verify")
@@ -44,12 +44,14 @@ class VerifiedSource:
         spans: the sidecar's digests, covering [0, inner.size) in order.
         name: how messages name the blob (a digest or a path).
         cache_spans: verified spans kept in memory (default 8).
+        cache_bytes: and at most this many bytes of them (default 16 MiB); the span being
+            read is kept whatever its size.
 
     Thread-safe; concurrent readers of one span wait for a single fetch.
     """
 
     def __init__(self, inner: ByteSource, spans: Sequence[SpanDigest], *, name: str = "blob",
-                 cache_spans: int = 8) -> None:
+                 cache_spans: int = 8, cache_bytes: int = 16 << 20) -> None:
         if cache_spans < 1:
             raise ValueError(f"'cache_spans' must be >= 1 (got {cache_spans})")
         end = spans[-1].offset + spans[-1].length if spans else 0
@@ -63,6 +65,8 @@ class VerifiedSource:
         self._name = name
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_spans = cache_spans
+        self._cache_bytes = cache_bytes
+        self._held = 0
         self._lock = threading.Lock()
         self._span_locks = [threading.Lock() for _ in spans]
         self.verified_spans = 0  # statistics: spans fetched and checked
@@ -73,10 +77,14 @@ class VerifiedSource:
         return self._inner.size
 
     def metric_samples(self) -> list[Sample]:
+        with self._lock:
+            held = self._held
         return [counter("spans_verified", self.verified_spans,
                         "Compressed spans fetched and found to match their sha256"),
                 counter("verification_failures", self.failed_spans,
-                        "Fetches of a span whose bytes did not match its sha256")]
+                        "Fetches of a span whose bytes did not match its sha256"),
+                gauge("verified_cache_bytes", held,
+                      "Verified compressed spans kept in memory")]
 
     def pread(self, length: int, offset: int) -> bytes:
         check_range(self, length, offset)
@@ -129,11 +137,14 @@ class VerifiedSource:
             self.verified_spans += 1
             with self._lock:
                 self._cache[number] = data
-                while len(self._cache) > self._cache_spans:
-                    self._cache.popitem(last=False)
+                self._held += len(data)
+                while len(self._cache) > 1 and (len(self._cache) > self._cache_spans
+                                                or self._held > self._cache_bytes):
+                    self._held -= len(self._cache.popitem(last=False)[1])
             return data
 
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._held = 0
         self._inner.close()
