@@ -97,18 +97,31 @@ class SourceIOError(HybridErofsError, OSError):
     """I/O failure below the exporter; maps to EIO for NBD and FUSE.
 
     `transient` tells whether retrying the same read may succeed; `retry_after_s` carries a
-    server's `Retry-After` (seconds) when it sent one.
+    server's `Retry-After` (seconds) when it sent one; `logged` says the failure was logged
+    where it happened (exporters then log the EIO it causes at debug level: one line per
+    event, not one per page the kernel asks again).
     """
 
     def __init__(
-        self, message: str, *, transient: bool = False, retry_after_s: float | None = None
+        self, message: str, *, transient: bool = False, retry_after_s: float | None = None,
+        logged: bool = False,
     ) -> None:
         super().__init__(errno.EIO, message)
         self.transient = transient
         self.retry_after_s = retry_after_s
+        self.logged = logged
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+def already_logged(exc: BaseException) -> bool:
+    """True when the failure behind `exc` was logged where it happened (SourceIOError.logged)."""
+    while exc is not None:
+        if getattr(exc, "logged", False):
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
 
 
 def is_transient(exc: BaseException) -> bool:

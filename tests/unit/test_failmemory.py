@@ -161,3 +161,19 @@ def test_concurrent_readers_of_a_dead_range_cost_one_retry_budget(tmp_path: Path
         assert cache.pread(4096, 0) == DATA[:4096]
     finally:
         cache.close()
+
+
+def test_one_log_line_per_failure_and_the_eios_it_causes_marked(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from hybrid_erofs.errors import already_logged
+
+    clock = Clock()
+    source = FailureMemorySource(DeadSource(DATA), ttl_s=5.0, open_after=3, clock=clock)
+    caused = []
+    for _ in range(10):  # the kernel asking again, page by page
+        with pytest.raises(SourceIOError) as caught:
+            source.pread(4096, 0)
+        caused.append(caught.value)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "bytes 0-4095 failed" in warnings[0]
+    assert all(already_logged(exc) for exc in caused)  # exporters log them at debug

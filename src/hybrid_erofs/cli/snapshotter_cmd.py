@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..mounting.lifecycle import READY_TIMEOUT_S, VIAS
-from .options import metrics_address_option
+from .options import SizeType, metrics_address_option
 
 DEFAULT_ADDRESS = Path("/run/hybrid-erofs/snapshotter.sock")
 DEFAULT_ROOT = Path("/var/lib/hybrid-erofs/snapshotter")
@@ -29,6 +29,9 @@ DEFAULT_ROOT = Path("/var/lib/hybrid-erofs/snapshotter")
               help="Never mount layers lazily: a plain overlay snapshotter.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Chunk and index cache [default: /var/cache/hybrid-erofs].")
+@click.option("--cache-max-size", "cache_max_bytes", type=SizeType(), metavar="SIZE",
+              help="Most the chunk cache may hold (see `mount --help`) [default: half the "
+                   "free space of its filesystem, at most 10GiB].")
 @click.option("--insecure", is_flag=True,
               help="Allow plain HTTP to registries that are not on localhost.")
 @click.option("--hosts-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -40,7 +43,8 @@ DEFAULT_ROOT = Path("/var/lib/hybrid-erofs/snapshotter")
               show_default=True, help="Seconds to wait for a layer's mount to answer.")
 @metrics_address_option
 def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
-                        no_remote: bool, cache_dir: Path | None, insecure: bool,
+                        no_remote: bool, cache_dir: Path | None,
+                        cache_max_bytes: int | None, insecure: bool,
                         hosts_dir: Path | None, via: str, timeout_s: float,
                         metrics_address: tuple[str, int] | None) -> None:
     """Serve containerd's snapshots API on ADDRESS, in the foreground, until SIGTERM.
@@ -73,7 +77,8 @@ def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
     if package_log.getEffectiveLevel() > logging.INFO:
         package_log.setLevel(logging.INFO)  # a daemon says what it does with each layer
     remote = None if no_remote else LazyLayers(
-        registry=RegistryOptions(cache_dir=cache_dir, insecure=insecure),
+        registry=RegistryOptions(cache_dir=cache_dir, cache_max_bytes=cache_max_bytes,
+                                 insecure=insecure),
         policy=TrustPolicy(accept_unbound=accept_unbound_indexes),
         hosts=HostsConfig(hosts_dir), via=via, timeout_s=timeout_s)
     metrics = SnapshotterMetrics()

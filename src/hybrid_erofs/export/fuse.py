@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any, Literal, overload
 
-from ..errors import HybridErofsError
+from ..errors import HybridErofsError, already_logged
 from ..source import ByteSource, FileRanged
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,8 @@ class _DiskOperations:
         try:
             return self._source.pread(length, offset)
         except OSError as exc:
-            log.warning("read of %d bytes at offset %d failed: %s", length, offset, exc)
+            log.log(logging.DEBUG if already_logged(exc) else logging.WARNING,
+                    "read of %d bytes at offset %d failed: %s", length, offset, exc)
             raise OSError(errno.EIO, os.strerror(errno.EIO)) from exc
         except Exception as exc:
             # mfusepy would answer EINVAL; a reader must see an I/O error, never other bytes.

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import already_logged
 from ..source import ByteSource, FileRanged
 from . import nbdwire as w
 
@@ -429,8 +430,8 @@ class Connection:
                 if len(data) != length:
                     raise OSError(f"source returned {len(data)} of {length} bytes")
             except Exception as exc:
-                log.warning("%s: READ of %d bytes at %d failed: %s", self.label, length,
-                            offset, exc)
+                log.log(logging.DEBUG if already_logged(exc) else logging.WARNING,
+                        "%s: READ of %d bytes at %d failed: %s", self.label, length, offset, exc)
                 self._error(cookie, w.EIO, f"read of {length} bytes at {offset} failed",
                             chunk=True)
                 return

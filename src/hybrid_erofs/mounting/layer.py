@@ -54,6 +54,8 @@ from .utab import forget_helper
 
 log = logging.getLogger(__name__)
 
+NO_READ_METRICS_ENV = "HYBRID_EROFS_NO_READ_METRICS"
+
 
 def layer_label(device: ByteSource, fallback: str) -> str:
     """How metrics name a layer: its registry blob digest, else `fallback` (a file path)."""
@@ -100,7 +102,10 @@ class LayerMount:
                                            registry=self.registry,
                                            keep_decoded=self.trust != UNBOUND),
                                trust=self.trust, name=str(self.meta))
-        self.device = MeteredSource(self.gate)
+        # The benchmark of the metrics' own cost (tools/bench_metrics.py) turns the read
+        # latency histogram off in one of its two daemons.
+        self.device = MeteredSource(self.gate,
+                                    latency=os.environ.get(NO_READ_METRICS_ENV) != "1")
         self.label = layer_label(self.device, self.registry.blob or self.source)
         transport = via
         if transport == "auto":

@@ -111,6 +111,7 @@ class FailureMemorySource:
             data = self.inner.pread(length, offset)
         except SourceIOError as exc:
             self._remember(length, offset, exc, probe)
+            exc.logged = True  # _remember logged it, once
             raise
         except BaseException:
             if probe:
@@ -136,7 +137,7 @@ class FailureMemorySource:
                     raise SourceIOError(
                         f"{self._name}: not fetching bytes {offset}-{end - 1}: the last "
                         f"{self._in_a_row} reads failed ({self._last_reason}); next try in "
-                        f"{wait_s:.1f} s")
+                        f"{wait_s:.1f} s", logged=True)
                 self._probing = True
                 return True
             if self._failures:
@@ -147,7 +148,7 @@ class FailureMemorySource:
                         raise SourceIOError(
                             f"{self._name}: not fetching bytes {offset}-{end - 1}: bytes "
                             f"{failure.offset}-{failure.end - 1} failed ({failure.reason}); "
-                            f"next try in {failure.until - now:.1f} s")
+                            f"next try in {failure.until - now:.1f} s", logged=True)
         return False
 
     def _remember(self, length: int, offset: int, exc: SourceIOError, probe: bool) -> None:
@@ -165,13 +166,16 @@ class FailureMemorySource:
                 self._open_until = now + self._ttl_s
             if opened:
                 self._counts[2] += 1
+        # One line per event: a range that failed, the circuit opening (not each probe).
         if opened:
             log.warning("%s: %d reads in a row failed (last: %s); failing reads at once for "
                         "%g s, then trying one", self._name, self._in_a_row, reason,
                         self._ttl_s)
-        elif not probe:
-            log.info("%s: bytes %d-%d failed: %s; not fetched again for %g s", self._name,
-                     offset, offset + length - 1, reason, self._ttl_s)
+        elif probe:
+            log.debug("%s: the probe failed: %s", self._name, reason)
+        else:
+            log.warning("%s: bytes %d-%d failed: %s; not fetched again for %g s", self._name,
+                        offset, offset + length - 1, reason, self._ttl_s)
 
     def _succeeded(self, probe: bool) -> None:
         with self._lock:

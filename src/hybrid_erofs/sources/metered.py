@@ -27,13 +27,16 @@ class ReadStats:
 
 class MeteredSource:
     """Pass reads to `inner`, count them and their latency. Owns `inner`. Thread-safe if
-    `inner` is. A failed read is what the exporter turns into EIO."""
+    `inner` is. A failed read is what the exporter turns into EIO.
 
-    def __init__(self, inner: ByteSource) -> None:
+    `latency=False` skips the latency histogram (tools/bench_metrics.py measures its cost).
+    """
+
+    def __init__(self, inner: ByteSource, *, latency: bool = True) -> None:
         self.inner = inner
         self._lock = threading.Lock()
         self._reads = self._bytes = self._errors = 0
-        self._latency = LatencyHistogram()
+        self._latency = LatencyHistogram() if latency else None
 
     @property
     def size(self) -> int:
@@ -45,29 +48,49 @@ class MeteredSource:
             return ReadStats(self._reads, self._bytes, self._errors)
 
     def pread(self, length: int, offset: int) -> bytes:
+        latency = self._latency
+        if latency is None:
+            return self._pread_counted(length, offset)
         started = time.perf_counter_ns()
         try:
             data = self.inner.pread(length, offset)
         except BaseException:
             with self._lock:
-                self._latency.observe_ns(time.perf_counter_ns() - started)
+                latency.observe_ns(time.perf_counter_ns() - started)
                 self._reads += 1
                 self._errors += 1
             raise
         with self._lock:
-            self._latency.observe_ns(time.perf_counter_ns() - started)
+            latency.observe_ns(time.perf_counter_ns() - started)
+            self._reads += 1
+            self._bytes += len(data)
+        return data
+
+    def _pread_counted(self, length: int, offset: int) -> bytes:
+        """pread without the latency histogram."""
+        try:
+            data = self.inner.pread(length, offset)
+        except BaseException:
+            with self._lock:
+                self._reads += 1
+                self._errors += 1
+            raise
+        with self._lock:
             self._reads += 1
             self._bytes += len(data)
         return data
 
     def metric_samples(self) -> list[Sample]:
         with self._lock:
-            return [
+            samples = [
                 counter("reads", self._reads, "Reads served to the kernel (failed ones too)"),
                 counter("read_bytes", self._bytes, "Bytes served to the kernel"),
                 counter("read_errors", self._errors, "Reads answered with EIO"),
-                self._latency.sample("read_duration_seconds", "Time to serve a read"),
             ]
+            if self._latency is not None:
+                samples.append(self._latency.sample("read_duration_seconds",
+                                                    "Time to serve a read"))
+            return samples
 
     def close(self) -> None:
         self.inner.close()

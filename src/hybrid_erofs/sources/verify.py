@@ -132,7 +132,7 @@ class VerifiedSource:
                 raise SourceIOError(
                     f"{self._name}: span {number} (compressed bytes {span.offset}-"
                     f"{span.offset + span.length - 1}) failed verification: sha256 {digest[:12]}... "
-                    f"instead of {span.sha256[:12]}... (corrupt or tampered blob)"
+                    f"instead of {span.sha256[:12]}... (corrupt or tampered blob)", logged=True
                 )
             self.verified_spans += 1
             with self._lock:
