@@ -200,8 +200,8 @@ def _stats_lines(stats: dict[str, Any]) -> list[str]:
                 if stats.get("chunk_cache_limit_bytes") else "")
         lines.append(f"cache   {'n/a' if rate is None else f'{100 * rate:.0f}%'} hits "
                      f"({counted(count('cache_hits'), 'hit')}, "
-                     f"{counted(count('cache_misses'), 'miss', 'misses')}, "
-                     f"{count('chunk_cache_evicted_chunks')} evicted){size}")
+                     f"{counted(count('cache_misses'), 'miss', 'misses')}); "
+                     f"{counted(count('chunk_cache_evicted_chunks'), 'chunk')} evicted{size}")
     decoded = (f"{counted(count('spans_decoded'), 'span')} decoded, "
                f"{count('spans_verified')} verified")
     failures = count("verification_failures")
