@@ -67,7 +67,8 @@ class GateSource:
         check_range(self, length, offset)
         reason = self._closed_reason
         if reason is not None:
-            raise SourceIOError(f"{self._name}: reads refused: {reason}")
+            # Closing the gate was logged once; the EIOs it causes are not logged again.
+            raise SourceIOError(f"{self._name}: reads refused: {reason}", logged=True)
         return self._inner.pread(length, offset)
 
     def set_state(self, state: str, detail: str = "") -> None:
