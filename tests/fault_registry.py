@@ -5,6 +5,7 @@ tampered bytes) with counters of what was asked. Stdlib only; stopped by `close(
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -43,11 +44,14 @@ class FaultRegistry:
     failed, reset, truncated), `paths`, `blob_ranges` and `bytes_served`.
     """
 
-    def __init__(self, layer: bytes, *, token_auth: bool = True) -> None:
+    def __init__(self, layer: bytes, *, token_auth: bool = True,
+                 diff_ids: bool = False) -> None:
         self.layer = layer
         self.token_auth = token_auth
+        # diff_ids: a config that lists the layer's (what `index --all-layers` requires).
+        listed = [_digest(gzip.decompress(layer))] if diff_ids else []
         config = json.dumps({"architecture": "amd64", "os": "linux",
-                             "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+                             "rootfs": {"type": "layers", "diff_ids": listed}}).encode()
         manifest = json.dumps({
             "schemaVersion": 2, "mediaType": OCI_MANIFEST,
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",

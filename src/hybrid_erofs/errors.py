@@ -17,6 +17,7 @@
   x SourceIOError (OSError, errno EIO) a byte source could not deliver its bytes
                                        (`.transient`, `.retry_after_s` from HTTP Retry-After)
   x CacheError (OSError)               the on-disk chunk cache directory is unusable
+  x LayerVerificationError             a fully fetched layer is not what its index says
   x MountError (OSError)               mount/umount failed (mountpoint, kernel, daemon, state)
     + MountBusy                        the mount is in use; `.pids` name who uses it
   x SnapshotError                      a snapshotter request cannot be done (gRPC status `.code`)
@@ -137,6 +138,11 @@ class CacheError(HybridErofsError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "cache error"
+
+
+class LayerVerificationError(HybridErofsError):
+    """A layer fetched in full does not match its index (blob digest, diff_id, the index
+    recomputed from the blob); the mount then fails every further read."""
 
 
 class MountError(HybridErofsError, OSError):

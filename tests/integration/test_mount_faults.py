@@ -133,7 +133,7 @@ class Mounted:
 @contextlib.contextmanager
 def mounted(layer: Layer, tmp_path: Path, *options: str) -> Iterator[Mounted]:
     """The layer mounted from the fault registry via FUSE with short retry settings, metrics
-    on a free port and a cache in tmp_path; unmounted after, leaving no daemon behind."""
+    on a free port, a cache in tmp_path and no background fetch; unmounted after, leaving no daemon behind."""
     runtime = tmp_path / "run"
     env = {**os.environ, "HYBRID_EROFS_RUNTIME_DIR": str(runtime)}
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
@@ -142,7 +142,9 @@ def mounted(layer: Layer, tmp_path: Path, *options: str) -> Iterator[Mounted]:
         [*CLI, "mount", "--meta", str(layer.meta), "--zinfo", str(layer.zinfo), "--via", "fuse",
          "--cache-dir", str(cache), "--retries", str(RETRIES), "--retry-delay",
          str(RETRY_DELAY_S), "--failure-memory", str(FAILURE_MEMORY_S),
-         "--metrics-address", "127.0.0.1:0", *options, layer.registry.ref, str(mnt)],
+         "--metrics-address", "127.0.0.1:0",
+         "--no-background-fetch",  # the layer stays lazy: faults meet the reads
+         *options, layer.registry.ref, str(mnt)],
         env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(next(runtime.glob("mounts/*[0-9a-f].json")).read_text())

@@ -157,3 +157,26 @@ def test_load_span_checks_its_argument() -> None:
     source = GzipSource(MemorySource(gzip.compress(b"x" * 100)), INDEX, size=len(DATA))
     with pytest.raises(ValueError, match="outside"):
         source.load_span(len(STARTS))
+
+
+def test_file_ranges_pass_through_the_meter(tmp_path: Path) -> None:
+    from hybrid_erofs.sources.metered import MeteredSource
+
+    stored = StoredLayerSource(GzipSource(MemorySource(BLOB), INDEX, size=len(DATA)),
+                               LayerStore(tmp_path, size=len(DATA), starts=STARTS))
+    top = MeteredSource(stored)
+    assert top.file_range(100, STARTS[2]) is None  # not stored yet
+    stored.inner.load_span(2)
+    where = top.file_range(100, STARTS[2])
+    assert where is not None and os.pread(where[0], 100, where[1]) == _span(2)[:100]
+    assert (top.stats.reads, top.stats.bytes_served) == (1, 100)
+    assert stored.spans_read() == [2]  # what a profile records
+    assert stored.metric_samples() == []  # no background fetch attached
+    top.close()
+
+
+def test_mount_options_cannot_carry_a_comma() -> None:
+    from hybrid_erofs.mounting.kernel import KernelMountError, mount_erofs
+
+    with pytest.raises(KernelMountError, match="a device path with a comma"):
+        mount_erofs("/nonexistent/meta", "/nonexistent/mnt", extra_device="/a,b/layer")

@@ -60,12 +60,13 @@ def _register() -> None:
         mount_cmd,
         mount_helper,
         mount_image_cmd,
+        profile_cmd,
         serve_cmd,
         snapshotter_cmd,
     )
 
     for module in (index_cmd, inspect_cmd, erofs_cmds, serve_cmd, mount_cmd, mount_image_cmd,
-                   mount_helper, cache_cmd, snapshotter_cmd):
+                   mount_helper, profile_cmd, cache_cmd, snapshotter_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from ..device import RegistryOptions, is_local
+from ..fetching.background import FetchPolicy, fetch_status
 from ..mounting.layer import mount_layer, run_mount
 from ..mounting.lifecycle import VIAS, mount_statuses, require_root, status_json, unmount
 from ..mounting.reattach import reattach as reattach_mount
@@ -18,7 +19,7 @@ from ..printable import printable_message
 from ..sources.gate import LOCAL, TRUST_KINDS
 from ..trust.policy import TrustPolicy
 from ..units import counted, format_size
-from .options import metrics_address_option, registry_options, trust_options
+from .options import fetch_options, metrics_address_option, registry_options, trust_options
 
 
 @click.command("mount")
@@ -40,12 +41,15 @@ from .options import metrics_address_option, registry_options, trust_options
 @click.option("--_daemon-ready-fd", "ready_fd", type=int, hidden=True)
 @click.option("--_trust", "trust", type=click.Choice(TRUST_KINDS), default=LOCAL, hidden=True)
 @metrics_address_option
+@click.option("--_prefetch", "prefetch", type=click.Path(dir_okay=False, path_type=Path),
+              hidden=True)
 @registry_options
 @trust_options
+@fetch_options
 def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
           via: str, foreground: bool, reattach: bool, timeout_s: float, ready_fd: int | None,
-          trust: str, metrics_address: tuple[str, int] | None,
-          registry: RegistryOptions, policy: TrustPolicy) -> None:
+          trust: str, prefetch: Path | None, metrics_address: tuple[str, int] | None,
+          registry: RegistryOptions, policy: TrustPolicy, fetch: FetchPolicy | None) -> None:
     """Mount layer REF (a registry reference or a local .tar.gz) read-only on MOUNTPOINT.
 
     Without --meta/--zinfo, the index that `hybrid-erofs index REF --all-layers --push`
@@ -54,7 +58,10 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
     an index that is neither is refused unless --accept-unbound (docs/security.md).
 
     Returns once the mount answers; a daemon keeps serving it (log and state under
-    /run/hybrid-erofs). Only the bytes that reads need are fetched. Needs root.
+    /run/hybrid-erofs). Reads fetch what they need at once; after --fetch-delay seconds the
+    rest of a registry layer is fetched in the background (paused while reads come in), kept
+    decoded beside the blob's chunks, and the complete layer is verified
+    (--no-background-fetch: only what reads need is ever fetched). Needs root.
 
     \b
     Examples:
@@ -96,11 +103,12 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
     if ready_fd is not None or foreground:
         _detach_stdin()
         run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via,
-                  ready_fd=ready_fd, metrics_address=metrics_address, trust=trust)
+                  ready_fd=ready_fd, metrics_address=metrics_address, trust=trust,
+                  fetch=fetch, prefetch=prefetch)
         return
     record = mount_layer(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
                          via=via, timeout_s=timeout_s, metrics_address=metrics_address,
-                         trust=trust)
+                         trust=trust, fetch=fetch)
     assert record is not None
     click.echo(f"mounted {record.source} on {record.mountpoint} (via {record.transport}, "
                f"daemon pid {record.daemon_pid}, log {record.log_file}"
@@ -139,7 +147,9 @@ def umount(mountpoint: Path, lazy: bool) -> None:
 @click.option("--prune", is_flag=True, help="Clean up mounts whose daemon died.")
 def status(as_json: bool, prune: bool) -> None:
     """List hybrid-erofs mounts (layers and images): source, transport, daemon, bytes fetched,
-    cache hit rate (an image's summed over its layers).
+    cache hit rate (an image's summed over its layers), and the background fetch: spans
+    local / total, bytes it fetched, whether the layer is complete and verified (per layer
+    under "layers" in --json).
 
     \b
     Examples:
@@ -172,10 +182,31 @@ def status(as_json: bool, prune: bool) -> None:
                            f"{printable_message(str(detail))}")
             if not fresh and entry.state != "stale":
                 click.echo("  (stats not current: the daemon does not answer)")
+        for line in _fetch_lines(stats or {}):
+            click.echo(f"  {line}")
         if entry.record.metrics_address and entry.state != "stale":
             click.echo(f"  metrics http://{entry.record.metrics_address}/metrics")
         if entry.state == "stale" and not prune:
             click.echo("  daemon died: `hybrid-erofs umount` or `status --prune` cleans up")
+
+
+def _fetch_lines(stats: dict[str, Any]) -> list[str]:
+    """Each layer's background fetch (and a failed check) as `status` prints it."""
+    lines = []
+    layers = stats.get("layers") or []
+    for n, layer in enumerate(layers):
+        fetch = fetch_status(layer)
+        where = f"layer {n + 1}: " if len(layers) > 1 else ""
+        if fetch is not None:
+            reason = layer.get("fetch_reason")
+            lines.append(f"{where}background fetch {fetch['state']}: {fetch['spans_local']}/"
+                         f"{fetch['spans_total']} spans local, {format_size(fetch['bytes_fetched'])} "
+                         f"fetched, {'complete' if fetch['complete'] else 'not complete'}, "
+                         f"{'verified' if fetch['verified'] else 'not verified'}"
+                         + (f" ({reason})" if reason else ""))
+        if layer.get("failure"):
+            lines.append(f"{where}FAILED: every read fails with EIO: {layer['failure']}")
+    return lines
 
 
 def _stats_lines(stats: dict[str, Any]) -> list[str]:

@@ -8,11 +8,12 @@ from pathlib import Path
 import click
 
 from ..device import RegistryOptions
+from ..fetching.background import FetchPolicy
 from ..mounting.image import load_plan, mount_image, run_image_mount
 from ..mounting.lifecycle import READY_TIMEOUT_S, VIAS, require_root
 from ..trust.policy import TrustPolicy
 from .mount_cmd import _detach_stdin
-from .options import metrics_address_option, registry_options, trust_options
+from .options import fetch_options, metrics_address_option, registry_options, trust_options
 
 
 @click.command("mount-image")
@@ -36,10 +37,12 @@ from .options import metrics_address_option, registry_options, trust_options
 @metrics_address_option
 @registry_options
 @trust_options
+@fetch_options
 def mount_image_command(reference: str, mountpoint: str, index_dir: Path | None, via: str,
                         foreground: bool, timeout_s: float, ready_fd: int | None,
                         plan_file: Path | None, metrics_address: tuple[str, int] | None,
-                        registry: RegistryOptions, policy: TrustPolicy) -> None:
+                        registry: RegistryOptions, policy: TrustPolicy,
+                        fetch: FetchPolicy | None) -> None:
     """Mount every layer of image REF lazily and stack them read-only on MOUNTPOINT.
 
     REF is a registry reference or oci:DIR[:TAG]. Without --index-dir, the index that
@@ -50,7 +53,8 @@ def mount_image_command(reference: str, mountpoint: str, index_dir: Path | None,
     with it, each layer's zinfo and meta come from that directory. One daemon serves all
     layers; each is mounted as EROFS and overlayfs merges them (deleted files, opaque
     directories and all), read-only. --platform picks the image of a multi-platform index
-    [default: this host's]. Needs root.
+    [default: this host's]. After --fetch-delay seconds every layer is fetched in full in
+    the background and verified (--no-background-fetch: only what reads need). Needs root.
 
     \b
     Examples:
@@ -87,10 +91,11 @@ def mount_image_command(reference: str, mountpoint: str, index_dir: Path | None,
     if ready_fd is not None or foreground:
         _detach_stdin()
         run_image_mount(reference, mountpoint, layers, registry=registry, via=via,
-                        ready_fd=ready_fd, metrics_address=metrics_address)
+                        ready_fd=ready_fd, metrics_address=metrics_address, fetch=fetch)
         return
     record = mount_image(reference, mountpoint, layers, registry=registry, via=via,
-                         timeout_s=timeout_s, metrics_address=metrics_address)
+                         timeout_s=timeout_s, metrics_address=metrics_address,
+                         fetch=fetch)
     assert record is not None
     click.echo(f"mounted {record.source} ({len(record.layers)} layers) on {record.mountpoint} "
                f"(via {record.transport}, daemon pid {record.daemon_pid}, "

@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from ..device import DEFAULT_MEMORY_CACHE, RegistryOptions
+from ..fetching.background import FetchPolicy
 from ..sources.failmemory import DEFAULT_TTL_S
 from ..units import format_duration, format_rate, format_size
 
@@ -312,6 +313,37 @@ def trust_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
         kwargs["policy"] = TrustPolicy(accept_unbound=accept_unbound,
                                        trusted_keys=tuple(trusted_keys))
+        return func(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def fetch_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the background fetch options; the command receives `fetch` (a FetchPolicy, or None
+    with --no-background-fetch)."""
+    defaults = FetchPolicy()
+    options = [
+        click.option("--no-background-fetch", is_flag=True,
+                     help="Fetch only what reads need (the layer stays lazy; nothing is "
+                          "verified as a whole)."),
+        click.option("--fetch-delay", "fetch_delay_s", type=float, default=defaults.delay_s,
+                     show_default=True, metavar="SECONDS",
+                     help="Quiet period after the mount before the background fetch starts."),
+        click.option("--fetch-rate", type=SizeType(), default=str(defaults.rate),
+                     show_default="64MiB", metavar="SIZE",
+                     help="Compressed bytes per second the background fetch takes at most."),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, no_background_fetch: bool, fetch_delay_s: float, fetch_rate: int,
+                **kwargs: Any) -> Any:
+        if fetch_delay_s < 0:
+            raise click.BadParameter(f"must be >= 0 (got {fetch_delay_s})",
+                                     param_hint="--fetch-delay")
+        kwargs["fetch"] = (None if no_background_fetch else
+                           FetchPolicy(delay_s=fetch_delay_s, rate=fetch_rate))
         return func(*args, **kwargs)
 
     for option in reversed(options):

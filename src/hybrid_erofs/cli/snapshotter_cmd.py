@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
+from ..fetching.background import FetchPolicy
 from ..mounting.lifecycle import READY_TIMEOUT_S, VIAS
-from .options import SizeType, metrics_address_option
+from .options import SizeType, fetch_options, metrics_address_option
 
 DEFAULT_ADDRESS = Path("/run/hybrid-erofs/snapshotter.sock")
 DEFAULT_ROOT = Path("/var/lib/hybrid-erofs/snapshotter")
@@ -42,11 +43,13 @@ DEFAULT_ROOT = Path("/var/lib/hybrid-erofs/snapshotter")
 @click.option("--mount-timeout", "timeout_s", type=float, default=READY_TIMEOUT_S,
               show_default=True, help="Seconds to wait for a layer's mount to answer.")
 @metrics_address_option
+@fetch_options
 def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
                         no_remote: bool, cache_dir: Path | None,
                         cache_max_bytes: int | None, insecure: bool,
                         hosts_dir: Path | None, via: str, timeout_s: float,
-                        metrics_address: tuple[str, int] | None) -> None:
+                        metrics_address: tuple[str, int] | None,
+                        fetch: FetchPolicy | None) -> None:
     """Serve containerd's snapshots API on ADDRESS, in the foreground, until SIGTERM.
 
     Layers of images that carry a hybrid-erofs index (`hybrid-erofs index REF --all-layers
@@ -80,7 +83,7 @@ def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
         registry=RegistryOptions(cache_dir=cache_dir, cache_max_bytes=cache_max_bytes,
                                  insecure=insecure),
         policy=TrustPolicy(accept_unbound=accept_unbound_indexes),
-        hosts=HostsConfig(hosts_dir), via=via, timeout_s=timeout_s)
+        hosts=HostsConfig(hosts_dir), via=via, timeout_s=timeout_s, fetch=fetch)
     metrics = SnapshotterMetrics()
     server = (MetricsServer(metrics.metrics, *metrics_address)
               if metrics_address is not None else None)

@@ -9,9 +9,8 @@ import logging
 import threading
 import zlib as _stdlib_zlib
 from bisect import bisect_right
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -125,9 +124,13 @@ class GzipSource:
         self.fetched_bytes = 0  # compressed bytes read from `inner`
         self._ahead = min(decode_ahead, max(0, len(self._starts) - 1))
         self._workers = decode_workers
-        self._pool: ThreadPoolExecutor | None = None
+        self._todo: deque[int] = deque()  # spans waiting for a decode-ahead thread
         self._queued: set[int] = set()  # spans submitted for decode-ahead, not yet done
-        self._last_number = -2  # span of the previous read's end (forward-reader detection)
+        # Threads run only while there is work (none idle between reads, none left at close).
+        self._threads: set[threading.Thread] = set()
+        # Ends of recent reads: a read starting at one continues a sequential reader (the
+        # kernel keeps a few of its requests in flight, so they may come out of order).
+        self._recent_ends: deque[int] = deque(maxlen=8)
         self._closed = False
         # Called with (span number, its bytes) when a span is decoded in full and checked
         # (next checkpoint's window, or the member CRC at the end); a LayerStore keeps them.
@@ -148,9 +151,10 @@ class GzipSource:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            self._todo.clear()
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
         with self._lock:
             self._spans.clear()
             self._cached = 0
@@ -170,10 +174,7 @@ class GzipSource:
         if length == 0:
             return b""
         parts: list[bytes] = []
-        end = offset + length
-        number = bisect_right(self._starts, offset) - 1
-        if self._ahead:
-            self._decode_ahead(number)
+        start, end = offset, offset + length
         while offset < end:
             number = bisect_right(self._starts, offset) - 1
             span = self._span(number)
@@ -187,7 +188,13 @@ class GzipSource:
                     parts.append(bytes(piece))
             self._account(span)
             offset += take
+        if self._ahead:  # only after a read that worked: a failing source gets no extra load
+            self._decode_ahead(start, length)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @property
+    def blob_size(self) -> int:
+        return self._inner.size
 
     @property
     def span_count(self) -> int:
@@ -206,14 +213,16 @@ class GzipSource:
 
     # -- decode-ahead -------------------------------------------------------------------------
 
-    def _decode_ahead(self, number: int) -> None:
-        """A read at span `number` right after one at the same or the previous span: decode
-        the next `decode_ahead` spans on the worker threads, each from its own checkpoint."""
+    def _decode_ahead(self, offset: int, length: int) -> None:
+        """A read that starts where a recent one ended (a sequential reader): decode the
+        `decode_ahead` spans after the one it ends in on the worker threads, each from its
+        own checkpoint. Random readers never trigger it."""
         with self._lock:
-            forward = self._last_number <= number <= self._last_number + 1
-            self._last_number = number
+            forward = offset in self._recent_ends
+            self._recent_ends.append(offset + length)
             if not forward or self._closed:
                 return
+            number = bisect_right(self._starts, offset + length - 1) - 1
             wanted = []
             for ahead in range(number + 1, min(number + 1 + self._ahead, len(self._starts))):
                 span = self._spans.get(ahead)
@@ -221,12 +230,22 @@ class GzipSource:
                     continue
                 self._queued.add(ahead)
                 wanted.append(ahead)
-            if not wanted:
-                return
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="decode-ahead")
-            for ahead in wanted:
-                self._pool.submit(self._decode_whole, ahead)
+            self._todo.extend(wanted)
+            while self._todo and len(self._threads) < self._workers:
+                thread = threading.Thread(target=self._decode_queued, daemon=True,
+                                          name=f"decode-ahead:{len(self._threads)}")
+                self._threads.add(thread)
+                thread.start()
+
+    def _decode_queued(self) -> None:
+        """A decode-ahead thread: decode queued spans until none is left, then end."""
+        while True:
+            with self._lock:
+                if not self._todo or self._closed:
+                    self._threads.discard(threading.current_thread())
+                    return
+                number = self._todo.popleft()
+            self._decode_whole(number)
 
     def _decode_whole(self, number: int) -> None:
         """Decode span `number` to its end (a worker's job); a failure is left for the reader

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..device import RegistryOptions
 from ..errors import HybridErofsError, IndexFormatError, OutputError, RegistryError
+from ..fetching.profile import parse_profile
 from ..gzindex.build import DEFAULT_SPAN
 from ..gzindex.sidecar import load_sidecar
 from ..oci.client import (
@@ -50,6 +51,7 @@ from .imageindex import (
     LayerEntry,
     file_digest,
     layer_file_names,
+    prefetch_file_name,
     write_image_index,
 )
 from .layer import _version, index_layer
@@ -161,11 +163,27 @@ def existing_outputs(directory: Path, digest: str, *, span: int) -> dict[str, Fi
         side_digest, side_size = file_digest(paths["sidecar"])
     except (IndexFormatError, OSError):
         return None
-    return {
+    refs = {
         "zinfo": FileRef(names["zinfo"], sidecar.zinfo_digest, len(zinfo_bytes)),
         "sidecar": FileRef(names["sidecar"], side_digest, side_size),
         "meta": FileRef(names["meta"], meta_digest, meta_size),
     }
+    prefetch = prefetch_ref(directory / prefetch_file_name(digest),
+                            zinfo_sha256=sidecar.zinfo_digest.removeprefix("sha256:"))
+    if prefetch is not None:  # recorded by `hybrid-erofs profile`: published with the rest
+        refs["prefetch"] = prefetch
+    return refs
+
+
+def prefetch_ref(path: Path, *, zinfo_sha256: str) -> FileRef | None:
+    """The ref of a prefetch profile for the zinfo with this sha256, if `path` is one."""
+    try:
+        data = path.read_bytes()
+        if parse_profile(data, name=str(path)).zinfo_sha256 != zinfo_sha256:
+            return None
+    except (OSError, IndexFormatError):
+        return None
+    return FileRef(path.name, f"sha256:{hashlib.sha256(data).hexdigest()}", len(data))
 
 
 def _index_job(job: LayerJob, directory: Path, span: int, registry: RegistryOptions,

@@ -5,6 +5,7 @@ of the per-layer files beside it.
     DIR/sha256-<hex>.zinfo              gzip checkpoints of layer blob sha256:<hex>
     DIR/sha256-<hex>.zinfo.json         its sidecar (blob digest, span digests, meta digest)
     DIR/sha256-<hex>.meta.erofs         EROFS meta, overlay-style whiteouts (`--aufs`)
+    DIR/sha256-<hex>.prefetch.json      optional: a prefetch profile (`hybrid-erofs profile`)
 
 index.json is deterministic: no time, no host, keys sorted; one entry per platform manifest, its
 layers in manifest order (bottom first). A layer shared by several platforms is indexed once.
@@ -32,6 +33,7 @@ INDEX_MEDIA_TYPE = "application/vnd.hybrid-erofs.index.v1+json"
 ZINFO_MEDIA_TYPE = "application/vnd.hybrid-erofs.zinfo.v2"
 SIDECAR_MEDIA_TYPE = "application/vnd.hybrid-erofs.zinfo-sidecar.v2+json"
 META_MEDIA_TYPE = "application/vnd.hybrid-erofs.meta.erofs.v2"
+PREFETCH_MEDIA_TYPE = "application/vnd.hybrid-erofs.prefetch.v1+json"
 
 INDEXED = "indexed"
 SKIPPED_SMALL = "skipped-small"  # below --min-layer-size: a node indexes it itself (cheap)
@@ -44,6 +46,12 @@ def layer_file_names(blob_digest: str) -> dict[str, str]:
     stem = f"{algorithm}-{encoded}"
     return {"zinfo": f"{stem}.zinfo", "sidecar": f"{stem}.zinfo.json",
             "meta": f"{stem}.meta.erofs"}
+
+
+def prefetch_file_name(blob_digest: str) -> str:
+    """The file name of a layer's prefetch profile (optional; `hybrid-erofs profile`)."""
+    algorithm, _, encoded = blob_digest.partition(":")
+    return f"{algorithm}-{encoded}.prefetch.json"
 
 
 def file_digest(path: str | os.PathLike[str]) -> tuple[str, int]:
@@ -82,11 +90,13 @@ class LayerEntry:
     zinfo: FileRef | None = None
     sidecar: FileRef | None = None
     meta: FileRef | None = None
+    prefetch: FileRef | None = None  # a prefetch profile, when one was recorded
 
     @property
     def files(self) -> dict[str, FileRef]:
         return {kind: ref for kind, ref in (("zinfo", self.zinfo), ("sidecar", self.sidecar),
-                                            ("meta", self.meta)) if ref is not None}
+                                            ("meta", self.meta), ("prefetch", self.prefetch))
+                if ref is not None}
 
     def to_json(self) -> dict[str, Any]:
         layer: dict[str, Any] = {"digest": self.diff_id}
@@ -186,8 +196,8 @@ def parse_image_index(data: bytes, *, name: str = INDEX_NAME) -> ImageIndex:
                     raise IndexFormatError(f"{lwhere}: unknown status {status!r}")
                 files = layer.get("files") or {}
                 refs = {kind: _file_ref(files[kind], f"{lwhere}.files.{kind}")
-                        for kind in ("zinfo", "sidecar", "meta") if kind in files}
-                if status == INDEXED and len(refs) != 3:
+                        for kind in ("zinfo", "sidecar", "meta", "prefetch") if kind in files}
+                if status == INDEXED and len(refs.keys() - {"prefetch"}) != 3:
                     raise IndexFormatError(f"{lwhere}: an indexed layer needs zinfo, sidecar "
                                            f"and meta files")
                 blob, facts = layer["blob"], layer["layer"]
@@ -243,6 +253,7 @@ __all__ = [
     "INDEX_MEDIA_TYPE",
     "INDEX_NAME",
     "META_MEDIA_TYPE",
+    "PREFETCH_MEDIA_TYPE",
     "SIDECAR_MEDIA_TYPE",
     "SKIPPED_FORMAT",
     "SKIPPED_SMALL",
@@ -256,6 +267,7 @@ __all__ = [
     "layer_file_names",
     "load_image_index",
     "parse_image_index",
+    "prefetch_file_name",
     "verify_layer_files",
     "write_image_index",
 ]

@@ -32,6 +32,7 @@ from .imageindex import (
     INDEX_NAME,
     INDEXED,
     META_MEDIA_TYPE,
+    PREFETCH_MEDIA_TYPE,
     SIDECAR_MEDIA_TYPE,
     ZINFO_MEDIA_TYPE,
     ImageEntry,
@@ -61,13 +62,15 @@ def artifact_stem(digest: str) -> str:
 
 def artifact_files(directory: Path, image: ImageEntry, index: ImageIndex) -> list[ArtifactFile]:
     """The blobs of one platform's artifact: its own index.json, then per indexed layer (in
-    manifest order, each blob once) zinfo, sidecar and meta. Verified against index.json."""
+    manifest order, each blob once) zinfo, sidecar, meta and a prefetch profile when it has
+    one. Verified against index.json."""
     own = index.for_manifest(image.manifest)
     own_path = directory / f"{artifact_stem(image.manifest)}.{INDEX_NAME}"
     write_atomic(own_path, dump_image_index(own))
     files = [ArtifactFile(INDEX_NAME, INDEX_MEDIA_TYPE, own_path)]
     seen: set[str] = set()
-    types = {"zinfo": ZINFO_MEDIA_TYPE, "sidecar": SIDECAR_MEDIA_TYPE, "meta": META_MEDIA_TYPE}
+    types = {"zinfo": ZINFO_MEDIA_TYPE, "sidecar": SIDECAR_MEDIA_TYPE, "meta": META_MEDIA_TYPE,
+             "prefetch": PREFETCH_MEDIA_TYPE}
     for layer in image.layers:
         if layer.status != INDEXED or layer.digest in seen:
             continue

@@ -308,8 +308,10 @@ def discover_image_plan(reference: str, *, registry: RegistryOptions,
     layers = []
     for layer in found.image.layers:
         meta, zinfo = found.layer_paths(layer)
+        prefetch = (found.layer_dirs[layer.digest] / layer.prefetch.name
+                    if layer.prefetch is not None else None)  # verified with the rest
         layers.append(ImageLayer(source=pinned, meta=meta, zinfo=zinfo, blob=layer.digest,
-                                 trust=found.trust[layer.digest]))
+                                 trust=found.trust[layer.digest], prefetch=prefetch))
     if not layers:
         raise InvalidInput(f"{reference}: image {found.image.manifest} has no layers")
     return ImagePlan(found.image.platform, found.image.manifest, tuple(layers))
@@ -405,8 +407,11 @@ def plan_from_index(index_dir: str | os.PathLike[str], reference: str, *,
             raise InvalidInput(f"{reference}: layer {layer.digest} ({layer.media_type}) is "
                                f"not a gzip layer: it cannot be mounted lazily")
         names = layer_file_names(layer.digest)
+        prefetch = (directory / layer.prefetch.name  # checked with the layer's other files
+                    if layer.status == INDEXED and layer.prefetch is not None else None)
         layers.append(ImageLayer(source=reference, meta=dirs[layer.digest] / names["meta"],
-                                 zinfo=dirs[layer.digest] / names["zinfo"], blob=layer.digest))
+                                 zinfo=dirs[layer.digest] / names["zinfo"], blob=layer.digest,
+                                 prefetch=prefetch))
     return ImagePlan(image.platform, image.manifest, tuple(layers))
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..device import RegistryOptions
 from ..errors import HybridErofsError, InvalidInput, MountBusy, MountError
+from ..fetching.background import FetchPolicy
 from ..indexing.imageindex import (
     ImageEntry,
 )
@@ -61,6 +62,8 @@ class ImageLayer:
         trust: how its index was obtained: LOCAL (files the user named, or indexed on this
             node), BOUND, SIGNED, or UNBOUND (mounted nosuid,nodev and verified in the
             background; the overlay too, until every such layer is verified).
+        prefetch: its prefetch profile, when the index lists one (checked against index.json
+            like the zinfo and meta).
     """
 
     source: str
@@ -68,11 +71,13 @@ class ImageLayer:
     zinfo: Path | None
     blob: str | None = None
     trust: str = LOCAL  # how the index was obtained (sources/gate.py)
+    prefetch: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "meta": str(self.meta),
                 "zinfo": str(self.zinfo) if self.zinfo is not None else None,
-                "blob": self.blob, "trust": self.trust}
+                "blob": self.blob, "trust": self.trust,
+                "prefetch": str(self.prefetch) if self.prefetch is not None else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +121,8 @@ def load_plan(path: str | os.PathLike[str]) -> list[ImageLayer]:
             raise ValueError(f"not a {PLAN_FORMAT} version {PLAN_VERSION} file")
         return [ImageLayer(source=str(layer["source"]), meta=Path(layer["meta"]),
                            zinfo=Path(layer["zinfo"]) if layer["zinfo"] is not None else None,
-                           blob=layer["blob"], trust=str(layer.get("trust", LOCAL)))
+                           blob=layer["blob"], trust=str(layer.get("trust", LOCAL)),
+                           prefetch=Path(layer["prefetch"]) if layer.get("prefetch") else None)
                 for layer in raw["layers"]]
     except OSError as exc:
         raise MountError(f"{path}: cannot read the layer plan: {exc.strerror}") from exc
@@ -130,9 +136,11 @@ class _ImageDaemon:
     """Every layer's LayerMount plus the overlay on top, and their teardown in order."""
 
     def __init__(self, source: str, mountpoint: Path, layers: Sequence[ImageLayer], *,
-                 registry: RegistryOptions, via: str, paths: StatePaths) -> None:
+                 registry: RegistryOptions, via: str, paths: StatePaths,
+                 fetch: FetchPolicy | None = None) -> None:
         self.source = source
         self.mountpoint = mountpoint
+        self.fetch = fetch
         self.planned = list(layers)
         self.registry = registry
         self.via = via
@@ -151,7 +159,8 @@ class _ImageDaemon:
                        for n, layer in enumerate(self.planned))
         record = initial_record(self.source, self.mountpoint, meta=None, zinfo=None,
                                 registry=self.registry, via=self.via, paths=paths).with_changes(
-            kind=IMAGE, image_dir=str(paths.image_dir), layers=states)
+            kind=IMAGE, image_dir=str(paths.image_dir), layers=states,
+            fetch=tuple(FetchPolicy.argv(self.fetch)))
         paths.save(record)  # first, so that umount can clean up after a crash from here on
         transports: list[str] = []
         for n, layer in enumerate(self.planned):
@@ -203,7 +212,8 @@ class _ImageDaemon:
                            registry=registry, fuse_dir=self.paths.layer_fuse_dir(n),
                            nbd_socket=self.paths.layer_nbd_socket(n),
                            backend=f"{self.paths.record}#{n}", trust=layer.trust,
-                           root_owner=discovered_root_owner(layer.trust))
+                           root_owner=discovered_root_owner(layer.trust), fetch=self.fetch,
+                           prefetch=layer.prefetch)
         self.mounts.append(mount)  # before start(): teardown releases what start() got to
         try:
             return mount.start(self.via)
@@ -225,6 +235,9 @@ class _ImageDaemon:
         if not all(mount.export_running for mount in self.mounts):
             return "a layer's FUSE export ended"
         return None
+
+    def layer_details(self) -> list[dict[str, Any]]:
+        return [mount.details() for mount in self.mounts]
 
     def teardown(self, *, signals: list[int] | None = None) -> None:
         """The overlay, then every layer's EROFS, then their loop / FUSE / NBD and devices,
@@ -252,12 +265,13 @@ def run_image_mount(source: str, mountpoint: str | os.PathLike[str],
                     layers: Sequence[ImageLayer], *, registry: RegistryOptions | None = None,
                     via: str = "auto", ready_fd: int | None = None,
                     ready: Callable[[MountRecord], None] | None = None,
-                    metrics_address: tuple[str, int] | None = None) -> None:
+                    metrics_address: tuple[str, int] | None = None,
+                    fetch: FetchPolicy | None = None) -> None:
     """Mount the image in this process and serve until SIGTERM/SIGINT/SIGHUP or an outside
     umount, then unmount everything (the daemon's body, and `mount-image --foreground`)."""
     def make(path: Path, paths: StatePaths) -> DaemonBody:
         return _ImageDaemon(source, path, layers, registry=registry or RegistryOptions(),
-                            via=via, paths=paths)
+                            via=via, paths=paths, fetch=fetch)
 
     serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready,
                  metrics_address=metrics_address, command="mount-image")
@@ -267,24 +281,27 @@ def run_image_mount(source: str, mountpoint: str | os.PathLike[str],
 
 def image_daemon_argv(source: str, mountpoint: Path, *, plan: Path, registry: RegistryOptions,
                       via: str, ready_fd: int,
-                      metrics_address: tuple[str, int] | None = None) -> list[str]:
+                      metrics_address: tuple[str, int] | None = None,
+                      fetch: FetchPolicy | None = None) -> list[str]:
     """The image daemon's command line: the layers are in `plan`, the password on stdin."""
     return [sys.executable, "-m", "hybrid_erofs", "-v", "mount-image", "--foreground",
-            "--_daemon-ready-fd", str(ready_fd), "--_plan", str(plan), "--via", via,
-            *registry_argv(registry, metrics_address=metrics_address), "--", source,
-            str(mountpoint)]
+            "--_daemon-ready-fd", str(ready_fd), "--_plan", str(plan), *FetchPolicy.argv(fetch),
+            "--via", via, *registry_argv(registry, metrics_address=metrics_address), "--",
+            source, str(mountpoint)]
 
 
 def _absolute(layer: ImageLayer) -> ImageLayer:
     return ImageLayer(absolute_source(layer.source), Path(os.path.abspath(layer.meta)),
                       Path(os.path.abspath(layer.zinfo)) if layer.zinfo is not None else None,
-                      layer.blob, layer.trust)
+                      layer.blob, layer.trust,
+                      Path(os.path.abspath(layer.prefetch)) if layer.prefetch else None)
 
 
 def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequence[ImageLayer],
                 *, registry: RegistryOptions | None = None, via: str = "auto",
                 foreground: bool = False, timeout_s: float = READY_TIMEOUT_S,
-                metrics_address: tuple[str, int] | None = None) -> MountRecord | None:
+                metrics_address: tuple[str, int] | None = None,
+                fetch: FetchPolicy | None = None) -> MountRecord | None:
     """Mount every layer of an image lazily and stack them read-only on `mountpoint`.
 
     `layers` are bottom first, as in the manifest. One daemon serves them all: each layer's
@@ -307,7 +324,7 @@ def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequenc
     planned = [_absolute(layer) for layer in layers]
     if foreground:
         run_image_mount(source, mountpoint, planned, registry=registry, via=via,
-                        metrics_address=metrics_address)
+                        metrics_address=metrics_address, fetch=fetch)
         return None
     path, paths = prepare_mount(mountpoint, command="mount-image")
     try:
@@ -319,7 +336,8 @@ def mount_image(source: str, mountpoint: str | os.PathLike[str], layers: Sequenc
 
     def argv(ready_fd: int) -> list[str]:
         return image_daemon_argv(source, path, plan=paths.plan, registry=registry, via=via,
-                                 ready_fd=ready_fd, metrics_address=metrics_address)
+                                 ready_fd=ready_fd, metrics_address=metrics_address,
+                                 fetch=fetch)
 
     return spawn_daemon(argv, path, registry=registry, paths=paths, timeout_s=timeout_s)
 

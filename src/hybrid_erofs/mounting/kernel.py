@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import struct
 import time
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MountBusy, MountError
+
+log = logging.getLogger(__name__)
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -71,14 +74,23 @@ class KernelMountError(MountError):
 
 
 def mount_erofs(device: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *,
-                restricted: bool = False) -> None:
+                restricted: bool = False,
+                extra_device: str | os.PathLike[str] | None = None) -> None:
     """mount(2) `device` (a regular file or a block device) read-only as EROFS; `restricted`
     adds nosuid,nodev (an index that is not bound to its image, docs/security.md).
+    `extra_device`: the file behind the meta's device slot 1 (`-o device=`), the layer data
+    of a tar-index meta.
 
     A regular file takes the kernel's file-backed EROFS path (6.12+, EROFS_FS_BACKED_BY_FILE);
     a kernel without it answers ENOTBLK (or EINVAL), which the caller turns into a loop device.
     """
-    _mount(os.fspath(device), mountpoint, "erofs", None, restricted=restricted)
+    data = None
+    if extra_device is not None:
+        path = os.fspath(extra_device)
+        if "," in path:  # mount options are comma-separated; no escape exists
+            raise KernelMountError(errno.EINVAL, f"{path}: a device path with a comma")
+        data = f"device={path}"
+    _mount(os.fspath(device), mountpoint, "erofs", data, restricted=restricted)
 
 
 def set_restricted(mountpoint: str | os.PathLike[str], restricted: bool) -> None:

@@ -18,11 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from ..device import RegistryOptions, open_device, open_layer_blob
-from ..errors import MountBusy, MountError
+from ..errors import LayerVerificationError, MountBusy, MountError
+from ..fetching.attach import attach_fetcher
+from ..fetching.background import BackgroundFetcher, FetchPolicy
+from ..fetching.profile import profile_spans
 from ..source import ByteSource
 from ..sources.gate import LOCAL, NOT_VERIFIED, UNBOUND, VERIFIED, VERIFYING, GateSource
+from ..sources.layerstore import DATA_NAME
 from ..sources.metered import MeteredSource, iter_stages
 from ..sources.registry import RegistryBlobSource
+from ..sources.stored import StoredLayerSource
 from ..trust.verifier import LayerIndexFiles, LayerVerification, verify_layer
 from .kernel import (
     KernelMountError,
@@ -74,7 +79,8 @@ class LayerMount:
     def __init__(self, source: str, target: Path, *, meta: Path, zinfo: Path | None,
                  registry: RegistryOptions, fuse_dir: Path, nbd_socket: Path,
                  backend: str, trust: str = LOCAL,
-                 root_owner: tuple[int, int] | None = None) -> None:
+                 root_owner: tuple[int, int] | None = None,
+                 fetch: FetchPolicy | None = None, prefetch: Path | None = None) -> None:
         self.source = source
         self.trust = trust
         self.root_owner = root_owner  # what the root must be owned by (index --all-layers)
@@ -95,9 +101,13 @@ class LayerMount:
         self.loop_device: str | None = None
         self.mounted = False
         self.label = registry.blob or source  # metrics' layer label: the blob digest if known
+        self.fetch = fetch  # background fetch policy; None: off
+        self.prefetch = prefetch  # a prefetch profile from the (verified) image index
+        self.fetcher: BackgroundFetcher | None = None
 
     def start(self, via: str) -> str:
-        """Open the device, export it and mount it; the transport that runs."""
+        """Open the device, export it and mount it, then start the background fetch; the
+        transport that runs."""
         self.gate = GateSource(open_device(self.source, meta=self.meta, zinfo=self.zinfo,
                                            registry=self.registry,
                                            keep_decoded=self.trust != UNBOUND),
@@ -107,6 +117,58 @@ class LayerMount:
         self.device = MeteredSource(self.gate,
                                     latency=os.environ.get(NO_READ_METRICS_ENV) != "1")
         self.label = layer_label(self.device, self.registry.blob or self.source)
+        transport = self._start_transport(via)
+        self._start_fetch()
+        return transport
+
+    def _start_fetch(self) -> None:
+        if self.fetch is None or self.device is None:
+            return
+        first = profile_spans(self.prefetch, zinfo=self.zinfo)
+        self.fetcher = attach_fetcher(self.device, policy=self.fetch, verify=self._verify_complete,
+                                      on_failure=self.fail, first=first, name=self.label)
+        if self.fetcher is not None:
+            self.fetcher.start()
+
+    def _verify_complete(self) -> None:
+        """The background fetch's check of the complete layer: trust/verifier.py against the
+        blob (local by now); a mismatch closes the gate (apply_verification) and raises."""
+        result = self.verify_now()
+        self.apply_verification(result)
+        if not result.ok:
+            raise LayerVerificationError(result.summary())
+
+    def details(self) -> dict[str, Any]:
+        """What `status` shows of this layer beyond its metrics: the spans reads touched
+        (first read first: what `profile` records) and why a background fetch stopped."""
+        details: dict[str, Any] = {}
+        stored = next((stage for stage in iter_stages(self.device)
+                       if isinstance(stage, StoredLayerSource)), None)
+        if stored is not None:
+            details["spans_read"] = stored.spans_read()
+        if self.fetcher is not None:
+            details["fetch_reason"] = self.fetcher.progress().reason
+        return details
+
+    def _mount_local(self) -> bool:
+        """A layer complete and verified in the layer store: the kernel reads the meta and
+        the stored layer data directly (file-backed EROFS, `-o device=`), no FUSE at all."""
+        stored = next((stage for stage in iter_stages(self.device)
+                       if isinstance(stage, StoredLayerSource)), None)
+        if stored is None or not (stored.store.complete and stored.store.verified):
+            return False
+        try:
+            mount_erofs(self.meta, self.target, restricted=self.restricted,
+                        extra_device=stored.store.directory / DATA_NAME)
+        except KernelMountError as exc:
+            log.info("%s; serving the stored layer through FUSE", exc)
+            return False
+        self.mounted = True
+        return True
+
+    def _start_transport(self, via: str) -> str:
+        if via in ("auto", "fuse") and self._mount_local():
+            return "local"
         transport = via
         if transport == "auto":
             from .nbdlink import nbd_devices
@@ -270,6 +332,8 @@ class LayerMount:
             disconnect_quietly(self.nbd_device)
         if self.nbd_server is not None:
             self.nbd_server.shutdown()
+        if self.fetcher is not None:
+            self.fetcher.stop()
         if self.export is not None:
             self._stop_export(signals)
         if self.device is not None:
@@ -298,10 +362,12 @@ class LayerDaemon:
 
     def __init__(self, source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
                  registry: RegistryOptions, via: str, paths: StatePaths,
-                 trust: str = LOCAL) -> None:
+                 trust: str = LOCAL, fetch: FetchPolicy | None = None,
+                 prefetch: Path | None = None) -> None:
         self.source = source
         self.trust = trust
         self.mountpoint = mountpoint
+        self.fetch = fetch
         self.meta = meta
         self.zinfo = zinfo
         self.registry = registry
@@ -310,13 +376,15 @@ class LayerDaemon:
         self.layer = LayerMount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
                                 fuse_dir=paths.fuse_dir, nbd_socket=paths.nbd_socket,
                                 backend=str(paths.record), trust=trust,
-                                root_owner=discovered_root_owner(trust))
+                                root_owner=discovered_root_owner(trust), fetch=fetch,
+                                prefetch=prefetch)
         self.record: MountRecord | None = None
 
     def start(self) -> MountRecord:
         record = initial_record(self.source, self.mountpoint, meta=self.meta, zinfo=self.zinfo,
                                 registry=self.registry, via=self.via,
-                                paths=self.paths).with_changes(trust=self.trust)
+                                paths=self.paths).with_changes(
+            trust=self.trust, fetch=tuple(FetchPolicy.argv(self.fetch)))
         self.paths.save(record)  # first, so that umount can clean up after a crash from here on
         transport = self.layer.start(self.via)
         os.listdir(self.mountpoint)  # the mount answers
@@ -334,6 +402,9 @@ class LayerDaemon:
     def layers(self) -> list[tuple[str, ByteSource]]:
         device = self.layer.device
         return [] if device is None else [(self.layer.label, device)]
+
+    def layer_details(self) -> list[dict[str, Any]]:
+        return [self.layer.details()]
 
     def gone(self) -> str | None:
         """The EROFS mount or the FUSE export is gone (someone ran a plain umount)."""
@@ -362,7 +433,8 @@ def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
               zinfo: Path | None = None, registry: RegistryOptions | None = None,
               via: str = "auto", ready_fd: int | None = None,
               ready: Callable[[MountRecord], None] | None = None,
-              metrics_address: tuple[str, int] | None = None, trust: str = LOCAL) -> None:
+              metrics_address: tuple[str, int] | None = None, trust: str = LOCAL,
+              fetch: FetchPolicy | None = None, prefetch: Path | None = None) -> None:
     """Mount layer `source` in this process and serve until SIGTERM/SIGINT/SIGHUP or an outside
     umount, then unmount everything (the daemon's body, and `mount --foreground`).
 
@@ -372,7 +444,7 @@ def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     def make(path: Path, paths: StatePaths) -> DaemonBody:
         return LayerDaemon(source, path, meta=meta, zinfo=zinfo,
                            registry=registry or RegistryOptions(), via=via, paths=paths,
-                           trust=trust)
+                           trust=trust, fetch=fetch, prefetch=prefetch)
 
     serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready,
                  metrics_address=metrics_address)
@@ -382,7 +454,8 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
                 via: str = "auto", foreground: bool = False,
                 timeout_s: float = READY_TIMEOUT_S,
                 metrics_address: tuple[str, int] | None = None,
-                trust: str = LOCAL) -> MountRecord | None:
+                trust: str = LOCAL, fetch: FetchPolicy | None = None,
+                prefetch: Path | None = None) -> MountRecord | None:
     """Mount layer `source` (a local layer file or a registry reference) on `mountpoint`.
 
     Background (default): start a daemon (`hybrid-erofs mount --foreground`, new session, its
@@ -401,24 +474,27 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     zinfo = Path(os.path.abspath(zinfo)) if zinfo is not None else None
     if foreground:
         run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via,
-                  metrics_address=metrics_address, trust=trust)
+                  metrics_address=metrics_address, trust=trust, fetch=fetch, prefetch=prefetch)
         return None
     path, paths = prepare_mount(mountpoint)
 
     def argv(ready_fd: int) -> list[str]:
         return daemon_argv(source, path, meta=meta, zinfo=zinfo, registry=registry, via=via,
-                           ready_fd=ready_fd, metrics_address=metrics_address, trust=trust)
+                           ready_fd=ready_fd, metrics_address=metrics_address, trust=trust,
+                           fetch=fetch, prefetch=prefetch)
 
     return spawn_daemon(argv, path, registry=registry, paths=paths, timeout_s=timeout_s)
 
 def daemon_argv(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
                 registry: RegistryOptions, via: str, ready_fd: int,
                 metrics_address: tuple[str, int] | None = None,
-                trust: str = LOCAL) -> list[str]:
+                trust: str = LOCAL, fetch: FetchPolicy | None = None,
+                prefetch: Path | None = None) -> list[str]:
     """The daemon's command line; holds no secret (the password goes through stdin)."""
     argv = [sys.executable, "-m", "hybrid_erofs", "-v", "mount", "--foreground",
             "--_daemon-ready-fd", str(ready_fd), "--meta", str(meta), "--_trust", trust,
-            "--via", via]
+            *FetchPolicy.argv(fetch),
+            *(["--_prefetch", str(prefetch)] if prefetch is not None else []), "--via", via]
     if zinfo is not None:
         argv += ["--zinfo", str(zinfo)]
     return [*argv, *registry_argv(registry, metrics_address=metrics_address), "--", source,

@@ -252,6 +252,10 @@ def _daemon_status(daemon: DaemonBody, metrics: DaemonMetrics) -> dict[str, Any]
             stats["trust"] = next((s for s in layers if s.get("state") == "failed"), None) or next(
                 (s for s in layers if s.get("index") == "unbound" and s.get("state") != "verified"),
                 None) or layers[-1]
+    details = getattr(daemon, "layer_details", None)
+    if callable(details):  # what is not a number: spans reads touched, why a fetch stopped
+        for entry, extra in zip(stats.get("layers", []), details(), strict=False):
+            entry.update(extra)
     return stats
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..device import RegistryOptions
 from ..errors import MountError
+from ..fetching.background import FetchPolicy
 from .image import ImageLayer, mount_image
 from .layer import mount_layer
 from .lifecycle import (
@@ -66,13 +67,15 @@ def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
                              trust=layer.trust)
                   for layer in record.layers]
         again = mount_image(record.source, path, layers, registry=registry, via=record.via,
-                            timeout_s=timeout_s, metrics_address=metrics)
+                            timeout_s=timeout_s, metrics_address=metrics,
+                            fetch=FetchPolicy.from_argv(record.fetch))
         assert again is not None
         return again
     assert record.meta is not None
     remounted = mount_layer(record.source, path, meta=Path(record.meta),
                             zinfo=Path(record.zinfo) if record.zinfo else None,
                             registry=registry, via=record.via, timeout_s=timeout_s,
-                            metrics_address=metrics, trust=record.trust)
+                            metrics_address=metrics, trust=record.trust,
+                            fetch=FetchPolicy.from_argv(record.fetch))
     assert remounted is not None
     return remounted

@@ -109,6 +109,7 @@ class MountRecord:
     layers: tuple[LayerState, ...] = ()  # an image's layers, bottom first
     metrics_address: str | None = None  # HOST:PORT of /metrics (the port bound, when 0 asked)
     trust: str = "local"  # a layer mount's: how its index was obtained (sources/gate.py)
+    fetch: tuple[str, ...] = ()  # the background fetch options the daemon got (FetchPolicy.argv)
 
     @property
     def is_image(self) -> bool:
@@ -130,6 +131,7 @@ class MountRecord:
             values = {k: v for k, v in raw.items() if k in known}
             values["registry"] = RegistrySettings(**values.get("registry", {}))
             values["layers"] = tuple(LayerState(**layer) for layer in values.get("layers", ()))
+            values["fetch"] = tuple(str(option) for option in values.get("fetch", ()))
             return cls(**values)
         except (ValueError, TypeError) as exc:
             raise MountError(f"{name}: unreadable state record: {exc}") from exc

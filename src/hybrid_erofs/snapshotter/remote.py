@@ -24,6 +24,7 @@ from ..errors import (
     MountError,
     RegistryError,
 )
+from ..fetching.background import FetchPolicy
 from ..mounting.discovery import DiscoveredImage, discover_image_index, resolve_layer_index
 from ..mounting.kernel import mounted_at, umount
 from ..mounting.layer import mount_layer
@@ -51,6 +52,8 @@ LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
+
+DEFAULT_FETCH = FetchPolicy()  # on, as for `mount` and `mount-image`
 
 @dataclass(frozen=True, slots=True)
 class LayerRequest:
@@ -92,6 +95,7 @@ class LayerIndex:
     index: str
     bound: bool
     plain_http: bool = False  # `source`'s host is a plain-HTTP mirror (hosts.toml)
+    prefetch: Path | None = None  # the layer's prefetch profile, when the index has one
 
 
 class IndexFinder(Protocol):
@@ -182,9 +186,11 @@ class DiscoveryFinder:
             raise LayerFallback(f"{pinned}: layer {request.layer_digest} is not in the index "
                                 f"{found.artifact}", reason="index-error")
         meta, zinfo = found.layer_paths(layer)
+        prefetch = (found.layer_dirs[layer.digest] / layer.prefetch.name
+                    if layer.prefetch is not None else None)  # verified with the rest
         return LayerIndex(pinned, meta, zinfo, found.artifact,
                           bound=found.trust.get(layer.digest) != UNBOUND,
-                          plain_http=endpoint.plain_http)
+                          plain_http=endpoint.plain_http, prefetch=prefetch)
 
     def _bound(self, request: LayerRequest, repository: str, *,
                plain_http: bool) -> LayerIndex | None:
@@ -241,6 +247,7 @@ class RemoteLayer:
     index: str
     restricted: bool
     plain_http: bool = False
+    prefetch: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -259,11 +266,14 @@ class LazyLayers:
         policy: which indexes may be used.
         registry: credentials, cache and plain-HTTP settings for the registries.
         via: how the daemons export the device (mounting/lifecycle.VIAS).
+        fetch: each layer's background fetch (fetching/background.py; None: off).
     """
 
     def __init__(self, *, registry: RegistryOptions, policy: TrustPolicy,
                  finder: IndexFinder | None = None, hosts: HostsConfig | None = None,
-                 via: str = "auto", timeout_s: float = READY_TIMEOUT_S) -> None:
+                 via: str = "auto", timeout_s: float = READY_TIMEOUT_S,
+                 fetch: FetchPolicy | None = DEFAULT_FETCH) -> None:
+        self.fetch = fetch
         self.registry = registry
         self.policy = policy
         self.finder = finder or DiscoveryFinder(registry, hosts=hosts)
@@ -274,7 +284,8 @@ class LazyLayers:
         index, restricted = resolve_layer(request, finder=self.finder, policy=self.policy)
         layer = RemoteLayer(source=index.source, blob=request.layer_digest,
                             meta=str(index.meta), zinfo=str(index.zinfo), index=index.index,
-                            restricted=restricted, plain_http=index.plain_http)
+                            restricted=restricted, plain_http=index.plain_http,
+                            prefetch=str(index.prefetch) if index.prefetch else None)
         self._mount(layer, mountpoint)
         return layer
 
@@ -287,7 +298,8 @@ class LazyLayers:
                                          platform=None,
                                          insecure=self.registry.insecure or layer.plain_http),
                         via=self.via, timeout_s=self.timeout_s,
-                        trust=UNBOUND if layer.restricted else BOUND)
+                        trust=UNBOUND if layer.restricted else BOUND, fetch=self.fetch,
+                        prefetch=Path(layer.prefetch) if layer.prefetch else None)
         except (HybridErofsError, OSError) as exc:
             raise LayerFallback(f"{layer.blob}: mounting failed: {exc}",
                                 reason="mount-failed") from exc

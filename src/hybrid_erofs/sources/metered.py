@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..metrics.samples import LatencyHistogram, Sample, counter
-from ..source import ByteSource
+from ..source import ByteSource, FileRanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +91,19 @@ class MeteredSource:
                 samples.append(self._latency.sample("read_duration_seconds",
                                                     "Time to serve a read"))
             return samples
+
+    def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
+        """FileRanged pass-through; a range handed out counts as a read served."""
+        if not isinstance(self.inner, FileRanged):
+            return None
+        started = time.perf_counter_ns()
+        where = self.inner.file_range(length, offset)
+        if where is not None:
+            with self._lock:
+                self._latency.observe_ns(time.perf_counter_ns() - started)
+                self._reads += 1
+                self._bytes += length
+        return where
 
     def close(self) -> None:
         self.inner.close()

@@ -4,12 +4,23 @@ GzipSource below otherwise; sits directly above GzipSource, whose completed span
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable
 
 from ..errors import SourceIOError
 from ..gzindex.source import GzipSource
+from ..metrics.samples import Sample
 from ..source import check_range
 from .layerstore import LayerStore
+
+# Stored bytes a sequential reader gets ahead of it in the page cache (posix_fadvise WILLNEED):
+# splices from one fd shared by libfuse's threads, out of order, defeat the kernel's own
+# readahead for the file.
+READAHEAD = 16 << 20
 
 
 class StoredLayerSource:
@@ -33,6 +44,47 @@ class StoredLayerSource:
         self.inner = inner
         self.store = store
         inner.on_span = store.put
+        self._starts = [cp.out_offset for cp in inner.index.checkpoints]
+        self._lock = threading.Lock()
+        # Spans in the order reads first touched them (a prefetch profile is made of this);
+        # background fetches and decode-ahead do not read through here.
+        self._read_order: dict[int, None] = {}
+        self._recent_ends: deque[int] = deque(maxlen=8)
+        self._advised_end = 0
+        self.progress: Callable[[], object] | None = None  # a BackgroundFetcher's progress()
+
+    def spans_read(self) -> list[int]:
+        """Span numbers in the order reads first touched them."""
+        with self._lock:
+            return list(self._read_order)
+
+    def _read_ahead(self, length: int, offset: int) -> None:
+        """A stored read that continues a recent one: have the next READAHEAD bytes read
+        from disk now, once per window."""
+        end = offset + length
+        with self._lock:
+            sequential = offset in self._recent_ends
+            self._recent_ends.append(end)
+            if not sequential or end + READAHEAD // 2 <= self._advised_end:
+                return
+            start = max(end, self._advised_end)
+            self._advised_end = end + READAHEAD
+        if start < self.size:
+            with contextlib.suppress(OSError):  # advice only
+                os.posix_fadvise(self.store.fd, start, min(READAHEAD, self.size - start),
+                                 os.POSIX_FADV_WILLNEED)
+
+    def _note(self, length: int, offset: int) -> None:
+        if length <= 0:
+            return
+        first = bisect_right(self._starts, offset) - 1
+        last = bisect_right(self._starts, offset + length - 1) - 1
+        order = self._read_order
+        if first in order and last in order:
+            return
+        with self._lock:
+            for number in range(first, last + 1):
+                order.setdefault(number, None)
 
     @property
     def size(self) -> int:
@@ -40,8 +92,10 @@ class StoredLayerSource:
 
     def pread(self, length: int, offset: int) -> bytes:
         check_range(self, length, offset)
+        self._note(length, offset)
         if not self.store.has(length, offset):
             return self.inner.pread(length, offset)
+        self._read_ahead(length, offset)
         try:
             data = os.pread(self.store.fd, length, offset)
         except OSError as exc:
@@ -53,7 +107,18 @@ class StoredLayerSource:
 
     def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
         check_range(self, length, offset)
-        return (self.store.fd, offset) if self.store.has(length, offset) else None
+        if not self.store.has(length, offset):
+            return None
+        self._note(length, offset)
+        self._read_ahead(length, offset)
+        return self.store.fd, offset
+
+    def metric_samples(self) -> list[Sample]:
+        """The background fetch of this layer (metrics.Reporting), when it has one."""
+        from ..fetching.background import FetchProgress, progress_samples
+
+        progress = self.progress() if self.progress is not None else None
+        return progress_samples(progress) if isinstance(progress, FetchProgress) else []
 
     def close(self) -> None:
         try:

@@ -1,0 +1,52 @@
+"""Attach a BackgroundFetcher to a mounted layer's device stack (mounting/layer.py calls this):
+find the stored layer and the chunk cache (the cache limit) in the stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from ..sources.chunkcache import ChunkCacheSource
+from ..sources.metered import MeteredSource, iter_stages
+from ..sources.stored import StoredLayerSource
+from .background import BackgroundFetcher, FetchPolicy
+
+log = logging.getLogger(__name__)
+
+
+def cache_limit_reason(cache: ChunkCacheSource | None, layer: StoredLayerSource) -> str | None:
+    """Why the cache cannot hold this layer in full (compressed chunks plus decoded data),
+    or None. Eviction never removes a blob in use, so fetching on would only push other
+    images' layers out and still not fit."""
+    if cache is None or cache.max_bytes is None:
+        return None
+    needed = cache.size + layer.size
+    if needed <= cache.max_bytes:
+        return None
+    return (f"the cache limit ({cache.max_bytes} bytes) cannot hold this layer in full "
+            f"({cache.size} bytes of blob + {layer.size} bytes of layer data); it stays lazy")
+
+
+def attach_fetcher(device: MeteredSource, *, policy: FetchPolicy,
+                   verify: Callable[[], None] | None = None, first: Sequence[int] = (),
+                   on_failure: Callable[[str], None] | None = None,
+                   name: str = "layer") -> BackgroundFetcher | None:
+    """A fetcher (not started) for the layer under `device`; None when the layer has no
+    store to fill (a local file, an index without a sidecar, or an unbound index: its
+    decoded spans are kept out of the shared store). `verify` checks the complete layer
+    (LayerMount: trust/verifier.py) and raises to fail it."""
+    stages = list(iter_stages(device))
+    layer = next((s for s in stages if isinstance(s, StoredLayerSource)), None)
+    if layer is None:
+        return None
+    cache = next((s for s in stages if isinstance(s, ChunkCacheSource)), None)
+    fetcher = BackgroundFetcher(layer, policy=policy, first=first,
+                                activity=lambda: device.stats.reads, verify=verify,
+                                on_failure=on_failure,
+                                limit=lambda: cache_limit_reason(cache, layer), name=name)
+    layer.progress = fetcher.progress  # reported with the layer's metrics
+    return fetcher
+
+
+__all__ = ["attach_fetcher", "cache_limit_reason"]

@@ -1,0 +1,82 @@
+"""Prefetch profiles: the spans of one layer that a container read while it started, in the
+order it first read them, for the zinfo they number. Stored per layer beside the zinfo in an
+image index directory (`sha256-<hex>.prefetch.json`), listed in index.json with its digest,
+and published in the index artifact with the rest, so it is bound the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import IndexFormatError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "hybrid-erofs/prefetch-profile"
+VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchProfile:
+    """Span numbers of one layer's zinfo (identified by its sha256), first read first."""
+
+    blob: str  # the layer's blob digest
+    zinfo_sha256: str
+    spans: tuple[int, ...]
+    command: tuple[str, ...] = ()  # what was run to record it (information only)
+
+
+def dump_profile(profile: PrefetchProfile) -> bytes:
+    data = {"format": FORMAT, "version": VERSION, "blob": profile.blob,
+            "zinfo_sha256": profile.zinfo_sha256, "spans": list(profile.spans),
+            "command": list(profile.command)}
+    return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+
+
+def parse_profile(data: bytes, *, name: str) -> PrefetchProfile:
+    """Parse a profile; IndexFormatError naming the file otherwise."""
+    try:
+        raw = json.loads(data)
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise IndexFormatError(f"{name}: not a prefetch profile (format {FORMAT!r})")
+        if raw.get("version") != VERSION:
+            raise IndexFormatError(f"{name}: prefetch profile version {raw.get('version')!r} "
+                                   f"is not supported (this tool reads version {VERSION})")
+        spans = raw["spans"]
+        if not isinstance(spans, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in spans):
+            raise IndexFormatError(f"{name}: 'spans' must be a list of span numbers")
+        return PrefetchProfile(blob=str(raw["blob"]), zinfo_sha256=str(raw["zinfo_sha256"]),
+                               spans=tuple(spans),
+                               command=tuple(str(arg) for arg in raw.get("command", ())))
+    except IndexFormatError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IndexFormatError(f"{name}: malformed prefetch profile: {exc!r}") from exc
+
+
+def profile_spans(path: Path | None, *, zinfo: Path | None) -> Sequence[int]:
+    """The spans a mount fetches first: those of the profile at `path` when it numbers the
+    spans of `zinfo` (same sha256); none otherwise (a warning says why)."""
+    if path is None or zinfo is None:
+        return ()
+    try:
+        profile = parse_profile(path.read_bytes(), name=str(path))
+        zinfo_sha256 = hashlib.sha256(zinfo.read_bytes()).hexdigest()
+    except (OSError, IndexFormatError) as exc:
+        log.warning("%s: prefetch profile not used: %s", path, exc)
+        return ()
+    if profile.zinfo_sha256 != zinfo_sha256:
+        log.warning("%s: prefetch profile not used: it numbers the spans of another zinfo",
+                    path)
+        return ()
+    return profile.spans
+
+
+__all__ = ["FORMAT", "VERSION", "PrefetchProfile", "dump_profile", "parse_profile",
+           "profile_spans"]
