@@ -1,13 +1,18 @@
 """The cost of metrics on the read path: 4 KiB random reads through two mounts of one layer, one
-daemon with metrics (latency histogram, /metrics scraped every second), one without (the
+daemon with metrics (latency histogram, /metrics scraped every 15 s), one without (the
 histogram off: HYBRID_EROFS_NO_READ_METRICS=1), interleaved A/B/B/A in many rounds; cold reads
 (decoded from a checkpoint) and warm ones (decoded data in memory), page caches dropped before
 each read so that every read reaches its daemon. Two ways in: files of the EROFS mount (the
 kernel reads ahead from the FUSE file), and the FUSE file itself with readahead off (exactly
-4 KiB per daemon read: the least work per read, so the largest share for metrics). Plus the
-histogram's cost per call, measured on MeteredSource alone. Root only.
+4 KiB per daemon read: the least work per read, so the largest share for metrics).
+
+Measured per read: the wall time, and the CPU time the daemon spent (its threads in a cgroup
+of their own, cpuacct.usage in ns): on a shared machine the wall time is mostly other people's
+load, the daemon's CPU time much less so. Plus the histogram's cost per call, measured on
+MeteredSource alone. Root only (mounts, cgroups).
 
     python tools/bench_metrics.py [--tar TAR] [--work DIR] [--rounds 40] [--reads 50]
+                                  [--scrape-every 15]
 """
 
 from __future__ import annotations
@@ -74,6 +79,48 @@ def mounted(layer: Path, zinfo: Path, meta: Path, mnt: Path, runtime: Path, *,
         subprocess.run([*CLI, "umount", str(mnt)], env=env, check=True, capture_output=True)
 
 
+class DaemonCpu:
+    """CPU time of one daemon (all its threads, exited ones too): a cgroup v1 cpuacct group
+    of its own, or (without one) the sum of its live threads' schedstat."""
+
+    def __init__(self, pid: int, name: str) -> None:
+        self.pid = pid
+        self.group: Path | None = Path(f"/sys/fs/cgroup/cpuacct/hybrid-erofs-bench-{name}-{pid}")
+        try:
+            self.group.mkdir()
+            (self.group / "cgroup.procs").write_text(f"{pid}\n")
+        except OSError:
+            self.group = None
+
+    def ns(self) -> int:
+        if self.group is not None:
+            return int((self.group / "cpuacct.usage").read_text())
+        total = 0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
+        return total
+
+    def settled_ns(self, quiet_s: float = 0.003, limit_s: float = 0.5) -> int:
+        """The CPU time once the daemon has been idle for `quiet_s` (its background work for
+        the last read, decoding ahead for instance, counted with that read)."""
+        deadline = time.monotonic() + limit_s
+        last, quiet_since = self.ns(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(quiet_s / 3)
+            now = self.ns()
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                break
+        return last
+
+    def close(self) -> None:
+        if self.group is not None:
+            with contextlib.suppress(OSError):  # the daemon has exited: the group is empty
+                self.group.rmdir()
+
+
 def files_of(mnt: Path) -> list[tuple[str, int]]:
     found = []
     for path in mnt.rglob("*"):
@@ -84,26 +131,34 @@ def files_of(mnt: Path) -> list[tuple[str, int]]:
     return sorted(found)
 
 
-def timed_reads(mnt: Path, disk_fd: int, skip: int,
-                reads: list[tuple[str, int]]) -> tuple[list[float], list[float]]:
-    """Each (file, offset) read cold, then warm, in µs; page caches dropped before each read.
-    The file "" is the FUSE device file itself (readahead off)."""
-    cold, warm = [], []
-    for name, offset in reads:
+def timed_reads(mnt: Path, disk_fd: int, skip: int, cpu: DaemonCpu,
+                reads: list[tuple[str, int]]) -> dict[str, list[tuple[float, float]]]:
+    """(wall µs, daemon CPU µs) of each (file, offset) read cold, and of each but the last
+    read again (warm) right after the next one's cold read: reading the same span twice in a
+    row would start GzipSource's decode-ahead, whose CPU time would swamp the read's own.
+    Page caches are dropped before each read. The file "" is the FUSE device file, read with
+    readahead off."""
+    out: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}
+    order = [(0, "cold")]
+    for k in range(1, len(reads)):
+        order += [(k, "cold"), (k - 1, "warm")]
+    for k, temp in order:
+        name, offset = reads[k]
         fd = os.open(mnt / name, os.O_RDONLY) if name else disk_fd
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            for out in (cold, warm):
-                os.posix_fadvise(fd, skip if fd == disk_fd else 0, 0, os.POSIX_FADV_DONTNEED)
-                os.posix_fadvise(disk_fd, skip, 0, os.POSIX_FADV_DONTNEED)
-                started = time.perf_counter_ns()
-                data = os.pread(fd, 4096, offset)
-                out.append((time.perf_counter_ns() - started) / 1000)
-                assert len(data) == 4096
+            os.posix_fadvise(fd, skip if fd == disk_fd else 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(disk_fd, skip, 0, os.POSIX_FADV_DONTNEED)
+            cpu_before = cpu.settled_ns()
+            started = time.perf_counter_ns()
+            data = os.pread(fd, 4096, offset)
+            wall = time.perf_counter_ns() - started
+            out[temp].append((wall / 1000, (cpu.settled_ns() - cpu_before) / 1000))
+            assert len(data) == 4096
         finally:
             if fd != disk_fd:
                 os.close(fd)
-    return cold, warm
+    return out
 
 
 def histogram_cost_ns(calls: int = 200_000) -> tuple[float, float]:
@@ -125,6 +180,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench-data" / "metrics")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--reads", type=int, default=50, help="reads per batch")
+    parser.add_argument("--scrape-every", type=float, default=15.0, metavar="SECONDS",
+                        help="how often /metrics of A is scraped (Prometheus: 15 s or more)")
+    parser.add_argument("--control", action="store_true",
+                        help="A without metrics too (an A/A run: the noise and bias floor)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_metrics.py: needs root (mounts)")
@@ -132,25 +191,28 @@ def main() -> None:
     skip = -(-meta.stat().st_size // 4096) * 4096  # the meta's pages stay cached
     rng = random.Random(1234)
     run = args.work / "run"
-    with mounted(layer, zinfo, meta, args.work / "a", run / "a", metrics=True) as rec_a, \
+    with mounted(layer, zinfo, meta, args.work / "a", run / "a",
+                 metrics=not args.control) as rec_a, \
             mounted(layer, zinfo, meta, args.work / "b", run / "b", metrics=False) as rec_b:
         mounts = {"A": (args.work / "a", rec_a), "B": (args.work / "b", rec_b)}
         candidates = files_of(args.work / "a")
         stop = threading.Event()
         scrapes = [0]
 
-        def scraper() -> None:  # Prometheus-like, but every second
-            while not stop.wait(1.0):
+        def scraper() -> None:  # as Prometheus would
+            while not stop.wait(args.scrape_every) and not args.control:
                 httpx.get(f"http://{rec_a['metrics_address']}/metrics", timeout=10)
                 scrapes[0] += 1
 
         thread = threading.Thread(target=scraper, daemon=True)
         thread.start()
         modes = [f"{way} {temp}" for way in ("erofs", "device") for temp in ("cold", "warm")]
-        per_round: dict[str, dict[str, list[float]]] = {m: {"A": [], "B": []} for m in modes}
-        every: dict[str, dict[str, list[float]]] = {m: {"A": [], "B": []} for m in modes}
+        # mode -> daemon -> per round: [(wall µs, cpu µs) per read]
+        rounds: dict[str, dict[str, list[list[tuple[float, float]]]]] = {
+            m: {"A": [], "B": []} for m in modes}
         disk_fds = {k: os.open(str(rec["disk_path"]), os.O_RDONLY) for k, (_, rec) in
                     mounts.items()}
+        cpus = {k: DaemonCpu(int(str(rec["daemon_pid"])), k) for k, (_, rec) in mounts.items()}
         device_size = os.fstat(disk_fds["A"]).st_size
         try:
             for r in range(args.rounds):
@@ -162,32 +224,41 @@ def main() -> None:
                         ("", rng.randrange(skip // 4096, device_size // 4096 - 1) * 4096))
                 for key in ("A", "B") if r % 2 == 0 else ("B", "A"):
                     for way, reads in batches.items():
-                        cold, warm = timed_reads(mounts[key][0], disk_fds[key], skip, reads)
-                        for temp, values in (("cold", cold), ("warm", warm)):
-                            per_round[f"{way} {temp}"][key].append(statistics.median(values))
-                            every[f"{way} {temp}"][key].extend(values)
+                        got = timed_reads(mounts[key][0], disk_fds[key], skip, cpus[key],
+                                          reads)
+                        for temp, values in got.items():
+                            rounds[f"{way} {temp}"][key].append(values)
         finally:
             stop.set()
             thread.join()
             for fd in disk_fds.values():
                 os.close(fd)
-    print(f"{args.rounds} rounds x {args.reads} reads of 4 KiB per daemon and mode, A/B/B/A; "
-          f"/metrics of A scraped {scrapes[0]} times")
-    print("| reads | A (metrics) median µs | B (none) median µs | A/B, median of per-round "
-          "ratios | quartiles of the ratios |")
+    for cpu in cpus.values():
+        cpu.close()
+    print(f"{'CONTROL (A without metrics too): ' if args.control else ''}"
+          f"{args.rounds} rounds x {args.reads} reads of 4 KiB per daemon and mode, A/B/B/A; "
+          f"/metrics of A scraped {scrapes[0]} times; CPU from "
+          f"{'cgroup cpuacct' if cpus['A'].group else 'schedstat'}")
+    print("| reads | wall µs, median: A (metrics) / B (none) | daemon CPU µs per read, mean: "
+          "A / B | A/B CPU: all reads | A/B CPU: median of per-round ratios (quartiles) |")
     print("|---|---|---|---|---|")
     for mode in modes:
-        ratios = sorted(a / b for a, b in zip(per_round[mode]["A"], per_round[mode]["B"],
-                                              strict=True))
-        q1, _, q3 = statistics.quantiles(ratios, n=4)
-        print(f"| {mode} | {statistics.median(every[mode]['A']):.1f} | "
-              f"{statistics.median(every[mode]['B']):.1f} | {statistics.median(ratios):.3f} | "
-              f"{q1:.3f} - {q3:.3f} |")
+        a_all = [v for batch in rounds[mode]["A"] for v in batch]
+        b_all = [v for batch in rounds[mode]["B"] for v in batch]
+        cpu_a = statistics.fmean(c for _, c in a_all)
+        cpu_b = statistics.fmean(c for _, c in b_all)
+        ratios = sorted(sum(c for _, c in a) / sum(c for _, c in b)
+                        for a, b in zip(rounds[mode]["A"], rounds[mode]["B"], strict=True))
+        q1, median, q3 = statistics.quantiles(ratios, n=4)
+        print(f"| {mode} | {statistics.median(w for w, _ in a_all):.0f} / "
+              f"{statistics.median(w for w, _ in b_all):.0f} | {cpu_a:.1f} / {cpu_b:.1f} | "
+              f"{cpu_a / cpu_b:.3f} | {statistics.median(ratios):.3f} "
+              f"({q1:.3f} - {q3:.3f}) |")
+    warm_cpu_b = statistics.fmean(c for batch in rounds["device warm"]["B"] for _, c in batch)
     with_h, without = histogram_cost_ns()
-    warm_b = statistics.median(every["device warm"]["B"]) * 1000
     print(f"MeteredSource.pread: {with_h:.0f} ns with the histogram, {without:.0f} ns without: "
-          f"{with_h - without:.0f} ns per read = {100 * (with_h - without) / warm_b:.2f} % of a "
-          f"warm 4 KiB device read ({warm_b / 1000:.1f} µs)")
+          f"{with_h - without:.0f} ns per read = {100 * (with_h - without) / warm_cpu_b / 1000:.2f}"
+          f" % of the daemon's CPU for a warm 4 KiB device read ({warm_cpu_b:.1f} µs)")
 
 
 if __name__ == "__main__":
