@@ -1,17 +1,21 @@
 """A loopback OCI registry of our own for fault tests: /v2/, one image (OCI manifest, config, one
 gzip layer), blobs with Range, bearer tokens from /token, and fault switches settable at any time
 (failures with Retry-After, resets, truncated bodies, ignored Range, delays, expiring tokens,
-tampered bytes) with counters of what was asked. Stdlib only; stopped by `close()`."""
+tampered bytes) with counters of what was asked; `make_layer` builds layers for it. Stdlib only;
+stopped by `close()`."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
+import random
 import re
 import secrets
 import socket
 import struct
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -24,6 +28,27 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 _WRITE = 64 << 10
+
+
+def make_layer(seed: int, *, count: int = 150,
+               level: int = 6) -> tuple[bytes, dict[str, bytes]]:
+    """A gzip layer of `count` files of 1 KiB to 1 MiB (two thirds text-like, one third
+    random; 150 files are ~16 MB of layer data) and its files by name."""
+    rng = random.Random(seed)
+    words = [rng.randbytes(rng.randrange(2, 8)).hex().encode() for _ in range(3000)]
+    files: dict[str, bytes] = {}
+    for n in range(count):
+        size = int(2 ** rng.uniform(10, 20))
+        files[f"d{n % 7}/f{n:0{len(str(count - 1))}d}.bin"] = (
+            b" ".join(rng.choice(words) for _ in range(size // 6 + 1))[:size] if n % 3
+            else rng.randbytes(size))
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1700000000, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), compresslevel=level, mtime=0), files
 
 
 def _digest(data: bytes) -> str:

@@ -10,14 +10,11 @@ commit) to compare. Root only.
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import json
 import os
 import random
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -27,26 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
 from hybrid_erofs.indexing.layer import index_layer  # noqa: E402
-from tests.fault_registry import FaultRegistry  # noqa: E402
-
-
-def make_layer(seed: int = 11, count: int = 1200) -> tuple[bytes, dict[str, bytes]]:
-    """`count` files of 1 KiB to 1 MiB, two thirds text-like, one third random."""
-    rng = random.Random(seed)
-    words = [rng.randbytes(rng.randrange(2, 8)).hex().encode() for _ in range(3000)]
-    files: dict[str, bytes] = {}
-    for n in range(count):
-        size = int(2 ** rng.uniform(10, 20))
-        files[f"d{n % 7}/f{n:04d}.bin"] = (
-            b" ".join(rng.choice(words) for _ in range(size // 6 + 1))[:size] if n % 3
-            else rng.randbytes(size))
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 1700000000, 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return gzip.compress(raw.getvalue(), compresslevel=1, mtime=0), files
+from tests.fault_registry import FaultRegistry, make_layer  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_rss.py: needs root (mounts)")
-    blob, files = make_layer()
+    blob, files = make_layer(11, count=1200, level=1)
     registry = FaultRegistry(blob)
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
         work = Path(tmp)

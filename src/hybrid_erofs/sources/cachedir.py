@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,23 +137,43 @@ def scan_blobs(cache_dir: Path, *, count: bool = True) -> list[BlobInfo]:
     return blobs
 
 
-def remove_blob(directory: Path) -> bool:
-    """Delete one blob's directory unless it is in use; False when it was kept."""
+@contextlib.contextmanager
+def try_lock(path: Path) -> Iterator[bool | None]:
+    """Hold an exclusive flock on `path` (created) if no one else holds it: True inside then,
+    False when someone does, None when its directory is gone."""
     try:
-        fd = os.open(directory / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except FileNotFoundError:
-        return True
+        yield None
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def unused(directory: Path) -> contextlib.AbstractContextManager[bool | None]:
+    """A blob's open.lock held exclusively if no process has the blob open (each opener holds
+    it shared): True inside then, False when it is in use, None when the blob is gone."""
+    return try_lock(directory / "open.lock")
+
+
+def remove_blob(directory: Path) -> bool:
+    """Delete one blob's directory unless it is in use; False when it was kept."""
+    with unused(directory) as free:
+        if free is None:
+            return True
+        if not free:
             return False
         # Rename first, under the lock: an opener that raced us sees the name vanish and
         # starts a fresh directory instead of using one being deleted (ChunkStore._lock_open).
         trash = directory.parent / f".trash-{os.getpid()}-{time.monotonic_ns()}"
         os.rename(directory, trash)
-    finally:
-        os.close(fd)
     shutil.rmtree(trash, ignore_errors=True)
     return True
 

@@ -8,17 +8,15 @@ room for decoded spans. Blobs left without chunks and not in use are removed who
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cachedir import remove_blob, scan_blobs
+from .cachedir import remove_blob, scan_blobs, try_lock, unused
 from .chunkstore import (
     FORMAT_DIR,
     ChunkStore,
@@ -87,7 +85,7 @@ def evict(cache_dir: Path, *, max_bytes: int, target_bytes: int | None = None,
     """
     target = int(max_bytes * LOW) if target_bytes is None else target_bytes
     root = cache_dir / FORMAT_DIR
-    with _evict_lock(root) as locked:
+    with try_lock(root / ".evict.lock") as locked:  # one evicting process at a time
         if not locked:
             return None
         blobs = scan_blobs(cache_dir, count=False)
@@ -118,24 +116,6 @@ def evict(cache_dir: Path, *, max_bytes: int, target_bytes: int | None = None,
         log.info("%s: evicted %d chunks and %d blobs, %d -> %d bytes (limit %d)", cache_dir,
                  evicted, removed, before, after, max_bytes)
     return EvictionResult(before, after, evicted, removed)
-
-
-@contextlib.contextmanager
-def _evict_lock(root: Path) -> Iterator[bool]:
-    try:
-        fd = os.open(root / ".evict.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except FileNotFoundError:  # nothing cached yet
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 def _candidates(directory: Path, fallback_s: float) -> list[_Candidate]:
@@ -187,21 +167,13 @@ def _decoded_bytes(directory: Path) -> int:
 def _drop_decoded(directory: Path) -> bool:
     """Delete a blob's decoded layer data (LayerStore), only while no process has the blob
     open: a LayerStore serves its bytes without a checksum, so they must not vanish under it."""
-    try:
-        fd = os.open(directory / "open.lock", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with unused(directory) as free:
+        if not free:
             return False
         for path in directory.glob(f"{LAYER_DATA}.spans-*"):  # the records first
             path.unlink(missing_ok=True)
         (directory / LAYER_DATA).unlink(missing_ok=True)
         return True
-    finally:
-        os.close(fd)
 
 
 def _evict_one(candidate: _Candidate) -> bool:
