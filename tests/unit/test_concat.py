@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from hybrid_erofs.errors import InvalidInput
+from hybrid_erofs.errors import InvalidInput, SourceIOError
 from hybrid_erofs.source import MemorySource
-from hybrid_erofs.sources.concat import ConcatSource, ZeroSource, open_disk
+from hybrid_erofs.sources.concat import ConcatSource, PinnedHeadSource, ZeroSource, open_disk
 from tests.doubles import CountingSource, FlakySource
 
 
@@ -175,3 +175,27 @@ def test_open_disk_with_a_real_meta() -> None:
     assert disk.pread(disk.size, 0) == meta + layer
     with pytest.raises(InvalidInput, match="device table says"):
         open_disk(MemorySource(meta + bytes(512)), MemorySource(layer))
+
+
+def test_the_layer_bytes_sharing_the_metas_last_page_stay_once_read() -> None:
+    """A 2 KiB meta: its page holds the first 2 KiB of layer data too; once read, that page
+    reads without the layer source (a dead registry cannot break a metadata lookup)."""
+    meta = fake_meta(blocks=4, slot_blocks=8)
+    layer_bytes = _data(8 * 512, 7)
+    layer = CountingSource(layer_bytes)
+    disk = open_disk(MemorySource(meta), layer)
+    page = meta + layer_bytes[: 4096 - len(meta)]
+    assert disk.pread(4096, 0) == page
+    assert layer.calls == [(4096 - len(meta), 0)]
+
+    class Dead(CountingSource):
+        def pread(self, length: int, offset: int) -> bytes:
+            raise SourceIOError("dead")
+
+    head = disk.parts[1]
+    assert isinstance(head, PinnedHeadSource)
+    head.inner = Dead(layer_bytes)
+    assert disk.pread(4096, 0) == page  # the page again: no layer read
+    assert disk.pread(100, 1000) == page[1000:1100]
+    with pytest.raises(SourceIOError):
+        disk.pread(1024, 4096)  # past the pinned bytes: the (dead) layer

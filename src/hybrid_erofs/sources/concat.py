@@ -13,6 +13,7 @@ from ..errors import InvalidInput
 from ..source import ByteSource, FileRanged, check_range
 
 BLOCK = 512
+PAGE = 4096  # the kernel's page: what it reads (and drops) of the device at a time
 # erofs-tarindex.md §1.2 (superblock at byte 1024, little-endian) and §1.4 (device slot).
 SUPERBLOCK_OFFSET = 1024
 EROFS_MAGIC = 0xE0F5E1E2
@@ -89,6 +90,44 @@ class ConcatSource:
             raise errors[0]
 
 
+class PinnedHeadSource:
+    """`inner`, with its first `length` bytes kept in memory once a read has fetched them.
+
+    The meta's last page holds the first bytes of the layer data too (the meta ends on a
+    512-byte block, pages are 4 KiB): pinning them means metadata never needs the registry
+    again once read, even when the kernel drops that page while the registry is down.
+    Thread-safe if `inner` is; owns `inner`.
+    """
+
+    def __init__(self, inner: ByteSource, length: int) -> None:
+        self.inner = inner
+        self._length = min(length, inner.size)
+        self._head: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        check_range(self, length, offset)
+        head = self._head
+        if offset + length <= self._length:
+            if head is None:
+                head = self._head = self.inner.pread(self._length, 0)
+            return head[offset : offset + length]
+        return self.inner.pread(length, offset)
+
+    def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
+        check_range(self, length, offset)
+        if isinstance(self.inner, FileRanged):
+            return self.inner.file_range(length, offset)
+        return None
+
+    def close(self) -> None:
+        self._head = None
+        self.inner.close()
+
+
 class ZeroSource:
     """`size` zero bytes (padding the device to whole 512-byte sectors). Thread-safe."""
 
@@ -154,6 +193,7 @@ def open_disk(meta: ByteSource, layer: ByteSource, *, name: str = "m.erofs") -> 
     Checks (before anything is served): meta size a multiple of 512, EROFS magic, one extra
     device whose slot says the tar starts right after the meta, and the layer data not shorter
     than the slot's block count. The device is padded with zeros to whole 512-byte sectors.
+    The layer bytes that share the meta's last page are kept once read (PinnedHeadSource).
 
     Args:
         meta: the meta image; owned by the result.
@@ -179,11 +219,12 @@ def open_disk(meta: ByteSource, layer: ByteSource, *, name: str = "m.erofs") -> 
             f"{name}: device table says the layer data has {blocks} blocks "
             f"({blocks * block_size} bytes) but it is only {layer.size} bytes"
         )
-    parts: list[ByteSource] = [meta, layer]
+    head = -meta.size % PAGE
+    parts: list[ByteSource] = [meta, PinnedHeadSource(layer, head) if head else layer]
     pad = -(meta.size + layer.size) % BLOCK
     if pad:
         parts.append(ZeroSource(pad))
     return ConcatSource(parts)
 
 
-__all__ = ["ConcatSource", "ZeroSource", "open_disk"]
+__all__ = ["ConcatSource", "PinnedHeadSource", "ZeroSource", "open_disk"]
