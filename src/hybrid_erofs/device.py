@@ -257,12 +257,13 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
                        decode_ahead=DECODE_AHEAD, decode_workers=DECODE_WORKERS)
     if store_dir is None or not side_path.exists():
         return layer
-    limit = blob.max_bytes if isinstance(blob, ChunkCacheSource) else None
-    if limit is not None and blob.size + layer.size > limit:
+    limit = blob.room if isinstance(blob, ChunkCacheSource) else None
+    if isinstance(blob, ChunkCacheSource) and limit is not None and (
+            blob.size + layer.size > limit):
         # The cache cannot hold the layer in full (its chunks and its decoded data): it stays
         # lazy, spans are decoded from the chunks each time (docs/fetch.md, the cache limit).
-        log.info("%s: the cache limit (%d bytes) cannot hold the layer: decoded spans are not "
-                 "kept", name, limit)
+        log.info("%s: the cache limit (%d bytes, of which eviction keeps %d) cannot hold the "
+                 "layer: decoded spans are not kept", name, blob.max_bytes, limit)
         return layer
     try:
         store = LayerStore(store_dir, size=layer.size,

@@ -575,12 +575,22 @@ def test_default_limit_is_half_the_room_and_capped(tmp_path: Path, open_cache: O
     assert abs(default_cache_limit(tmp_path / "new" / "cache") - expected(0)) < slack
 
 
-def test_reserve_grants_room_beside_the_chunks_within_the_limit(open_cache: Open) -> None:
+def test_reserve_grants_room_beside_the_chunks_within_the_limit(open_cache: Open,
+                                                                tmp_path: Path) -> None:
     limit = 64 * CHUNK
     source = open_cache(max_bytes=limit)
-    source.pread(len(DATA), 0)  # 11 chunks stored
-    assert source.reserve(10 * CHUNK) and source.reserve(10 * CHUNK)
-    assert not source.reserve(13 * CHUNK)  # more than half the limit for one blob
-    assert source.reserve(12 * CHUNK)  # 32 chunks granted: exactly half
-    assert not source.reserve(1)
+    assert source.room == 48 * CHUNK  # what eviction keeps: 3/4 of the limit
+    source.pread(len(DATA), 0)  # 11 chunks stored (and their index, access files)
+    decoded = blob_dir(tmp_path, KEY) / "layer"  # where LayerStore writes what it may
+
+    def keep(chunks: int) -> bool:
+        if not source.reserve(chunks * CHUNK):
+            return False
+        with open(decoded, "ab") as out:
+            out.write(bytes(chunks * CHUNK))
+        return True
+
+    assert keep(20) and keep(10)
+    assert not keep(10)  # past 3/4 of the limit
+    assert keep(5)  # still within it
     assert open_cache(max_bytes=None).reserve(1 << 40)  # no limit, no question

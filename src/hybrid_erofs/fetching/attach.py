@@ -16,16 +16,17 @@ log = logging.getLogger(__name__)
 
 
 def cache_limit_reason(cache: ChunkCacheSource | None, layer: StoredLayerSource) -> str | None:
-    """Why the cache cannot hold this layer in full (compressed chunks plus decoded data),
-    or None. Eviction never removes a blob in use, so fetching on would only push other
-    images' layers out and still not fit."""
-    if cache is None or cache.max_bytes is None:
+    """Why the cache cannot hold this layer in full (compressed chunks plus decoded data,
+    within `cache.room`, what eviction keeps of the limit), or None: fetching on would only
+    push other layers out and still not fit."""
+    if cache is None or cache.room is None:
         return None
     needed = cache.size + layer.size
-    if needed <= cache.max_bytes:
+    if needed <= cache.room:
         return None
-    return (f"the cache limit ({cache.max_bytes} bytes) cannot hold this layer in full "
-            f"({cache.size} bytes of blob + {layer.size} bytes of layer data); it stays lazy")
+    return (f"the cache limit ({cache.max_bytes} bytes, of which eviction keeps {cache.room}) "
+            f"cannot hold this layer in full ({cache.size} bytes of blob + {layer.size} bytes "
+            f"of layer data); it stays lazy")
 
 
 def attach_fetcher(device: MeteredSource, *, policy: FetchPolicy,

@@ -25,7 +25,6 @@ from ..source import ByteSource, check_range
 from .cachedir import default_cache_dir, scan_blobs
 from .chunkstore import ChunkStore, blob_dir
 from .eviction import CHECK_EVERY, LOW, evict, forget_store, register_store, remove_if_empty
-from .layerstore import DATA_NAME as LAYER_DATA
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -126,7 +125,6 @@ class ChunkCacheSource:
         self._unchecked = 0  # bytes stored since the directory size was last checked
         self._estimate: int | None = None  # the directory's size at the last check, plus since
         self._refused_until = 0.0  # reserve() found no room: answer no at once until then
-        self._granted = 0  # bytes reserve() allowed beside this blob's chunks
         self._directory = blob_dir(self.cache_dir, key)
         self._store = self._open_store(chunk_size)
         self._size = inner.size
@@ -148,8 +146,6 @@ class ChunkCacheSource:
         if self._store is not None:
             register_store(self._store)
             self._store.touch()
-            with contextlib.suppress(OSError):  # decoded spans kept by an earlier mount
-                self._granted = (self._directory / LAYER_DATA).stat().st_blocks * 512
             if max_bytes is not None:
                 self._evict()
 
@@ -244,23 +240,26 @@ class ChunkCacheSource:
             first, last = offset // self._chunk_size, (offset + length - 1) // self._chunk_size
             self._submit(self._background, first, last + 1, False)
 
+    @property
+    def room(self) -> int | None:
+        """What the cache directory may hold once eviction is done (3/4 of `max_bytes`):
+        what a layer kept whole, chunks and decoded data, must fit in. None: no limit."""
+        return None if self._max_bytes is None else int(self._max_bytes * LOW)
+
     def reserve(self, nbytes: int) -> bool:
-        """Whether `nbytes` more may be written beside this blob's chunks (its decoded spans,
-        LayerStore): only while the directory stays under 3/4 of `max_bytes` (where eviction
-        stops) and what was granted for this blob under half of it, so that chunks, which
-        decoding needs, keep room. Counted as written when True. Nothing is evicted for it; after a refusal the
-        size is looked at again (a directory scan) at most every 5 s."""
-        if self._max_bytes is None:
+        """Whether `nbytes` more may be written beside the chunks (decoded spans,
+        LayerStore): only while the directory stays within `room`, so that it never starts
+        an eviction of chunks that decoding needs. Counted as written when True. Nothing is
+        evicted for it; after a refusal the size is looked at again (a directory scan) at
+        most every 5 s."""
+        room = self.room
+        if room is None:
             return True
-        room = int(self._max_bytes * LOW)
         now = time.monotonic()
         with self._lock:
-            if self._granted + nbytes > self._max_bytes // 2:
-                return False
             estimate = self._estimate
             if estimate is not None and estimate + nbytes <= room:
                 self._estimate = estimate + nbytes
-                self._granted += nbytes
                 self._unchecked += nbytes
                 return True
             if estimate is not None and now < self._refused_until:
@@ -270,7 +269,6 @@ class ChunkCacheSource:
         with self._lock:
             granted = held + nbytes <= room
             self._estimate = held + (nbytes if granted else 0)
-            self._granted += nbytes if granted else 0
             return granted
 
     def invalidate(self, length: int, offset: int) -> None:
