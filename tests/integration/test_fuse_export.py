@@ -15,6 +15,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,11 @@ def leaves_nothing_behind(prerequisites: None) -> Iterator[None]:
     if shutil.which("losetup"):
         assert losetup_entries() == loops
     assert not [t for t in threading.enumerate() if t.name.startswith("fuse:")]
-    # libfuse's worker threads are not Python threads: count the kernel's tasks instead.
+    # libfuse's worker threads are not Python threads: count the kernel's tasks instead (a
+    # thread that was joined may take a moment to leave the kernel's list).
+    deadline = time.monotonic() + 2.0
+    while len(os.listdir("/proc/self/task")) > tasks and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(os.listdir("/proc/self/task")) <= tasks
 
 

@@ -269,7 +269,7 @@ def _soak(layer: Layer, mount: Mounted) -> None:
                 registry.dead = True
             if n == 3500:  # ...and comes back, the chaos paused for a while
                 registry.clear_faults()
-                time.sleep(FAILURE_MEMORY_S)
+                time.sleep(FAILURE_MEMORY_S + 0.2)  # a retry in flight may fail a moment late
             if n == 5000:
                 dead.clear()
             phase = ("chaos" if n < 3000 else "dead" if n < 3500 else "recovered" if n < 5000

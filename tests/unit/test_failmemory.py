@@ -86,30 +86,77 @@ def test_failures_in_a_row_open_the_circuit_until_a_probe_succeeds() -> None:
     assert source.stats.circuit_opened == 1
 
 
-def test_only_one_probe_at_a_time() -> None:
-    clock = Clock()
-    inner = DeadSource(DATA)
-    source = FailureMemorySource(inner, ttl_s=1.0, open_after=1, clock=clock)
+class Held(MemorySource):
+    """Reads block until released, then succeed (or raise SourceIOError when `dead`)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.calls = 0
+        self.dead = False
+
+    def pread(self, length: int, offset: int) -> bytes:
+        self.calls += 1
+        self.entered.set()
+        self.release.wait(5)
+        if self.dead:
+            raise SourceIOError("held: still dead")
+        return super().pread(length, offset)
+
+
+def _probing(source: FailureMemorySource, held: Held) -> tuple[threading.Thread, list[object]]:
+    """Start the circuit's probe in a thread (it blocks in `held`) and, once it runs, a second
+    reader of another range; returns that reader and where its outcome lands."""
+    source.inner = held
+    prober = threading.Thread(target=_try, args=(source, 10, 0, []))
+    prober.start()
+    assert held.entered.wait(5)
+    outcome: list[object] = []
+    reader = threading.Thread(target=_try, args=(source, 10, 50, outcome))
+    reader.start()
+    reader.join(0.2)
+    assert reader.is_alive() and not outcome  # it waits for the probe...
+    assert held.calls == 1  # ...without a request of its own
+    return reader, outcome
+
+
+def _try(source: FailureMemorySource, length: int, offset: int, outcome: list[object]) -> None:
+    try:
+        outcome.append(source.pread(length, offset))
+    except SourceIOError as exc:
+        outcome.append(exc)
+
+
+def _open_circuit(clock: Clock) -> FailureMemorySource:
+    source = FailureMemorySource(DeadSource(DATA), ttl_s=1.0, open_after=1, clock=clock)
     with pytest.raises(SourceIOError):
         source.pread(10, 0)
     clock.now += 1.0
-    entered, release = threading.Event(), threading.Event()
+    return source
 
-    class Held(MemorySource):
-        def pread(self, length: int, offset: int) -> bytes:
-            entered.set()
-            release.wait(5)
-            return super().pread(length, offset)
 
-    source.inner = Held(DATA)
-    prober = threading.Thread(target=source.pread, args=(10, 0))
-    prober.start()
-    assert entered.wait(5)
-    with pytest.raises(SourceIOError, match="not fetching"):
-        source.pread(10, 50)  # while the probe runs, others fail at once
-    release.set()
-    prober.join(5)
-    assert source.pread(10, 50) == DATA[50:60]
+def test_reads_during_the_probe_wait_for_it_and_share_its_success() -> None:
+    """One probe at a time; a read that comes while it runs is served once it succeeds (the
+    registry is back: no read fails for being second)."""
+    source = _open_circuit(Clock())
+    held = Held(DATA)
+    reader, outcome = _probing(source, held)
+    held.release.set()
+    reader.join(5)
+    assert outcome == [DATA[50:60]]
+    assert held.calls == 2  # the probe, then the waiting read once the circuit closed
+
+
+def test_reads_during_a_failing_probe_fail_at_once_after_it() -> None:
+    source = _open_circuit(Clock())
+    held = Held(DATA)
+    held.dead = True
+    reader, outcome = _probing(source, held)
+    held.release.set()
+    reader.join(5)
+    [error] = outcome
+    assert isinstance(error, SourceIOError) and "not fetching" in str(error)
+    assert held.calls == 1  # the circuit is open again: no request of its own
 
 
 def test_zero_ttl_remembers_nothing_and_caller_bugs_pass() -> None:

@@ -128,6 +128,7 @@ class GzipSource:
         self._queued: set[int] = set()  # spans submitted for decode-ahead, not yet done
         # Threads run only while there is work (none idle between reads, none left at close).
         self._threads: set[threading.Thread] = set()
+        self._ending: list[threading.Thread] = []  # left the work loop, maybe not yet gone
         # Ends of recent reads: a read starting at one continues a sequential reader (the
         # kernel keeps a few of its requests in flight, so they may come out of order).
         self._recent_ends: deque[int] = deque(maxlen=8)
@@ -152,8 +153,8 @@ class GzipSource:
         with self._lock:
             self._closed = True
             self._todo.clear()
-            threads = list(self._threads)
-        for thread in threads:
+            threads = [*self._threads, *self._ending]
+        for thread in threads:  # none left behind, not even one on its way out
             thread.join()
         with self._lock:
             self._spans.clear()
@@ -231,6 +232,7 @@ class GzipSource:
                 self._queued.add(ahead)
                 wanted.append(ahead)
             self._todo.extend(wanted)
+            self._ending = [thread for thread in self._ending if thread.is_alive()]
             while self._todo and len(self._threads) < self._workers:
                 thread = threading.Thread(target=self._decode_queued, daemon=True,
                                           name=f"decode-ahead:{len(self._threads)}")
@@ -243,6 +245,7 @@ class GzipSource:
             with self._lock:
                 if not self._todo or self._closed:
                     self._threads.discard(threading.current_thread())
+                    self._ending.append(threading.current_thread())
                     return
                 number = self._todo.popleft()
             self._decode_whole(number)

@@ -50,8 +50,10 @@ class FailureMemorySource:
       one range keeps serving the rest.
     * circuit breaker: after `open_after` failed reads in a row with no success between,
       every read fails at once until `ttl_s` after the last failure; then a single read is
-      let through as a probe (others still fail at once). Its success closes the circuit and
-      forgets every remembered failure; its failure opens it again for `ttl_s`.
+      let through as a probe, and reads that come while it runs wait for its outcome (a
+      registry that is back serves them all; one still dead fails them at once). Its success
+      closes the circuit and forgets every remembered failure; its failure opens it again for
+      `ttl_s`.
 
     Errors that are not SourceIOError (a caller's ValueError) pass through unremembered.
 
@@ -78,6 +80,7 @@ class FailureMemorySource:
         self._open_after = open_after
         self._clock = clock
         self._lock = threading.Lock()
+        self._probe_done = threading.Condition(self._lock)
         self._failures: list[_Failure] = []
         self._in_a_row = 0
         self._open_until: float | None = None  # the circuit is open (or half-open after it)
@@ -117,6 +120,7 @@ class FailureMemorySource:
             if probe:
                 with self._lock:
                     self._probing = False
+                    self._probe_done.notify_all()
             raise
         if probe or self._in_a_row:
             self._succeeded(probe)
@@ -130,8 +134,11 @@ class FailureMemorySource:
         now = self._clock()
         end = offset + length
         with self._lock:
+            while self._probing:  # the probe's outcome decides this read too
+                self._probe_done.wait()
+                now = self._clock()
             if self._open_until is not None:
-                if now < self._open_until or self._probing:
+                if now < self._open_until:
                     self._counts[1] += 1
                     wait_s = max(0.0, self._open_until - now)
                     raise SourceIOError(
@@ -159,6 +166,7 @@ class FailureMemorySource:
             self._in_a_row += 1
             self._last_reason = reason
             self._probing = False
+            self._probe_done.notify_all()
             self._failures.append(_Failure(offset, offset + length, now + self._ttl_s, reason))
             del self._failures[:-_MAX_ENTRIES]
             opened = self._open_until is None and self._in_a_row >= self._open_after
@@ -184,6 +192,7 @@ class FailureMemorySource:
                 self._probing = False
                 self._open_until = None
                 self._failures.clear()
+                self._probe_done.notify_all()
         if probe:
             log.info("%s: reads succeed again", self._name)
 

@@ -190,7 +190,10 @@ class LayerStore:
             if self._closed:
                 return
             self._closed = True
+            flusher = self._flusher
         self._wake.set()
+        if flusher is not None:  # gone before its file descriptor is
+            flusher.join()
         os.close(self._fd)
 
     # -- the record -------------------------------------------------------------------------
