@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from hybrid_erofs.cli.options import parse_size
+
 ROOT = Path(__file__).resolve().parent.parent
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -326,15 +328,6 @@ def markdown(report: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
-    t = text.strip().lower()
-    for suffix in sorted(units, key=len, reverse=True):
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * units[suffix])
-    return int(t)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
@@ -342,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--tree", type=Path, default=Path("/usr"),
                         help="directory to split into layers (default /usr)")
     parser.add_argument("--layers", type=int, default=5, help="layers to split --tree into (default 5)")
-    parser.add_argument("--max-size", type=_size, help="use only the first SIZE of file bytes of --tree")
+    parser.add_argument("--max-size", type=parse_size, help="use only the first SIZE of file bytes of --tree")
     parser.add_argument("--gzip", choices=["pigz", "python"],
                         default="pigz" if shutil.which("pigz") else "python",
                         help="compressor, level 6 (default pigz when installed)")

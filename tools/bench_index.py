@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hybrid_erofs.cli.options import parse_size
 from hybrid_erofs.gzindex.build import build_index
 from hybrid_erofs.gzindex.format import GzipIndex, load_index, write_index
 
@@ -268,19 +269,10 @@ def markdown(report: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
-    t = text.strip().lower()
-    for suffix in sorted(units, key=len, reverse=True):
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * units[suffix])
-    return int(t)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("layer", type=Path, help="a .tar.gz (e.g. bench-data/usr.tar.gz)")
-    parser.add_argument("--span", type=_size, default=4 << 20, help="default 4MiB")
+    parser.add_argument("--span", type=parse_size, default=4 << 20, help="default 4MiB")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per method (default 3)")
     parser.add_argument("--every-member", action=argparse.BooleanOptionalAction, default=None,
                         help="erofs' per-member rule for our builder [default: when >1 member]")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from hybrid_erofs.erofs.layout import Inode
 from hybrid_erofs.erofs.reader import ErofsImage
+from hybrid_erofs.erofs.tree import clean
 from hybrid_erofs.errors import ErofsFormatError, SourceIOError
 from hybrid_erofs.source import ByteSource
 
@@ -65,14 +66,7 @@ def _is_header(block: bytes) -> bool:
 
 def _normalize(name: bytes) -> str:
     """Lexical path resolution with root clamping, as mkfs applies to tar names (§2)."""
-    parts: list[str] = []
-    for part in name.decode("utf-8", "surrogateescape").split("/"):
-        if part == "..":
-            if parts:
-                parts.pop()
-        elif part not in ("", "."):
-            parts.append(part)
-    return "/" + "/".join(parts)
+    return "/" + b"/".join(clean(name)).decode("utf-8", "surrogateescape")
 
 
 def _extension(layer: ByteSource, header_offset: int) -> tuple[bytes | None, int | None]:

@@ -25,7 +25,7 @@ from typing import BinaryIO
 from ..erofs.layout import Inode, decode_dev
 from ..erofs.reader import ErofsImage
 from ..erofs.tar import TarMember, TarParser
-from ..erofs.tree import Node, Tree
+from ..erofs.tree import Node, Tree, clean
 from ..errors import GzipFormatError, HybridErofsError, IndexFormatError, TarFormatError
 from ..filekind import detect_format
 from ..gzindex.build import DEFAULT_SPAN, BuildResult, build_index
@@ -450,14 +450,7 @@ class _SparseCapture:
 
 
 def _member_path(name: bytes) -> str:
-    parts: list[str] = []
-    for part in name.decode("utf-8", "surrogateescape").split("/"):
-        if part == "..":
-            if parts:
-                parts.pop()
-        elif part not in ("", "."):
-            parts.append(part)
-    return "/" + "/".join(parts)
+    return "/" + b"/".join(clean(name)).decode("utf-8", "surrogateescape")
 
 
 def _copied_extents(image: ErofsImage | None) -> dict[str, list[tuple[int, int]]]:
