@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -47,6 +48,15 @@ HOST_IF, NS_IF = "hebench0", "hebench1"
 HOST_ADDR, NS_ADDR = "10.213.7.1", "10.213.7.2"
 READY = "ready"
 READY_CMD = ("/bin/sh", "-c", f"cat /etc/debian_version >/dev/null && echo {READY}")
+# The start of an application that reads about 80 MB spread over three of the big image's
+# layers: an interpreter with a few modules (perl, rootfs layer), two programs' binaries
+# (skopeo and docker-registry, 37 MB, /usr/bin layer) and a tree of 2,000 small data files
+# (vim's runtime files, 40 MB, /usr/share layer). It is what --profile records and replays.
+APP_SCRIPT = ("perl -e 'use strict; use warnings; use POSIX ();' && "
+              "cat /opt/bench/bin/skopeo /opt/bench/bin/docker-registry >/dev/null && "
+              "tar -cf - /opt/bench/share/vim | cat >/dev/null")
+APP_CMD = ("/bin/sh", "-c", f"{APP_SCRIPT} && echo {READY}")
+WORKLOADS = {"ready": READY_CMD, "app": APP_CMD}
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -138,44 +148,70 @@ def _gzip_isize(f: Any) -> bytes:
     return data
 
 
-def publish(registry: Registry, images: dict[str, RunImage], data: Path) -> dict[str, str]:
+def index_and_push(ref: str, directory: Path) -> str:
+    """`index REF --all-layers --push`: the pull_ref (the image with its index bound)."""
+    proc = sh(*CLI, "index", ref, "--all-layers", "--min-layer-size", "0", "--push",
+              "--insecure", "-o", str(directory), "--json", check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"index {ref}: {proc.stderr.strip()}")
+    return str(json.loads(proc.stdout).get("pull_ref") or ref)
+
+
+def publish(registry: Registry, images: dict[str, RunImage], data: Path,
+            workload: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Per image: `plain` = the pull_ref of the image with its index bound, `profile` = the
+    pull_ref once a prefetch profile of `workload` is recorded and published with the index
+    (`hybrid-erofs profile`, then `index --push` again: the profile is bound too)."""
     refs = {}
     for name, image in images.items():
         ref = f"{registry.host}/bench/{name}:1"
         sh("skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
            image.ref(), f"docker://{ref}")
-        proc = sh(*CLI, "index", ref, "--all-layers", "--min-layer-size", "0", "--push",
-                  "--insecure", "-o", str(data / f"index-{name}"), check=False)
+        directory = data / f"index-{name}"
+        shutil.rmtree(directory, ignore_errors=True)  # profiles of another workload go too
+        plain = index_and_push(ref, directory)
+        cache = data / f"profile-cache-{name}"
+        shutil.rmtree(cache, ignore_errors=True)
+        script = " ".join(shlex.quote(arg) for arg in workload)
+        proc = sh(*CLI, "profile", ref, "--index-dir", str(directory), "--insecure",
+                  "--cache-dir", str(cache), "--", "sh", "-c",
+                  f'chroot "$ROOTFS" {script} >/dev/null', check=False)
+        shutil.rmtree(cache, ignore_errors=True)
         if proc.returncode != 0:
-            raise SystemExit(f"index {ref}: {proc.stderr.strip()}")
-        refs[name] = ref
+            raise SystemExit(f"profile {ref}: {proc.stderr.strip()}")
+        print(proc.stdout.strip(), file=sys.stderr)
+        refs[name] = {"plain": plain, "profile": index_and_push(ref, directory)}
+        if refs[name]["profile"] == plain:
+            raise SystemExit(f"{ref}: the profile did not change the bound image")
     return refs
 
 
 # -- one measurement ------------------------------------------------------------------------------
 
-def run_lazy(ctrd: Containerd, sn: SnapshotterProcess, ref: str, n: int) -> dict[str, Any]:
+def run_lazy(ctrd: Containerd, sn: SnapshotterProcess, ref: str, n: int,
+             cmd: tuple[str, ...]) -> dict[str, Any]:
     before, t0 = rx_bytes(), time.monotonic()
     ctrd.cri_pull(ref)
     t_pull = time.monotonic() - t0
-    out = ctrd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, f"lazy-{n}", *READY_CMD)
+    out = ctrd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, ref, f"lazy-{n}", *cmd)
     elapsed = time.monotonic() - t0
     assert out.stdout.strip() == READY, out.stdout
     fetched = rx_bytes() - before
     log = sn.log.read_text(errors="replace")
-    return {"ready_s": elapsed, "pull_s": t_pull, "bytes": fetched,
+    return {"ready_s": elapsed, "pull_s": t_pull, "run_s": elapsed - t_pull, "bytes": fetched,
             "lazy_layers": log.count("mounted lazily as"), "fallbacks": log.count("(fallback,")}
 
 
-def run_overlay(ctrd: Containerd, ref: str, n: int) -> dict[str, Any]:
+def run_overlay(ctrd: Containerd, ref: str, n: int, cmd: tuple[str, ...]) -> dict[str, Any]:
     before, t0 = rx_bytes(), time.monotonic()
     ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", ref,
              timeout_s=3600)
     t_pull = time.monotonic() - t0
-    out = ctrd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, f"ovl-{n}", *READY_CMD)
+    out = ctrd.ctr("run", "--rm", "--snapshotter", "overlayfs", ref, f"ovl-{n}", *cmd)
     elapsed = time.monotonic() - t0
     assert out.stdout.strip() == READY, out.stdout
-    return {"ready_s": elapsed, "pull_s": t_pull, "bytes": rx_bytes() - before}
+    return {"ready_s": elapsed, "pull_s": t_pull, "run_s": elapsed - t_pull,
+            "bytes": rx_bytes() - before}
 
 
 def forget(ctrd: Containerd) -> None:
@@ -198,59 +234,58 @@ def main() -> None:
     parser.add_argument("--images", default="small,big")
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data" / "snapshotter")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="what to measure, alternating: " + ", ".join(KINDS))
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="app",
+                        help="the container's command (and what the profile records)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespace, containerd, mounts)")
+    kinds = args.kinds.split(",")
+    if set(kinds) - set(KINDS):
+        raise SystemExit(f"--kinds: one of {', '.join(KINDS)}")
+    cmd = WORKLOADS[args.workload]
     rootfs = Path(os.environ.get("HYBRID_EROFS_ROOTFS_TAR",
                                  "/var/cache/hybrid-erofs-ci/rootfs.tar"))
     data = args.data.resolve()
     data.mkdir(parents=True, exist_ok=True)
     images = build_images(data, rootfs)
+    images = {name: images[name] for name in args.images.split(",")}
     work = data / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    results: dict[str, Any] = {"images": {}, "runs": []}
+    results: dict[str, Any] = {"images": {}, "runs": [], "workload": list(cmd),
+                               "loadavg": []}
     with shaped_link():
         registry = Registry(work / "registry", address=NS_ADDR, netns=NETNS,
                             storage=data / "registry-storage")
         registry.start()
         ctrd: Containerd | None = None
         try:
-            refs = publish(registry, images, data)
+            refs = publish(registry, images, data, cmd)
             sn = SnapshotterProcess(work / "sn.sock", work / "sn-root", work / "sn.log")
             ctrd = Containerd(work / "containerd", sn.address, registry.host)
             ctrd.start()
-            for name in args.images.split(","):
+            for name in images:
                 compressed, uncompressed = layer_bytes(images[name])
                 results["images"][name] = {"layers": len(images[name].layer_digests),
                                            "compressed": compressed,
-                                           "uncompressed": uncompressed}
+                                           "uncompressed": uncompressed, "refs": refs[name]}
                 for rate in args.rates.split(","):
                     shape(rate)
                     for n in range(args.runs):
-                        for kind in ("hybrid-erofs", "overlayfs") if n % 2 == 0 else (
-                                "overlayfs", "hybrid-erofs"):
+                        # rotate which kind goes first
+                        order = kinds[n % len(kinds):] + kinds[:n % len(kinds)]
+                        for kind in order:
+                            results["loadavg"].append(os.getloadavg()[0])
                             forget(ctrd)
-                            if kind == "hybrid-erofs":
-                                cache = work / f"cache-{name}-{rate}-{n}"
-                                sn.root = work / f"sn-root-{name}-{rate}-{n}"
-                                sn.extra_args = ("--insecure", "--accept-unbound-indexes",
-                                                 "--cache-dir", str(cache))
-                                sn.env = {"HYBRID_EROFS_RUNTIME_DIR": str(work / "runtime")}
-                                sn.log.unlink(missing_ok=True)
-                                sn.start()
-                                ctrd.wait_for_snapshotter()
-                                try:
-                                    row = run_lazy(ctrd, sn, refs[name], n)
-                                finally:
-                                    forget(ctrd)
-                                    sn.stop()
-                                    sn.stop_layer_daemons()
-                                    shutil.rmtree(cache, ignore_errors=True)
-                                    shutil.rmtree(sn.root, ignore_errors=True)
+                            if kind == "overlayfs":
+                                row = run_overlay(ctrd, refs[name]["plain"], n, cmd)
                             else:
-                                row = run_overlay(ctrd, refs[name], n)
-                            row.update(image=name, rate=rate, run=n, snapshotter=kind)
+                                row = measure_lazy(ctrd, sn, work, refs[name], kind,
+                                                   f"{name}-{rate}-{n}", n, cmd)
+                            row.update(image=name, rate=rate, run=n, snapshotter=kind,
+                                       load=os.getloadavg()[0])
                             results["runs"].append(row)
                             print(json.dumps(row), flush=True)
         finally:
@@ -264,24 +299,60 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
 
 
+KINDS = ("hybrid-erofs", "hybrid-erofs+profile", "overlayfs")
+
+
+def measure_lazy(ctrd: Containerd, sn: SnapshotterProcess, work: Path, refs: dict[str, str],
+                 kind: str, tag: str, n: int, cmd: tuple[str, ...]) -> dict[str, Any]:
+    """A fresh snapshotter (empty root and chunk cache, so the index files are fetched too)
+    and CRI PullImage of the bound image, with or without its prefetch profile."""
+    cache = work / f"cache-{tag}"
+    sn.root = work / f"sn-root-{tag}"
+    sn.extra_args = ("--insecure", "--cache-dir", str(cache))
+    sn.env = {"HYBRID_EROFS_RUNTIME_DIR": str(work / "runtime")}
+    sn.log.unlink(missing_ok=True)
+    sn.start()
+    ctrd.wait_for_snapshotter()
+    try:
+        ref = refs["profile" if kind.endswith("+profile") else "plain"]
+        return run_lazy(ctrd, sn, ref, n, cmd)
+    finally:
+        forget(ctrd)
+        sn.stop()
+        sn.stop_layer_daemons()
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(sn.root, ignore_errors=True)
+
+
 def summarize(results: dict[str, Any]) -> None:
-    print("| image | link | snapshotter | time to ready, median (min-max) | bytes fetched |")
-    print("|---|---|---|---|---|")
+    loads = results["loadavg"]
+    if loads:
+        print(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}")
+    print("| image | link | snapshotter | time to ready, median (min-max) | pull | run | "
+          "bytes fetched |")
+    print("|---|---|---|---|---|---|---|")
     keys = sorted({(r["image"], r["rate"]) for r in results["runs"]})
     for image, rate in keys:
         medians = {}
-        for kind in ("overlayfs", "hybrid-erofs"):
+        for kind in KINDS:
             rows = [r for r in results["runs"] if (r["image"], r["rate"], r["snapshotter"])
                     == (image, rate, kind)]
+            if not rows:
+                continue
             times = [r["ready_s"] for r in rows]
             medians[kind] = statistics.median(times)
             fetched = statistics.median(r["bytes"] for r in rows)
             comp = results["images"][image]["compressed"]
             print(f"| {image} | {rate} | {kind} | {medians[kind]:.2f} s ({min(times):.2f}-"
-                  f"{max(times):.2f}) | {fetched / 1e6:.1f} MB ({100 * fetched / comp:.1f} % "
-                  f"of {comp / 1e6:.0f} MB) |")
-        print(f"| {image} | {rate} | ratio | {medians['hybrid-erofs'] / medians['overlayfs']:.2f}x"
-              f" | |")
+                  f"{max(times):.2f}) | {statistics.median(r['pull_s'] for r in rows):.2f} s | "
+                  f"{statistics.median(r['run_s'] for r in rows):.2f} s | "
+                  f"{fetched / 1e6:.1f} MB ({100 * fetched / comp:.1f} % of {comp / 1e6:.0f} MB)"
+                  f" |")
+        for kind, other in (("hybrid-erofs+profile", "hybrid-erofs"),
+                            ("hybrid-erofs", "overlayfs")):
+            if kind in medians and other in medians:
+                print(f"| {image} | {rate} | {kind} / {other} | "
+                      f"{medians[kind] / medians[other]:.2f}x | | | |")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hybrid_erofs.fetching.background import fetch_status
 from tests.conftest import ci_required
 from tests.containerd_rig import (
     DELETED,
@@ -63,13 +64,13 @@ class Node:
     index is the only kind there is until images carry a bound one) and containerd, all
     private to one test module."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, extra_args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.registry = Registry(workdir / "registry")
         self.snapshotter = SnapshotterProcess(
             workdir / "run" / "sn.sock", workdir / "sn-root", workdir / "snapshotter.log",
             extra_args=("--accept-unbound-indexes", "--cache-dir", str(workdir / "cache"),
-                        "--metrics-address", "127.0.0.1:0"),
+                        "--metrics-address", "127.0.0.1:0", *extra_args),
             env={"HYBRID_EROFS_RUNTIME_DIR": str(workdir / "runtime")})
         self.containerd: Containerd | None = None
 
@@ -382,3 +383,111 @@ def test_a_dead_layer_daemon_is_mounted_again_for_new_containers(node: Node, deb
                    if "/lab/lazy@" in entry["source"]), _status(node)
     finally:
         node.ctrd.remove_container("orphan")
+
+
+# -- prefetch profiles (issue 17) -----------------------------------------------------------------
+
+# What the profiled container does: read perl's binary (and, as containerd does for every
+# container, /etc/passwd and /etc/group). The profile records the same command.
+PROFILED = "sha256sum /usr/bin/perl && cat /etc/passwd /etc/group >/dev/null"
+
+
+def _daemon_argv(entry: dict[str, Any]) -> list[str]:
+    return Path(f"/proc/{entry['daemon_pid']}/cmdline").read_text().split("\0")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "hybrid_erofs", *args], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _span_sizes(zinfo: Path, blob_size: int) -> list[int]:
+    from hybrid_erofs.gzindex.format import parse_index
+
+    checkpoints = parse_index(zinfo.read_bytes(), name="zinfo", blob_size=blob_size).checkpoints
+    ends = [cp.in_offset for cp in checkpoints[1:]] + [blob_size]
+    return [end - cp.in_offset for cp, end in zip(checkpoints, ends, strict=True)]
+
+
+def _blob_bytes(node: Node, digest: str, since: int) -> int:
+    return sum(length for _status, length in node.registry.blob_gets(digest, since=since))
+
+
+@pytest.fixture(scope="module")
+def profiled_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """A node of its own (a cold chunk cache) whose layers fetch nothing in the background
+    for 10 minutes: what its mounts fetch is the profile's and the reads'."""
+    _prerequisites()
+    node = Node(tmp_path_factory.mktemp("profiled"), extra_args=("--fetch-delay", "600"))
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+
+
+def test_a_bound_profile_is_fetched_at_prepare_and_an_unbound_one_is_not_used(
+        profiled_node: Node, debian: RunImage, tmp_path: Path) -> None:
+    node = profiled_node
+    ref = _push(node, debian, "lab/profiled")
+    index_dir = tmp_path / "index"
+    _cli("index", ref, "--all-layers", "--min-layer-size", "0", "--push", "-o", str(index_dir))
+    _cli("profile", ref, "--index-dir", str(index_dir), "--cache-dir", str(tmp_path / "cache"),
+         "--", "sh", "-c", f'chroot "$ROOTFS" /bin/sh -c "{PROFILED}" >/dev/null')
+    summary = json.loads(_cli("index", ref, "--all-layers", "--min-layer-size", "0", "--push",
+                              "-o", str(index_dir), "--json").stdout)
+    pull_ref = str(summary["pull_ref"])  # the image again, its index and profile bound in
+    big = debian.layer_digests[0]
+    hex_ = big.removeprefix("sha256:")
+    profile = json.loads((index_dir / f"sha256-{hex_}.prefetch.json").read_text())
+    blob_size = (debian.layout / "blobs" / "sha256" / hex_).stat().st_size
+    sizes = _span_sizes(index_dir / f"sha256-{hex_}.zinfo", blob_size)
+    spans = profile["spans"]
+    assert 1 <= len(spans) < len(sizes) // 2, spans
+    profile_bytes = sum(sizes[n] for n in spans)
+    chains = chain_ids(debian.diff_ids)
+
+    # The tag: its index (and the profile in it) is found through the referrers, unbound.
+    # The layers are mounted (nosuid,nodev) but the profile is not used.
+    since = len(node.registry.log_lines())
+    node.ctrd.cri_pull(ref)
+    assert "hybrid-erofs.restricted" in json.dumps(_labels(node, chains[0]))
+    unbound = [e for e in _status(node) if "/lab/profiled@" in e["source"]]
+    assert len(unbound) == len(debian.layer_digests)
+    assert not any("--_prefetch" in _daemon_argv(e) for e in unbound)
+    time.sleep(3)  # a profile in use would be fetching by now
+    assert _blob_bytes(node, big, since) < profile_bytes // 2
+    node.ctrd.remove_all()  # containerd's GC removes the snapshots: the layers go
+    deadline = time.monotonic() + 60
+    while any("/lab/profiled@" in e["source"] for e in _status(node)):
+        assert time.monotonic() < deadline, _status(node)
+        time.sleep(0.5)
+
+    # pull_ref: the profile arrives as a label of the layer and is fetched by digest; the
+    # mount fetches its spans at Prepare, before any container reads.
+    since = len(node.registry.log_lines())
+    node.ctrd.cri_pull(pull_ref)
+    labels = _labels(node, chains[0])
+    assert labels["containerd.io/snapshot/hybrid-erofs/prefetch.digest"].startswith("sha256:")
+    assert "containerd.io/snapshot/hybrid-erofs.restricted" not in labels
+    [entry] = [e for e in _status(node) if "/lab/profiled@" in e["source"]
+               and big in _daemon_argv(e)]
+    assert "--_prefetch" in _daemon_argv(entry)
+    deadline = time.monotonic() + 120
+    while True:
+        [entry] = [e for e in _status(node) if e["daemon_pid"] == entry["daemon_pid"]]
+        fetch = fetch_status(entry["stats"]["layers"][0]) or {}
+        if fetch.get("state") == "waiting" and fetch["spans_local"] >= len(spans):
+            break
+        assert time.monotonic() < deadline, fetch
+        time.sleep(0.5)
+    # the registry's request log: the profile's spans (at least their compressed bytes) were
+    # asked for during the pull, before the container ran ...
+    assert _blob_bytes(node, big, since) >= profile_bytes
+    before_run = len(node.registry.log_lines())
+    out = _run(node, pull_ref, "profiled", "/bin/sh", "-c", PROFILED)
+    assert out.split()[0] == _sha256_in_layer(debian, "usr/bin/perl")
+    # ... and the container's reads of the big layer needed no request at all
+    assert node.registry.blob_gets(big, since=before_run) == []

@@ -89,3 +89,64 @@ def test_index_json_lists_an_optional_prefetch_file() -> None:
     del raw["images"][0]["layers"][0]["files"]["meta"]
     with pytest.raises(IndexFormatError, match="needs zinfo, sidecar and meta"):
         parse_image_index(json.dumps(raw).encode())
+
+
+def test_a_profile_is_bound_through_the_layer_descriptors_annotations() -> None:
+    """`index --push` annotates each layer descriptor of the bound image with its profile's
+    digest and size beside the sidecar's: the image digest covers the profile."""
+    from hybrid_erofs.indexing.publish import _bound_manifest
+    from hybrid_erofs.oci.client import Manifest
+    from hybrid_erofs.trust.bound import (
+        PREFETCH_DIGEST,
+        PREFETCH_SIZE,
+        SIDECAR_DIGEST,
+        bound_prefetch,
+        bound_prefetch_name,
+    )
+
+    profiled = LayerEntry(digest="sha256:" + "d" * 64, media_type="m", size=1,
+                          diff_id="sha256:" + "9" * 64, status=INDEXED, layer_size=2,
+                          zinfo=_ref("z"), sidecar=_ref("s"), meta=_ref("m"),
+                          prefetch=FileRef("p", "sha256:" + "1" * 64, 123))
+    plain = LayerEntry(digest="sha256:" + "a" * 64, media_type="m", size=1,
+                       diff_id="sha256:" + "8" * 64, status=INDEXED, layer_size=2,
+                       zinfo=_ref("z2"), sidecar=_ref("s2"), meta=_ref("m2"))
+    image = ImageEntry("sha256:" + "e" * 64, "mt", 3, "linux/amd64", "sha256:" + "f" * 64,
+                       layers=(profiled, plain))
+    body = json.dumps({"schemaVersion": 2, "layers": [
+        {"digest": profiled.digest, "mediaType": "m", "size": 1},
+        {"digest": plain.digest, "mediaType": "m", "size": 1,
+         "annotations": {"org.example": "kept"}}]}).encode()
+    original = Manifest("mt", "sha256:" + hashlib.sha256(body).hexdigest(), body,
+                        json.loads(body))
+    new = _bound_manifest(original, image)
+    assert new is not None
+    first, second = json.loads(new)["layers"]
+    assert first["annotations"][SIDECAR_DIGEST] == profiled.sidecar.digest  # type: ignore[union-attr]
+    assert first["annotations"][PREFETCH_DIGEST] == "sha256:" + "1" * 64
+    assert first["annotations"][PREFETCH_SIZE] == "123"
+    assert PREFETCH_DIGEST not in second["annotations"]
+    assert second["annotations"]["org.example"] == "kept"
+    profile = bound_prefetch(first["annotations"], layer=profiled.digest)
+    assert profile is not None and (profile.digest, profile.size) == ("sha256:" + "1" * 64, 123)
+    assert bound_prefetch(second["annotations"], layer=plain.digest) is None
+    # kept under its own digest: two images' profiles of one layer never replace each other
+    assert bound_prefetch_name(profile.digest) == f"prefetch-sha256-{'1' * 64}.json"
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"containerd.io/snapshot/hybrid-erofs/prefetch.digest": "sha256:xyz",
+      "containerd.io/snapshot/hybrid-erofs/prefetch.size": "10"}, "malformed bound prefetch"),
+    ({"containerd.io/snapshot/hybrid-erofs/prefetch.digest": "sha256:" + "1" * 64},
+     "malformed bound prefetch"),
+    ({"containerd.io/snapshot/hybrid-erofs/prefetch.digest": "sha256:" + "1" * 64,
+      "containerd.io/snapshot/hybrid-erofs/prefetch.size": str(1 << 30)}, "not a plausible"),
+], ids=["digest", "no-size", "size"])
+def test_malformed_bound_profile_annotations_are_refused(labels: dict[str, str],
+                                                         message: str) -> None:
+    from hybrid_erofs.errors import TrustError
+    from hybrid_erofs.trust.bound import bound_prefetch
+
+    with pytest.raises(TrustError, match=message) as caught:
+        bound_prefetch(labels, layer="sha256:" + "d" * 64)
+    assert str(caught.value).startswith("layer sha256:") and "\n" not in str(caught.value)

@@ -9,7 +9,8 @@ tests/integration/test_snapshotter_containerd.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from hybrid_erofs.snapshotter.remote import (
     resolve_layer,
 )
 from hybrid_erofs.snapshotter.snapshotter import (
+    AHEAD_PREFIX,
     LABEL_INDEX,
     LABEL_REMOTE,
     LABEL_RESTRICTED,
@@ -65,8 +67,14 @@ class FakeLayers:
     restore_fails: bool = False
     unmounted: list[Path] = field(default_factory=list)
     restored: list[Path] = field(default_factory=list)
+    above: dict[str, list[LayerRequest]] = field(default_factory=dict)  # for ahead()
+    mounted: list[str] = field(default_factory=list)  # layer digests, in order
+
+    def ahead(self, request: LayerRequest) -> list[LayerRequest]:
+        return self.above.get(request.layer_digest, [])
 
     def mount(self, request: LayerRequest, mountpoint: Path) -> RemoteLayer:
+        self.mounted.append(request.layer_digest)
         if request.layer_digest in self.refuse:
             raise LayerFallback(f"{request.layer_digest}: refused",
                                 reason=self.refuse[request.layer_digest])
@@ -291,3 +299,103 @@ def test_metrics_count_lazy_layers_and_fallbacks(tmp_path: Path) -> None:
     assert "hybrid_erofs_snapshotter_snapshots 5.0" in text
     assert "hybrid_erofs_snapshotter_snapshots_lazy 2.0" in text
     assert "hybrid_erofs_snapshotter_snapshots_active 3.0" in text
+
+
+BINDING = "containerd.io/snapshot/hybrid-erofs/sidecar.digest"
+
+
+def bound_labels(n: int, sidecar: str = "sha256:" + "5" * 64) -> dict[str, str]:
+    return labels(n) | {BINDING: sidecar}
+
+
+def _wait(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _ahead_names(snapshotter: Snapshotter) -> list[str]:
+    return [snap.name for snap in snapshotter.store.all()
+            if snap.name.startswith(AHEAD_PREFIX) and snap.remote]
+
+
+def test_the_layers_above_are_mounted_ahead_and_adopted(client: SnapshotsClient,
+                                                        snapshotter: Snapshotter,
+                                                        layers: FakeLayers) -> None:
+    """A bound layer's Prepare starts mounting the layers above it at once; their own
+    Prepare finds them mounted and answers ALREADY_EXISTS without mounting again."""
+    layers.above[LAYERS[0]] = [LayerRequest.from_labels(bound_labels(n)) for n in (1, 2)]
+    _already_exists(client, f"k8s.io/1/extract-1 {CHAINS[0]}", "", bound_labels(0))
+    _wait(lambda: len(_ahead_names(snapshotter)) == 2)
+    assert sorted(layers.mounted) == sorted(LAYERS)
+    # not containerd's yet: nothing lists them
+    assert client.list(metadata_filter(CHAINS[1], CHAINS[0])) == []
+    assert [info.name for (info,) in client.list()] == [CHAINS[0]]
+    _already_exists(client, f"k8s.io/2/extract-2 {CHAINS[1]}", CHAINS[0], bound_labels(1))
+    _already_exists(client, f"k8s.io/3/extract-3 {CHAINS[2]}", CHAINS[1], bound_labels(2))
+    assert sorted(layers.mounted) == sorted(LAYERS)  # each layer mounted once
+    ((info,),) = client.list(metadata_filter(CHAINS[2], CHAINS[1]))
+    assert info.labels[LABEL_REMOTE] == "remote snapshot" and info.labels[LABEL_INDEX] == INDEX
+    assert info.labels[BINDING] == bound_labels(2)[BINDING]
+    assert _ahead_names(snapshotter) == [] and snapshotter.lazy == 3
+    (mount,) = client.prepare("k8s.io/4/ctr", CHAINS[2])
+    lowers = _opts(mount)["lowerdir"].split(":")
+    assert [Path(p, "layer").read_text() for p in lowers] == [LAYERS[2], LAYERS[1], LAYERS[0]]
+
+
+def test_a_layer_mounted_ahead_for_another_index_is_not_adopted(
+        client: SnapshotsClient, snapshotter: Snapshotter, layers: FakeLayers) -> None:
+    """Bound, or not used: the layer is adopted only when containerd's labels bind the
+    index the layer was mounted ahead with."""
+    other = LayerRequest.from_labels(bound_labels(1, sidecar="sha256:" + "6" * 64))
+    layers.above[LAYERS[0]] = [other]
+    _already_exists(client, f"k8s.io/1/extract-1 {CHAINS[0]}", "", bound_labels(0))
+    _wait(lambda: len(_ahead_names(snapshotter)) == 1)
+    ahead_fs = snapshotter.fs_dir(snapshotter.store.get(AHEAD_PREFIX + CHAINS[1]).id)
+    _already_exists(client, f"k8s.io/2/extract-2 {CHAINS[1]}", CHAINS[0], bound_labels(1))
+    assert layers.mounted.count(LAYERS[1]) == 2  # mounted again as containerd asked
+    assert layers.unmounted == [ahead_fs] and not ahead_fs.parent.exists()
+    assert client.stat(CHAINS[1]).labels[BINDING] == bound_labels(1)[BINDING]
+    assert _ahead_names(snapshotter) == []
+
+
+def test_layers_mounted_ahead_and_never_prepared_are_taken_down(tmp_path: Path) -> None:
+    layers = FakeLayers(above={LAYERS[0]: [LayerRequest.from_labels(bound_labels(1))]})
+    snapshotter = Snapshotter(tmp_path / "root", remote=layers, ahead_ttl_s=0.2)
+    try:
+        with running(snapshotter, tmp_path / "sn.sock") as client:
+            _already_exists(client, f"k8s.io/1/extract-1 {CHAINS[0]}", "", bound_labels(0))
+            _wait(lambda: len(layers.unmounted) == 1)
+        assert snapshotter.store.find(AHEAD_PREFIX + CHAINS[1]) is None
+        assert [snap.name for snap in snapshotter.store.all()] == [CHAINS[0]]
+    finally:
+        snapshotter.close()
+
+
+def test_a_failed_ahead_mount_leaves_the_layer_to_its_prepare(client: SnapshotsClient,
+                                                              snapshotter: Snapshotter,
+                                                              layers: FakeLayers) -> None:
+    layers.above[LAYERS[0]] = [LayerRequest.from_labels(bound_labels(1))]
+    layers.refuse[LAYERS[1]] = "no-index"
+    _already_exists(client, f"k8s.io/1/extract-1 {CHAINS[0]}", "", bound_labels(0))
+    _wait(lambda: layers.mounted.count(LAYERS[1]) == 1)
+    (mount,) = client.prepare(f"k8s.io/2/extract-2 {CHAINS[1]}", CHAINS[0], bound_labels(1))
+    assert mount.type == "overlay" and snapshotter.fallbacks == {"no-index": 1}
+    assert [snap.name for snap in snapshotter.store.all()
+            if snap.name.startswith(AHEAD_PREFIX)] == []
+
+
+def test_restart_takes_down_the_last_instances_ahead_mounts(tmp_path: Path) -> None:
+    layers = FakeLayers(above={LAYERS[0]: [LayerRequest.from_labels(bound_labels(1))]})
+    first = Snapshotter(tmp_path / "root", remote=layers)
+    with running(first, tmp_path / "a.sock") as client:
+        _already_exists(client, f"k8s.io/1/extract-1 {CHAINS[0]}", "", bound_labels(0))
+        _wait(lambda: len(_ahead_names(first)) == 1)
+    ahead_fs = first.fs_dir(first.store.get(AHEAD_PREFIX + CHAINS[1]).id)
+    first.close()
+    second = Snapshotter(tmp_path / "root", remote=FakeLayers())
+    second.restore()
+    assert [snap.name for snap in second.store.all()] == [CHAINS[0]]
+    assert not ahead_fs.parent.exists()
+    second.close()

@@ -42,13 +42,17 @@ DEFAULT_ROOT = Path("/var/lib/hybrid-erofs/snapshotter")
               help="How layer daemons export their device (see `mount --help`).")
 @click.option("--mount-timeout", "timeout_s", type=float, default=READY_TIMEOUT_S,
               show_default=True, help="Seconds to wait for a layer's mount to answer.")
+@click.option("--no-mount-ahead", is_flag=True,
+              help="Mount an image's lazy layers one after the other, as containerd prepares "
+                   "them (default: a layer's Prepare starts mounting the layers above it, in "
+                   "parallel).")
 @metrics_address_option
 @fetch_options
 def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
                         no_remote: bool, cache_dir: Path | None,
                         cache_max_bytes: int | None, insecure: bool,
                         hosts_dir: Path | None, via: str, timeout_s: float,
-                        metrics_address: tuple[str, int] | None,
+                        no_mount_ahead: bool, metrics_address: tuple[str, int] | None,
                         fetch: FetchPolicy | None) -> None:
     """Serve containerd's snapshots API on ADDRESS, in the foreground, until SIGTERM.
 
@@ -88,7 +92,8 @@ def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
     server = (MetricsServer(metrics.metrics, *metrics_address)
               if metrics_address is not None else None)
     try:
-        snapshotter = Snapshotter(root, remote=remote, metrics=metrics)
+        snapshotter = Snapshotter(root, remote=remote, metrics=metrics,
+                                  ahead=not no_mount_ahead)
     except BaseException:
         if server is not None:
             server.close()

@@ -4,8 +4,9 @@ push_image_index(): one OCI artifact per platform manifest (subject = that manif
 that platform's index.json and each indexed layer's zinfo, sidecar and meta (oci/artifact.py
 pushes it through the Referrers API or the `sha256-<hex>` fallback tag).
 publish_bound_image(): the image again, each indexed layer descriptor annotated with its
-sidecar's digest (trust/bound.py), so the new image digest covers the index: its reference
-by digest is the `pull_ref` nodes should use. Optionally both are signed (cosign layout).
+sidecar's digest and its prefetch profile's (trust/bound.py), so the new image digest covers
+the index and the profile: its reference by digest is the `pull_ref` nodes should use.
+Optionally both are signed (cosign layout).
 """
 
 from __future__ import annotations
@@ -127,15 +128,15 @@ def _bound_manifest(original: Manifest, image: ImageEntry) -> bytes | None:
     from ..trust.bound import layer_annotations
 
     document = json.loads(original.body)
-    sidecars = {layer.digest: layer.sidecar for layer in image.layers
-                if layer.status == INDEXED and layer.sidecar is not None}
+    indexed = {layer.digest: layer for layer in image.layers
+               if layer.status == INDEXED and layer.sidecar is not None}
     changed = False
     for descriptor in document.get("layers", []):
-        sidecar = sidecars.get(descriptor.get("digest"))
-        if sidecar is None:
+        layer = indexed.get(descriptor.get("digest"))
+        if layer is None or layer.sidecar is None:
             continue
         annotations = dict(descriptor.get("annotations") or {})
-        annotations.update(layer_annotations(sidecar))
+        annotations.update(layer_annotations(layer.sidecar, layer.prefetch))
         descriptor["annotations"] = annotations
         changed = True
     return json.dumps(document, separators=(",", ":")).encode() if changed else None

@@ -35,6 +35,7 @@ from ..indexing.imageindex import (
     INDEXED,
     SKIPPED_FORMAT,
     SKIPPED_SMALL,
+    FileRef,
     ImageEntry,
     LayerEntry,
     layer_file_names,
@@ -50,7 +51,7 @@ from ..oci.layout import is_layout_reference
 from ..oci.reference import parse_reference
 from ..sources.cachedir import default_cache_dir
 from ..sources.gate import BOUND, LOCAL, SIGNED, UNBOUND
-from ..trust.bound import bound_sidecar, fetch_bound_files
+from ..trust.bound import bound_prefetch, bound_prefetch_name, bound_sidecar, fetch_bound_files
 from ..trust.policy import TrustPolicy, unbound_refusal
 from ..trust.signature import verify_signature
 from .image import ImageLayer, ImagePlan, select_image
@@ -123,9 +124,12 @@ def discover_image_index(reference: str, *, registry: RegistryOptions,
         bound = {digest: sidecar for digest, labels in annotations.items()
                  if (sidecar := bound_sidecar(labels, layer=digest)) is not None}
         if bound:
+            profiles = {digest: profile for digest, labels in annotations.items()
+                        if digest in bound
+                        and (profile := bound_prefetch(labels, layer=digest)) is not None}
             chosen = layers(entry) if layers is not None else list(entry.layers)
-            found = _bound_layers(client, reference, entry, chosen, bound, registry=registry,
-                                  say=say)
+            found = _bound_layers(client, reference, entry, chosen, bound, profiles,
+                                  registry=registry, say=say)
             say(f"{reference}: index bound to image {manifest.digest} ({entry.platform})")
             return found
         return _attached_index(client, reference, manifest, entry, policy=policy,
@@ -133,23 +137,32 @@ def discover_image_index(reference: str, *, registry: RegistryOptions,
 
 
 def _bound_layers(client: RegistryClient, reference: str, entry: ImageEntry,
-                  chosen: list[LayerEntry], bound: dict[str, Descriptor], *,
+                  chosen: list[LayerEntry], bound: dict[str, Descriptor],
+                  profiles: dict[str, Descriptor], *,
                   registry: RegistryOptions, say: Callable[[str], None]) -> DiscoveredImage:
+    """The chosen layers' files by the digests the manifest's annotations name; a layer's
+    prefetch profile only when the manifest binds it too (LayerEntry.prefetch)."""
     dirs: dict[str, Path] = {}
     trust: dict[str, str] = {}
     statuses: dict[str, str] = {}
+    prefetch: dict[str, FileRef] = {}
     for layer in chosen:
         if layer.digest in bound:
+            profile = profiles.get(layer.digest)
             files = fetch_bound_files(client, layer.digest, bound[layer.digest],
-                                      indexes_dir(registry) / "bound")
+                                      indexes_dir(registry) / "bound", prefetch=profile)
             dirs[layer.digest], trust[layer.digest] = files.meta.parent, BOUND
             statuses[layer.digest] = INDEXED
+            if profile is not None:
+                prefetch[layer.digest] = FileRef(bound_prefetch_name(profile.digest),
+                                                 profile.digest, profile.size)
         else:
             statuses[layer.digest] = _unindexed(reference, entry.manifest, layer,
                                                 registry=registry, dirs=dirs, trust=trust,
                                                 say=say)
     image = replace(entry, layers=tuple(replace(layer, status=statuses.get(layer.digest,
-                                                                          layer.status))
+                                                                          layer.status),
+                                                prefetch=prefetch.get(layer.digest))
                                         for layer in entry.layers))
     return DiscoveredImage(image, entry.manifest, dirs, trust)
 
@@ -212,6 +225,12 @@ def _attached_index(client: RegistryClient, reference: str, manifest: Manifest,
         chosen, trust = candidates[0], UNBOUND
         say(f"{reference}: index {chosen.referrer.digest[:19]}... is not bound to the image: "
             f"mounted nosuid,nodev until verified against the layer")
+        if any(layer.prefetch is not None for layer in chosen.image.layers):
+            # bound, or not used: a profile only reorders fetches, but nothing vouches for it
+            log.info("%s: the prefetch profiles of unbound index %s are not used", reference,
+                     chosen.referrer.digest)
+            chosen = replace(chosen, image=replace(chosen.image, layers=tuple(
+                replace(layer, prefetch=None) for layer in chosen.image.layers)))
     else:
         ref = parse_reference(reference)
         raise TrustError(unbound_refusal(reference, manifest.digest,
@@ -246,7 +265,8 @@ def _candidate(client: RegistryClient, referrer: Referrer, directory: Path,
         raise IndexFormatError(f"artifact {referrer.digest}: lists other layers than "
                                f"manifest {manifest.digest}")
     layers = tuple(replace(mine, status=theirs.status, layer_size=theirs.layer_size,
-                           zinfo=theirs.zinfo, sidecar=theirs.sidecar, meta=theirs.meta)
+                           zinfo=theirs.zinfo, sidecar=theirs.sidecar, meta=theirs.meta,
+                           prefetch=theirs.prefetch)
                    for mine, theirs in zip(entry.layers, image.layers, strict=True))
     for layer in layers:
         if layer.status == SKIPPED_FORMAT and layer.media_type in GZIP_LAYER_TYPES:
@@ -330,6 +350,7 @@ class LayerIndexSource:
     sidecar: Path
     trust: str
     origin: str
+    prefetch: Path | None = None  # a prefetch profile the image binds (bound only)
 
     @property
     def restricted(self) -> bool:
@@ -347,7 +368,8 @@ def resolve_layer_index(image_ref: str, manifest_digest: str, layer_digest: str,
 
     Bound: labels carrying `containerd.io/snapshot/hybrid-erofs/sidecar.digest` (the image's
     manifest names the index, containerd verified the manifest): the files are fetched from
-    the image's repository by digest -> trust BOUND. Otherwise discovery in the registry
+    the image's repository by digest -> trust BOUND (and the prefetch profile the labels
+    bind, if any: `prefetch`). Otherwise discovery in the registry
     under `policy`: a signed artifact -> SIGNED, an unbound one only with
     `policy.accept_unbound` -> UNBOUND (mount it nosuid,nodev: `restricted`), a small layer
     indexed here -> LOCAL.
@@ -361,11 +383,12 @@ def resolve_layer_index(image_ref: str, manifest_digest: str, layer_digest: str,
     options = replace(registry, platform=None, layer=None, blob=None)
     sidecar = bound_sidecar(labels or {}, layer=layer_digest)
     if sidecar is not None:
+        profile = bound_prefetch(labels or {}, layer=layer_digest)
         with registry_client(pinned, options, what="fetching the bound index") as client:
             files = fetch_bound_files(client, layer_digest, sidecar,
-                                      indexes_dir(options) / "bound")
+                                      indexes_dir(options) / "bound", prefetch=profile)
         return LayerIndexSource(pinned, layer_digest, files.meta, files.zinfo, files.sidecar,
-                                BOUND, manifest_digest)
+                                BOUND, manifest_digest, prefetch=files.prefetch)
     found = discover_image_index(
         pinned, registry=options, policy=policy,
         layers=lambda image: [layer for layer in image.layers if layer.digest == layer_digest])

@@ -6,12 +6,13 @@ resolve_layer() is the one place where the index of a layer is found and trusted
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +26,13 @@ from ..errors import (
     RegistryError,
 )
 from ..fetching.background import FetchPolicy
-from ..mounting.discovery import DiscoveredImage, discover_image_index, resolve_layer_index
+from ..indexing.publish import registry_client
+from ..mounting.discovery import (
+    DiscoveredImage,
+    _layer_annotations,
+    discover_image_index,
+    resolve_layer_index,
+)
 from ..mounting.kernel import mounted_at, umount
 from ..mounting.layer import mount_layer
 from ..mounting.lifecycle import (
@@ -37,6 +44,7 @@ from ..mounting.lifecycle import (
 )
 from ..mounting.lifecycle import unmount as unmount_layer
 from ..oci.client import GZIP_LAYER_TYPES
+from ..oci.image import inspect_manifest
 from ..oci.reference import parse_reference
 from ..sources.gate import BOUND, UNBOUND
 from ..trust.bound import bound_sidecar
@@ -50,6 +58,7 @@ LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
 LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+INHERITED = "containerd.io/snapshot/"  # annotations containerd passes on as labels
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -95,7 +104,7 @@ class LayerIndex:
     index: str
     bound: bool
     plain_http: bool = False  # `source`'s host is a plain-HTTP mirror (hosts.toml)
-    prefetch: Path | None = None  # the layer's prefetch profile, when the index has one
+    prefetch: Path | None = None  # the layer's prefetch profile, when it is bound (or signed)
 
 
 class IndexFinder(Protocol):
@@ -186,10 +195,11 @@ class DiscoveryFinder:
             raise LayerFallback(f"{pinned}: layer {request.layer_digest} is not in the index "
                                 f"{found.artifact}", reason="index-error")
         meta, zinfo = found.layer_paths(layer)
+        trusted = found.trust.get(layer.digest) != UNBOUND
+        # verified with the rest; discovery drops the profiles of an unbound index
         prefetch = (found.layer_dirs[layer.digest] / layer.prefetch.name
-                    if layer.prefetch is not None else None)  # verified with the rest
-        return LayerIndex(pinned, meta, zinfo, found.artifact,
-                          bound=found.trust.get(layer.digest) != UNBOUND,
+                    if layer.prefetch is not None and trusted else None)
+        return LayerIndex(pinned, meta, zinfo, found.artifact, bound=trusted,
                           plain_http=endpoint.plain_http, prefetch=prefetch)
 
     def _bound(self, request: LayerRequest, repository: str, *,
@@ -209,7 +219,7 @@ class DiscoveryFinder:
         except HybridErofsError as exc:
             raise LayerFallback(str(exc), reason="index-error") from exc
         return LayerIndex(found.source, found.meta, found.zinfo, found.origin, bound=True,
-                          plain_http=plain_http)
+                          plain_http=plain_http, prefetch=found.prefetch)
 
     def _discover(self, pinned: str, *, plain_http: bool) -> DiscoveredImage:
         with self._lock:
@@ -234,6 +244,26 @@ class DiscoveryFinder:
             while len(self._found) > self._keep:
                 self._found.popitem(last=False)
             return found
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """The OCI chain IDs of layers with these diff IDs (image-spec config.md): containerd
+    names a layer's committed snapshot by it."""
+    chains: list[str] = []
+    for diff_id in diff_ids:
+        chains.append(diff_id if not chains else "sha256:" + hashlib.sha256(
+            f"{chains[-1]} {diff_id}".encode()).hexdigest())
+    return chains
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedLayer:
+    """One layer of an image as its manifest and config say."""
+
+    digest: str
+    media_type: str
+    chain_id: str
+    annotations: Mapping[str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,9 +306,64 @@ class LazyLayers:
         self.fetch = fetch
         self.registry = registry
         self.policy = policy
-        self.finder = finder or DiscoveryFinder(registry, hosts=hosts)
+        self.hosts = hosts or HostsConfig()
+        self.finder = finder or DiscoveryFinder(registry, hosts=self.hosts)
         self.via = via
         self.timeout_s = timeout_s
+        self._plans: OrderedDict[str, tuple[PlannedLayer, ...]] = OrderedDict()
+        self._plans_lock = threading.Lock()
+
+    def ahead(self, request: LayerRequest) -> Sequence[LayerRequest]:
+        """The Prepare requests containerd's unpacker will make for the layers above
+        `request`'s: the labels it passes (the layer descriptors' `containerd.io/snapshot/`
+        annotations, the CRI labels, the chain ID), from the manifest fetched by the digest
+        containerd named (and its config, for the diff IDs). Empty when `request` is not
+        where the manifest says."""
+        plan = self._plan(request)
+        below = next((n for n, layer in enumerate(plan) if layer.digest == request.layer_digest
+                      and layer.chain_id == request.chain_id), None)
+        if below is None:
+            return []
+        found = []
+        for layer in plan[below + 1:]:
+            if layer.media_type not in GZIP_LAYER_TYPES:
+                continue  # containerd applies it (and asks for the layers above as usual)
+            labels = {k: v for k, v in layer.annotations.items() if k.startswith(INHERITED)}
+            labels.update({LABEL_SNAPSHOT_REF: layer.chain_id, LABEL_IMAGE_REF: request.image_ref,
+                           LABEL_MANIFEST_DIGEST: request.manifest_digest,
+                           LABEL_LAYER_DIGEST: layer.digest})
+            found.append(LayerRequest.from_labels(labels))
+        return found
+
+    def _plan(self, request: LayerRequest) -> tuple[PlannedLayer, ...]:
+        with self._plans_lock:
+            if request.manifest_digest in self._plans:
+                return self._plans[request.manifest_digest]
+        ref = parse_reference(request.image_ref)
+        failures = []
+        for endpoint in self.hosts.endpoints(ref.registry):  # mirrors first, as containerd
+            pinned = f"{endpoint.host}/{ref.repository}@{request.manifest_digest}"
+            options = replace(self.registry, platform=None, layer=None, blob=None,
+                              insecure=self.registry.insecure or endpoint.plain_http)
+            try:
+                with registry_client(pinned, options, what="the layers ahead") as client:
+                    manifest = client.get_manifest(request.manifest_digest,
+                                                   expected_digest=request.manifest_digest)
+                    info = inspect_manifest(client, manifest, pinned)
+            except HybridErofsError as exc:
+                failures.append(f"{endpoint.host}: {exc}")
+                continue
+            annotations = _layer_annotations(manifest)
+            chains = chain_ids(info.config.diff_ids)
+            plan = tuple(PlannedLayer(d.digest, d.media_type, chain, annotations.get(d.digest, {}))
+                         for d, chain in zip(info.layers, chains, strict=True))
+            with self._plans_lock:
+                self._plans[request.manifest_digest] = plan
+                while len(self._plans) > 64:
+                    self._plans.popitem(last=False)
+            return plan
+        raise RegistryError(f"{request.image_ref}: manifest {request.manifest_digest}: "
+                            f"{'; '.join(failures)}")
 
     def mount(self, request: LayerRequest, mountpoint: Path) -> RemoteLayer:
         index, restricted = resolve_layer(request, finder=self.finder, policy=self.policy)

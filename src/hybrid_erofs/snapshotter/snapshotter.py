@@ -2,7 +2,8 @@
 sqlite store, with lazily mounted EROFS layers (RemoteLayers) as committed snapshots.
 
 Layout: ROOT/metadata.db, ROOT/snapshots/ID/{fs,work}; a remote layer's EROFS is mounted on
-ROOT/snapshots/ID/fs.
+ROOT/snapshots/ID/fs. Layers mounted ahead of containerd's Prepare wait as rows named
+AHEAD_PREFIX + chain ID until their Prepare adopts them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ LABEL_REMOTE = "containerd.io/snapshot/remote"  # as stargz and soci mark their 
 LABEL_INDEX = "containerd.io/snapshot/hybrid-erofs.index"  # the artifact a layer's index is from
 LABEL_RESTRICTED = "containerd.io/snapshot/hybrid-erofs.restricted"  # "nosuid,nodev"
 _PENDING = ""  # the store's `remote` while a layer is being mounted
+AHEAD_PREFIX = "hybrid-erofs/ahead/"  # rows of layers mounted before containerd asks for them
+AHEAD_TTL_S = 600.0  # a layer mounted ahead that no Prepare adopts by then is taken down
+_BINDING = "containerd.io/snapshot/hybrid-erofs/"  # the labels that name a layer's index
+
+
+class _Ahead:
+    """A layer being mounted, or mounted, before containerd prepares it (its own thread)."""
+
+    __slots__ = ("done", "failure", "layer", "request")
+
+    def __init__(self, request: LayerRequest) -> None:
+        self.request = request
+        self.done = threading.Event()
+        self.layer: RemoteLayer | None = None
+        self.failure = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +80,9 @@ class RemoteLayers(Protocol):
     (containerd then applies the layer). `alive` tells whether a mount still serves reads;
     `restore` mounts a layer again whose daemon died (`labels`: the snapshot's, to find its
     index again when its files are gone); `unmount` takes a mount down (a `layer` of None:
-    whatever a crash left on `mountpoint`).
+    whatever a crash left on `mountpoint`). `ahead` tells which Prepare calls will follow
+    for the layers above the requested one, with the labels containerd will give (the
+    image's manifest says): those layers are mounted in parallel before they are asked for.
     """
 
     def mount(self, request: LayerRequest, mountpoint: Path) -> RemoteLayer: ...
@@ -75,6 +93,8 @@ class RemoteLayers(Protocol):
 
     def restore(self, layer: RemoteLayer, mountpoint: Path,
                 labels: Mapping[str, str]) -> RemoteLayer: ...
+
+    def ahead(self, request: LayerRequest) -> Sequence[LayerRequest]: ...
 
 
 def _disk_usage(path: Path) -> Usage:
@@ -100,18 +120,28 @@ class Snapshotter:
     Args:
         root: the state directory (created 0700).
         remote: lazily mounted layers; None makes this a plain overlay snapshotter.
+        ahead: on a lazy layer's Prepare, mount the image's layers above it at once, in
+            parallel, so that their own Prepare (containerd asks one layer after the other)
+            finds them mounted; each is adopted only if its Prepare's labels bind the same
+            index, else mounted again as asked; one not adopted within `ahead_ttl_s` is
+            taken down.
 
     `lazy` counts layers mounted lazily, `fallbacks` layers left to containerd by reason.
     """
 
     def __init__(self, root: Path, *, remote: RemoteLayers | None = None,
-                 metrics: SnapshotterMetrics | None = None) -> None:
+                 metrics: SnapshotterMetrics | None = None, ahead: bool = True,
+                 ahead_ttl_s: float = AHEAD_TTL_S) -> None:
         self.root = root
         self.remote = remote
         self.metrics = metrics
         self.lazy = 0
         self.fallbacks: Counter[str] = Counter()
         self._remote_lock = threading.Lock()  # one remote Prepare or restore at a time
+        self.mount_ahead = ahead and remote is not None
+        self.ahead_ttl_s = ahead_ttl_s
+        self._ahead: dict[str, _Ahead] = {}  # chain ID -> a layer mounted ahead
+        self._ahead_lock = threading.Lock()
         try:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
             (root / "snapshots").mkdir(exist_ok=True, mode=0o700)
@@ -186,6 +216,8 @@ class Snapshotter:
 
     def walk(self, filters: Sequence[Filter]) -> Iterator[Snapshot]:
         for snap in self.store.all():
+            if snap.name.startswith(AHEAD_PREFIX):
+                continue  # not containerd's until a Prepare adopts it
             fields = snapshot_fields(name=snap.name, parent=snap.parent, kind=snap.kind.label,
                                      labels=snap.labels)
             if matches(tuple(filters), fields):
@@ -278,6 +310,10 @@ class Snapshotter:
         what = labels.get(LABEL_LAYER_DIGEST) or target
         try:
             request = LayerRequest.from_labels(labels)
+            # An index bound in the manifest: the layers above are indexed too, go ahead now.
+            bound = any(name.startswith(_BINDING) for name in labels)
+            if bound:
+                self._go_ahead(request)
             with self._remote_lock:
                 existing = self.store.find(target)
                 if existing is not None:
@@ -285,7 +321,10 @@ class Snapshotter:
                         return True
                     raise LayerFallback(f"snapshot {target} exists with another parent "
                                         f"({existing.parent!r})", reason="conflict")
-                layer = self._mount_remote(target, parent, labels, request)
+                layer = (self._adopt(target, parent, labels, request)
+                         or self._mount_remote(target, parent, labels, request))
+            if not bound:
+                self._go_ahead(request)
         except LayerFallback as exc:
             self.fallbacks[exc.reason] += 1
             if self.metrics is not None:
@@ -324,6 +363,107 @@ class Snapshotter:
         self.store.set_labels(target, {**snap.labels, **extra})
         return layer
 
+    # layers mounted ahead -------------------------------------------------------------------
+    def _go_ahead(self, request: LayerRequest) -> None:
+        """Mount the image's layers above `request`'s in the background, each in a thread of
+        its own (the ones not mounted yet nor being mounted)."""
+        if self.mount_ahead:
+            threading.Thread(target=self._plan_ahead, args=(request,), name="mount-ahead",
+                             daemon=True).start()
+
+    def _plan_ahead(self, request: LayerRequest) -> None:
+        assert self.remote is not None
+        try:
+            requests = self.remote.ahead(request)
+        except Exception as exc:  # a thread's error would otherwise end as a traceback
+            log.info("layer %s: the layers above it are not mounted ahead: %s",
+                     request.layer_digest, exc)
+            return
+        for upper in requests:
+            with self._ahead_lock:
+                if upper.chain_id in self._ahead or self.store.find(upper.chain_id):
+                    continue
+                entry = self._ahead[upper.chain_id] = _Ahead(upper)
+            threading.Thread(target=self._mount_ahead, args=(entry,), name="mount-ahead",
+                             daemon=True).start()
+
+    def _mount_ahead(self, entry: _Ahead) -> None:
+        assert self.remote is not None
+        name = AHEAD_PREFIX + entry.request.chain_id
+        try:
+            snap = self.store.create(name, "", Kind.COMMITTED, entry.request.labels,
+                                     remote=_PENDING)
+            directory = self.snapshot_dir(snap.id)
+            try:
+                directory.mkdir(mode=0o700)
+                (directory / "fs").mkdir(mode=0o755)
+                entry.layer = self.remote.mount(entry.request, directory / "fs")
+                self.store.set_remote(name, entry.layer.to_json())
+            except BaseException:
+                with contextlib.suppress(HybridErofsError):
+                    self.store.remove(name)
+                self._discard_dir(directory)
+                raise
+            timer = threading.Timer(self.ahead_ttl_s, self._expire_ahead, args=(entry,))
+            timer.daemon = True
+            timer.start()
+        except Exception as exc:
+            entry.layer, entry.failure = None, str(exc)
+            log.info("layer %s: not mounted ahead: %s", entry.request.layer_digest, exc)
+        finally:
+            entry.done.set()
+
+    def _adopt(self, target: str, parent: str, labels: Mapping[str, str],
+               request: LayerRequest) -> RemoteLayer | None:
+        """The layer mounted ahead for `target`, now committed as containerd asked; None
+        when there is none, it failed, or containerd's labels bind another index."""
+        with self._ahead_lock:
+            entry = self._ahead.pop(target, None)
+        if entry is None:
+            return None
+        entry.done.wait()
+        layer, name = entry.layer, AHEAD_PREFIX + target
+        if layer is None:
+            return None
+
+        def binding(given: Mapping[str, str]) -> dict[str, str]:
+            return {k: v for k, v in given.items() if k.startswith(_BINDING)}
+
+        if (entry.request.layer_digest != request.layer_digest
+                or entry.request.image_ref != request.image_ref
+                or binding(entry.request.labels) != binding(labels)):
+            log.info("layer %s: its Prepare names another index than the layer mounted ahead;"
+                     " mounting it as asked", request.layer_digest)
+            self._drop_ahead(name)
+            return None
+        extra = {LABEL_REMOTE: "remote snapshot", LABEL_INDEX: layer.index}
+        if layer.restricted:
+            extra[LABEL_RESTRICTED] = "nosuid,nodev"
+        try:
+            self.store.adopt(name, target, parent, {**labels, **extra})
+        except HybridErofsError as exc:
+            log.info("layer %s: cannot adopt the layer mounted ahead (%s); mounting it as "
+                     "asked", request.layer_digest, exc)
+            self._drop_ahead(name)
+            return None
+        return layer
+
+    def _expire_ahead(self, entry: _Ahead) -> None:
+        with self._ahead_lock:
+            if self._ahead.get(entry.request.chain_id) is not entry:
+                return  # adopted (or dropped) meanwhile
+            del self._ahead[entry.request.chain_id]
+        log.info("layer %s: mounted ahead but never prepared; taking it down",
+                 entry.request.layer_digest)
+        self._drop_ahead(AHEAD_PREFIX + entry.request.chain_id)
+
+    def _drop_ahead(self, name: str) -> None:
+        try:
+            snap = self.store.remove(name)
+        except HybridErofsError:
+            return
+        self._discard(snap.id, snap.remote)
+
     def restore(self) -> None:
         """At start: a layer whose mount was under way when the last instance died is
         forgotten; lazily mounted layers whose daemon died are mounted again; directories
@@ -332,14 +472,23 @@ class Snapshotter:
         the lock are a dead instance's."""
         with self._remote_lock:
             for snap in self.store.all():
-                if snap.remote == _PENDING:
+                if snap.name.startswith(AHEAD_PREFIX):
+                    with self._ahead_lock:
+                        if snap.name.removeprefix(AHEAD_PREFIX) in self._ahead:
+                            continue  # this instance's
+                    log.info("snapshot %s: mounted ahead by the last instance; taking it "
+                             "down", snap.name)
+                    with contextlib.suppress(HybridErofsError):
+                        self.store.remove(snap.name)
+                    self._discard(snap.id, snap.remote)
+                elif snap.remote == _PENDING:
                     log.warning("snapshot %s: its layer was being mounted when the snapshotter "
                                 "stopped; forgetting it", snap.name)
                     with contextlib.suppress(HybridErofsError):
                         self.store.remove(snap.name)
                     self._discard(snap.id, snap.remote)
         for snap in self.store.all():
-            if snap.remote:
+            if snap.remote and not snap.name.startswith(AHEAD_PREFIX):
                 try:
                     self._check_remote(snap)
                 except SnapshotUnavailable as exc:

@@ -178,6 +178,32 @@ class SnapshotStore:
         assert snap is not None
         return snap
 
+    def adopt(self, old: str, name: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
+        """Committed `old` (a layer mounted ahead, without a parent) becomes committed `name`
+        with `parent` and `labels` (same id, same directory)."""
+        now = time.time_ns()
+        with self.transaction() as conn:
+            snap = self._get(conn, old)
+            if snap is None:
+                raise SnapshotNotFound(f"snapshot {old!r}: not found")
+            if self._get(conn, name) is not None:
+                raise SnapshotExists(f"snapshot {name!r}: already exists")
+            parent_id: int | None = None
+            if parent:
+                parent_snap = self._get(conn, parent)
+                if parent_snap is None:
+                    raise SnapshotNotFound(f"parent snapshot {parent!r}: not found")
+                if parent_snap.kind != Kind.COMMITTED:
+                    raise SnapshotInvalid(f"parent snapshot {parent!r}: not committed")
+                parent_id = parent_snap.id
+            conn.execute(
+                "UPDATE snapshots SET name = ?, parent_id = ?, updated_ns = ?, created_ns = ?, "
+                "labels = ? WHERE id = ?",
+                (name, parent_id, now, now, json.dumps(dict(labels), sort_keys=True), snap.id))
+            adopted = self._get(conn, name)
+        assert adopted is not None
+        return adopted
+
     def remove(self, name: str) -> Snapshot:
         """Delete the row; refused while children exist."""
         with self.transaction() as conn:

@@ -7,10 +7,14 @@ On each indexed layer descriptor of the new manifest:
     containerd.io/snapshot/hybrid-erofs/sidecar.digest   sha256:<hex> of the layer's sidecar
     containerd.io/snapshot/hybrid-erofs/sidecar.size     its size in bytes
     containerd.io/snapshot/hybrid-erofs/version          "2" (the sidecar's format version)
+    containerd.io/snapshot/hybrid-erofs/prefetch.digest  sha256:<hex> of the layer's prefetch
+    containerd.io/snapshot/hybrid-erofs/prefetch.size    profile and its size (only when one
+                                                         was recorded: `hybrid-erofs profile`)
 
 The `containerd.io/snapshot/` prefix makes containerd hand them to snapshotters as labels of
 the layer's snapshot. The sidecar names the zinfo and the meta by digest (gzindex/sidecar.py);
-all three are blobs of the same repository.
+all three are blobs of the same repository, and so is the prefetch profile. A profile
+recorded later changes the manifest, so it is bound only to the new image digest.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..errors import IndexFormatError, OutputError, TrustError
 from ..gzindex.sidecar import VERSION, parse_sidecar, require_sha256
 from ..indexing.imageindex import (
     META_MEDIA_TYPE,
+    PREFETCH_MEDIA_TYPE,
     SIDECAR_MEDIA_TYPE,
     ZINFO_MEDIA_TYPE,
     FileRef,
@@ -35,13 +40,44 @@ PREFIX = "containerd.io/snapshot/hybrid-erofs/"
 SIDECAR_DIGEST = PREFIX + "sidecar.digest"
 SIDECAR_SIZE = PREFIX + "sidecar.size"
 FORMAT_VERSION = PREFIX + "version"
+PREFETCH_DIGEST = PREFIX + "prefetch.digest"
+PREFETCH_SIZE = PREFIX + "prefetch.size"
 MAX_INDEX_FILE = 4 << 30
+MAX_PROFILE = 16 << 20
 
 
-def layer_annotations(sidecar: FileRef) -> dict[str, str]:
-    """The annotations that bind a layer descriptor to its index (through its sidecar)."""
-    return {SIDECAR_DIGEST: sidecar.digest, SIDECAR_SIZE: str(sidecar.size),
-            FORMAT_VERSION: str(VERSION)}
+def layer_annotations(sidecar: FileRef, prefetch: FileRef | None = None) -> dict[str, str]:
+    """The annotations that bind a layer descriptor to its index (through its sidecar) and
+    to its prefetch profile, when it has one."""
+    annotations = {SIDECAR_DIGEST: sidecar.digest, SIDECAR_SIZE: str(sidecar.size),
+                   FORMAT_VERSION: str(VERSION)}
+    if prefetch is not None:
+        annotations.update({PREFETCH_DIGEST: prefetch.digest,
+                            PREFETCH_SIZE: str(prefetch.size)})
+    return annotations
+
+
+def bound_prefetch(annotations: Mapping[str, str], *, layer: str) -> Descriptor | None:
+    """The prefetch profile a layer descriptor's annotations (or a snapshot's labels) bind,
+    or None. Malformed annotations are a TrustError naming the layer."""
+    digest = annotations.get(PREFETCH_DIGEST)
+    if digest is None:
+        return None
+    try:
+        size = int(annotations.get(PREFETCH_SIZE, ""))
+        require_sha256(digest, f"layer {layer}: {PREFETCH_DIGEST}")
+    except (ValueError, IndexFormatError) as exc:
+        raise TrustError(f"layer {layer}: malformed bound prefetch annotations: {exc}") from exc
+    if not 0 < size <= MAX_PROFILE:
+        raise TrustError(f"layer {layer}: {PREFETCH_SIZE} {size} is not a plausible size")
+    return Descriptor(PREFETCH_MEDIA_TYPE, digest, size)
+
+
+def bound_prefetch_name(digest: str) -> str:
+    """The file a bound profile is kept as: named by its own digest, so the profiles of two
+    images that share a layer never replace each other."""
+    algorithm, _, encoded = digest.partition(":")
+    return f"prefetch-{algorithm}-{encoded}.json"
 
 
 def bound_sidecar(annotations: Mapping[str, str], *, layer: str) -> Descriptor | None:
@@ -71,13 +107,15 @@ class BoundFiles:
     meta: Path
     zinfo: Path
     sidecar: Path
+    prefetch: Path | None = None
 
 
 def fetch_bound_files(client: RegistryClient, layer_digest: str, sidecar: Descriptor,
-                      directory: Path) -> BoundFiles:
+                      directory: Path, *, prefetch: Descriptor | None = None) -> BoundFiles:
     """Fetch (or keep, when already there with the right digest) the sidecar, then the zinfo
-    and the meta it names, into `directory` under layer_file_names(layer_digest). The
-    sidecar must be for this very layer."""
+    and the meta it names, into `directory` under layer_file_names(layer_digest), and the
+    bound prefetch profile, if any, under bound_prefetch_name(). The sidecar must be for
+    this very layer."""
     names = layer_file_names(layer_digest)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -98,8 +136,11 @@ def fetch_bound_files(client: RegistryClient, layer_digest: str, sidecar: Descri
     meta = fetch_blob_file(
         client, Descriptor(META_MEDIA_TYPE, parsed.meta_digest, parsed.meta_size),
         directory / names["meta"], max_size=MAX_INDEX_FILE)
-    return BoundFiles(meta=meta, zinfo=zinfo, sidecar=side_path)
+    profile = (fetch_blob_file(client, prefetch, directory / bound_prefetch_name(
+        prefetch.digest), max_size=MAX_PROFILE) if prefetch is not None else None)
+    return BoundFiles(meta=meta, zinfo=zinfo, sidecar=side_path, prefetch=profile)
 
 
-__all__ = ["FORMAT_VERSION", "PREFIX", "SIDECAR_DIGEST", "SIDECAR_SIZE", "BoundFiles",
+__all__ = ["FORMAT_VERSION", "PREFETCH_DIGEST", "PREFETCH_SIZE", "PREFIX", "SIDECAR_DIGEST",
+           "SIDECAR_SIZE", "BoundFiles", "bound_prefetch", "bound_prefetch_name",
            "bound_sidecar", "fetch_bound_files", "layer_annotations"]
