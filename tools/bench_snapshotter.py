@@ -1,14 +1,19 @@
 """Time to ready and bytes fetched: containerd with `hybrid-erofs snapshotter` (CRI PullImage,
 then `ctr run`) against containerd's overlayfs snapshotter (`ctr images pull`, then `ctr run`),
-in the same run, with the registry in a network namespace of its own behind a veth link shaped
-with tc HTB. Root only; not part of the test suite. Figures: docs/benchmarks.md.
+and the snapshotter with and without a prefetch profile, in the same run, with the registry in
+a network namespace of its own behind a veth link shaped with tc HTB. Root only; not part of
+the test suite. Figures: docs/benchmarks.md.
 
-    python3 tools/bench_snapshotter.py --runs 3 --rates 1gbit,200mbit --json out.json
+    python3 tools/bench_snapshotter.py --runs 3 --rates 200mbit --images big \
+        --kinds hybrid-erofs,hybrid-erofs+profile --json out.json
 
 Images (built once, cached in --data): "small" = the debootstrap rootfs (HYBRID_EROFS_ROOTFS_TAR)
-plus a small top layer; "big" = the same plus layers of this machine's /usr/share and /usr/lib
-(>= 1 GB of layer data). Both are pushed, indexed and their indexes pushed once
-(`index --all-layers --min-layer-size 0 --push`).
+plus a small top layer; "big" = the same plus layers of this machine's /usr/share and /usr/bin
+(>= 1 GB of layer data). Each is pushed and indexed (`index --all-layers --min-layer-size 0
+--push`: its pull_ref, the index bound), then a prefetch profile of the workload is recorded
+(`hybrid-erofs profile`) and published (`index --push` again: a second pull_ref, index and
+profile bound). The container runs --workload: `app` (the default) reads about 80 MB at start,
+`ready` only prints a line.
 """
 
 from __future__ import annotations
@@ -234,7 +239,7 @@ def main() -> None:
     parser.add_argument("--images", default="small,big")
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data" / "snapshotter")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--kinds", default=",".join(KINDS),
+    parser.add_argument("--kinds", default="hybrid-erofs,hybrid-erofs+profile,overlayfs",
                         help="what to measure, alternating: " + ", ".join(KINDS))
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="app",
                         help="the container's command (and what the profile records)")
@@ -299,7 +304,11 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
 
 
-KINDS = ("hybrid-erofs", "hybrid-erofs+profile", "overlayfs")
+# hybrid-erofs: the image's layers mounted ahead, in parallel (the default); -1by1: one after
+# the other as containerd prepares them (--no-mount-ahead); +profile: the image whose bound
+# index carries the workload's prefetch profile.
+KINDS = ("hybrid-erofs", "hybrid-erofs+profile", "hybrid-erofs-1by1",
+         "hybrid-erofs-1by1+profile", "overlayfs")
 
 
 def measure_lazy(ctrd: Containerd, sn: SnapshotterProcess, work: Path, refs: dict[str, str],
@@ -308,7 +317,8 @@ def measure_lazy(ctrd: Containerd, sn: SnapshotterProcess, work: Path, refs: dic
     and CRI PullImage of the bound image, with or without its prefetch profile."""
     cache = work / f"cache-{tag}"
     sn.root = work / f"sn-root-{tag}"
-    sn.extra_args = ("--insecure", "--cache-dir", str(cache))
+    sn.extra_args = ("--insecure", "--cache-dir", str(cache),
+                     *(("--no-mount-ahead",) if "-1by1" in kind else ()))
     sn.env = {"HYBRID_EROFS_RUNTIME_DIR": str(work / "runtime")}
     sn.log.unlink(missing_ok=True)
     sn.start()
@@ -349,6 +359,9 @@ def summarize(results: dict[str, Any]) -> None:
                   f"{fetched / 1e6:.1f} MB ({100 * fetched / comp:.1f} % of {comp / 1e6:.0f} MB)"
                   f" |")
         for kind, other in (("hybrid-erofs+profile", "hybrid-erofs"),
+                            ("hybrid-erofs-1by1+profile", "hybrid-erofs-1by1"),
+                            ("hybrid-erofs", "hybrid-erofs-1by1"),
+                            ("hybrid-erofs+profile", "hybrid-erofs-1by1"),
                             ("hybrid-erofs", "overlayfs")):
             if kind in medians and other in medians:
                 print(f"| {image} | {rate} | {kind} / {other} | "
