@@ -158,21 +158,47 @@ class DaemonBody(Protocol):
     def teardown(self, *, signals: list[int] | None = None) -> None: ...
 
 # glibc mallopt(3) parameters.
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+# Buffers up to this size come from the arenas and are reused: a full read's 1 MiB FUSE replies
+# and 4 MiB inflate outputs, each mmap'ed, zero-filled by page faults and unmapped again at a
+# fixed 256 KiB threshold, cost the daemon 40 % of its CPU (docs/benchmarks.md, full read).
+MMAP_THRESHOLD = 8 << 20
+TRIM_THRESHOLD = 8 << 20  # free memory at an arena's top kept for reuse between trims
+TRIM_EVERY_S = 2.0  # how often free arena pages are given back (malloc_trim)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def bound_malloc() -> None:
     """Keep a long-lived daemon's heap from growing past what its caches hold: glibc gives
     each thread that allocates an arena of its own (up to 8 per core), and its dynamic mmap
     threshold moves large buffers (spans, chunks) into those arenas, where freed memory stays
-    fragmented. Two arenas and a fixed 256 KiB threshold (buffers above it are mmap'ed and
-    given back when freed): 217 -> 126 MiB RSS over 20,000 reads of a 130 MB layer
-    (docs/benchmarks.md). A no-op without glibc."""
+    fragmented. Two arenas, fixed MMAP_THRESHOLD and TRIM_THRESHOLD (buffers are reused, not
+    mapped and zero-filled anew for every read), and `trim_malloc` every TRIM_EVERY_S to give
+    the free pages inside the arenas back (docs/benchmarks.md, daemon memory). A no-op
+    without glibc."""
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_ARENA_MAX, 2)
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
-    except (OSError, AttributeError):
+        if libc is not None:
+            libc.mallopt(_M_ARENA_MAX, 2)
+            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+            libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    except AttributeError:
+        pass
+
+
+def trim_malloc() -> None:
+    """Give the free pages of every malloc arena back to the system (glibc malloc_trim)."""
+    libc = _libc()
+    try:
+        if libc is not None:
+            libc.malloc_trim(0)
+    except AttributeError:
         pass
 
 
@@ -261,11 +287,13 @@ def _daemon_status(daemon: DaemonBody, metrics: DaemonMetrics) -> dict[str, Any]
 
 def _serve(daemon: DaemonBody, metrics: DaemonMetrics, paths: StatePaths,
            stop: threading.Event) -> None:
-    """Write the stats file every STATS_INTERVAL_S until a stop signal or the daemon is gone."""
+    """Write the stats file every STATS_INTERVAL_S until a stop signal or the daemon is gone;
+    give free heap pages back every TRIM_EVERY_S."""
     while True:
         with contextlib.suppress(HybridErofsError):
             paths.save_stats(_daemon_status(daemon, metrics))
-        if stop.wait(STATS_INTERVAL_S):
+        trim_malloc()
+        if stop.wait(min(STATS_INTERVAL_S, TRIM_EVERY_S)):
             return
         reason = daemon.gone()
         if reason is not None:
