@@ -53,6 +53,10 @@ def memory_shares(memory_cache_bytes: int) -> tuple[int, int, int]:
 # both cores busy on a whole-layer read).
 DECODE_AHEAD = 3
 DECODE_WORKERS = max(2, min(4, os.cpu_count() or 2))
+# Spans past those whose compressed bytes a sequential reader has fetched (registry: into the
+# chunk cache by its pool, HTTP and the disk write off the decoder's path) or read from disk
+# (a local blob) ahead of the decoder.
+FETCH_AHEAD = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +258,8 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
         check_binding(blob=identity, meta=meta, zinfo=Path(zinfo))
         log.warning("%s: no %s beside the zinfo: spans are not verified", name, side_path.name)
     layer = GzipSource(inner, index, size=size, cache_bytes=cache_bytes,
-                       decode_ahead=DECODE_AHEAD, decode_workers=DECODE_WORKERS)
+                       decode_ahead=DECODE_AHEAD, decode_workers=DECODE_WORKERS,
+                       fetch_ahead=FETCH_AHEAD)
     if store_dir is None or not side_path.exists():
         return layer
     limit = blob.room if isinstance(blob, ChunkCacheSource) else None

@@ -5,6 +5,7 @@ ByteSource: `size`, `pread(length, offset)` (exactly `length` bytes or raise), `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -40,6 +41,15 @@ class FileRanged(Protocol):
         """(fd, file offset) of `length` bytes at `offset`, or None when they are not one
         plain run of a file. The fd stays owned by the source."""
         ...
+
+
+@runtime_checkable
+class Prefetching(Protocol):
+    """Optional capability: start getting a range ready (fetched, stored, read from disk) in
+    the background, so that a read of it soon after waits less. Returns at once; failures
+    are left for the read to meet. Prefetched bytes pass every check a read makes."""
+
+    def prefetch(self, length: int, offset: int) -> None: ...
 
 
 def check_range(source: ByteSource, length: int, offset: int) -> None:
@@ -113,6 +123,14 @@ class FileSource:
     def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
         check_range(self, length, offset)
         return None if self._closed else (self._fd, offset)
+
+    def prefetch(self, length: int, offset: int) -> None:
+        """Have the kernel read the range into the page cache (posix_fadvise WILLNEED)."""
+        check_range(self, length, offset)
+        with self._lock:
+            if not self._closed and length:
+                with contextlib.suppress(OSError):  # advice only
+                    os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         with self._lock:

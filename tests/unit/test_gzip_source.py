@@ -7,6 +7,7 @@ import io
 import random
 import threading
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ from hybrid_erofs.errors import SourceIOError
 from hybrid_erofs.gzindex.build import build_index
 from hybrid_erofs.gzindex.format import GzipIndex
 from hybrid_erofs.gzindex.source import GzipSource
-from hybrid_erofs.source import MemorySource
+from hybrid_erofs.source import FileSource, MemorySource
 
 from ..doubles import CountingSource, FlakySource
 
@@ -216,3 +217,82 @@ def test_close_closes_inner() -> None:
     inner = CountingSource(BLOB)
     GzipSource(inner, INDEX, size=len(DATA)).close()
     assert inner.closed
+
+
+class PrefetchLog(CountingSource):
+    """A blob that records what is asked to be prefetched (and serves reads as usual)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.prefetched: list[tuple[int, int]] = []
+
+    def prefetch(self, length: int, offset: int) -> None:
+        self.prefetched.append((length, offset))
+
+
+def _compressed_range(number: int) -> tuple[int, int]:
+    """(start, end) of span `number`'s compressed bytes, as GzipSource fetches them."""
+    cps = INDEX.checkpoints
+    start = cps[number].in_offset - (1 if cps[number].bits else 0)
+    end = cps[number + 1].in_offset + 1 if number + 1 < len(cps) else len(BLOB)
+    return start, min(end, len(BLOB))
+
+
+def test_forward_readers_prefetch_compressed_spans_ahead_once() -> None:
+    inner = PrefetchLog(BLOB)
+    source = GzipSource(inner, INDEX, size=len(DATA), decode_ahead=1, fetch_ahead=2)
+    step = 64 << 10
+    out = bytearray()
+    for offset in range(0, len(DATA), step):
+        out += source.pread(min(step, len(DATA) - offset), offset)
+    source.close()
+    assert out == DATA
+    asked = sorted((offset, offset + length) for length, offset in inner.prefetched)
+    # Each compressed byte asked for at most once, in pieces of at most a span...
+    for (_, end), (start, _) in zip(asked, asked[1:], strict=False):
+        assert start >= end
+    assert len(asked) >= len(INDEX.checkpoints) - 2
+    # ...and every span after the one the first forward read (the second) ends in.
+    covered = set()
+    for start, end in asked:
+        covered.update(range(start, end))
+    for number in range(bisect_span(2 * step - 1) + 1, len(INDEX.checkpoints)):
+        start, end = _compressed_range(number)
+        assert covered.issuperset(range(start, end)), number
+
+
+def bisect_span(offset: int) -> int:
+    starts = [cp.out_offset for cp in INDEX.checkpoints]
+    return max(i for i, s in enumerate(starts) if s <= offset)
+
+
+def test_random_readers_prefetch_nothing() -> None:
+    inner = PrefetchLog(BLOB)
+    source = GzipSource(inner, INDEX, size=len(DATA), decode_ahead=2, fetch_ahead=4)
+    check_random_reads(source, DATA, INDEX, seed=3)
+    source.close()
+    assert inner.prefetched == []
+
+
+def test_fetch_ahead_needs_a_prefetching_inner() -> None:
+    inner = CountingSource(BLOB)  # no prefetch(): nothing is asked, reads work as before
+    source = GzipSource(inner, INDEX, size=len(DATA), decode_ahead=1, fetch_ahead=4)
+    assert b"".join(source.pread(min(1 << 16, len(DATA) - o), o)
+                    for o in range(0, len(DATA), 1 << 16)) == DATA
+    source.close()
+    with pytest.raises(ValueError, match="fetch_ahead"):
+        GzipSource(inner, INDEX, size=len(DATA), fetch_ahead=-1)
+
+
+def test_a_file_prefetches_by_advice_and_checks_the_range(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(BLOB)
+    blob = FileSource(path)
+    blob.prefetch(len(BLOB), 0)  # posix_fadvise WILLNEED: nothing to see but no error
+    with pytest.raises(ValueError):
+        blob.prefetch(10, len(BLOB))
+    source = GzipSource(blob, INDEX, size=len(DATA), decode_ahead=1, fetch_ahead=2)
+    assert b"".join(source.pread(min(1 << 16, len(DATA) - o), o)
+                    for o in range(0, len(DATA), 1 << 16)) == DATA
+    source.close()
+    blob.prefetch(len(BLOB), 0)  # closed: a no-op

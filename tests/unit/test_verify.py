@@ -231,3 +231,33 @@ def test_damage_in_one_span_does_not_fail_reads_of_the_span_before(
             source.pread(4096, end + 1000)
     finally:
         source.close()
+
+
+def test_prefetched_tampered_bytes_are_still_refused(tmp_path: Path) -> None:
+    """A prefetch only gets bytes into the chunk cache: the read that uses them checks them
+    (and drops the bad chunks), so a span fetched ahead of its reader is never trusted."""
+    import time
+
+    from hybrid_erofs.sources.chunkcache import ChunkCacheSource
+
+    blob = random.Random(7).randbytes(300_000)
+    spans = spans_of(blob, [(100_000, 0), (200_000, 0)])
+    inner = _TamperedSource(blob, 150_000)
+    cache = ChunkCacheSource(inner, key="sha256:" + "ef" * 32, cache_dir=tmp_path,
+                             chunk_size=16 << 10, readahead=0)
+    source = VerifiedSource(cache, spans)
+    try:
+        source.prefetch(300_000, 0)  # handed on to the cache: every chunk fetched and stored
+        deadline = time.monotonic() + 10
+        while cache.stats.readahead_chunks < 19 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache.stats.readahead_chunks == 19  # 300,000 bytes in 16 KiB chunks
+        calls = len(inner.calls)
+        assert source.pread(100, 10) == blob[10:110]
+        assert len(inner.calls) == calls  # served from what the prefetch stored
+        with pytest.raises(SourceIOError, match="span 1 .* failed verification"):
+            source.pread(10, 150_000)
+        assert source.failed_spans == 2 and source.verified_spans == 1
+        assert cache.stats.invalidated_chunks == 2 * 7
+    finally:
+        source.close()

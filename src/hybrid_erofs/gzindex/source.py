@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import SourceIOError
 from ..metrics.samples import Sample, counter, gauge
-from ..source import ByteSource, check_range
+from ..source import ByteSource, Prefetching, check_range
 from .format import WINDOW_SIZE, GzipIndex
 from .prime import primed_start
 
@@ -99,6 +99,10 @@ class GzipSource:
             0: none). Spans are independent once their checkpoint is known, so with
             `decode_workers` threads a sequential read uses every core.
         decode_workers: threads for decode-ahead (default 2).
+        fetch_ahead: spans past the decode-ahead ones whose compressed bytes a forward reader
+            has `inner` prefetch (default 0: none; only when `inner` is Prefetching, e.g. a
+            VerifiedSource over the chunk cache, or a file). Nothing is decoded or trusted
+            from a prefetch: the bytes are read and checked when a decode needs them.
 
     Thread-safe: concurrent readers of different spans decode in parallel (the codecs release
     the GIL); readers of the same span wait for one decode.
@@ -106,13 +110,15 @@ class GzipSource:
 
     def __init__(self, inner: ByteSource, index: GzipIndex, *, size: int | None = None,
                  cache_bytes: int = 64 << 20, decode_ahead: int = 0,
-                 decode_workers: int = 2) -> None:
+                 decode_workers: int = 2, fetch_ahead: int = 0) -> None:
         if cache_bytes < 0:
             raise ValueError(f"'cache_bytes' must be >= 0 (got {cache_bytes})")
         if decode_ahead < 0:
             raise ValueError(f"'decode_ahead' must be >= 0 (got {decode_ahead})")
         if decode_workers < 1:
             raise ValueError(f"'decode_workers' must be >= 1 (got {decode_workers})")
+        if fetch_ahead < 0:
+            raise ValueError(f"'fetch_ahead' must be >= 0 (got {fetch_ahead})")
         self._inner = inner
         self._index = index
         self._starts = [cp.out_offset for cp in index.checkpoints]
@@ -124,6 +130,8 @@ class GzipSource:
         self.fetched_bytes = 0  # compressed bytes read from `inner`
         self._ahead = min(decode_ahead, max(0, len(self._starts) - 1))
         self._workers = decode_workers
+        self._fetch_ahead = fetch_ahead if isinstance(inner, Prefetching) else 0
+        self._prefetched = (0, 0)  # compressed range asked of `inner` for the current reader
         self._todo: deque[int] = deque()  # spans waiting for a decode-ahead thread
         self._queued: set[int] = set()  # spans submitted for decode-ahead, not yet done
         # Threads run only while there is work (none idle between reads, none left at close).
@@ -238,6 +246,41 @@ class GzipSource:
                                           name=f"decode-ahead:{len(self._threads)}")
                 self._threads.add(thread)
                 thread.start()
+            ranges = self._prefetch_ranges(number + 1)
+        inner = self._inner
+        if not isinstance(inner, Prefetching):
+            return
+        for length, start in ranges:
+            try:
+                inner.prefetch(length, start)
+            except Exception as exc:  # advice: the read meets any real failure
+                log.debug("prefetch of %d bytes at %d failed: %s", length, start, exc)
+
+    def _prefetch_ranges(self, first: int) -> list[tuple[int, int]]:
+        """(length, offset) of the compressed bytes of spans first..first+decode_ahead+
+        fetch_ahead-1 not asked for yet, one range per span (a cache fetches them in
+        parallel). Caller holds self._lock."""
+        if not self._fetch_ahead or first >= len(self._starts):
+            return []
+        last = min(first + self._ahead + self._fetch_ahead, len(self._starts))
+        checkpoints = self._index.checkpoints
+        low, high = self._prefetched
+        ranges = []
+        for number in range(first, last):
+            cp = checkpoints[number]
+            start = cp.in_offset - 1 if cp.bits else cp.in_offset
+            end = (checkpoints[number + 1].in_offset + 1 if number + 1 < len(checkpoints)
+                   else self._inner.size)
+            end = min(end, self._inner.size)
+            if low <= start < high:  # asked for already (a reader's window moves on)
+                start = high
+            if start < end:
+                ranges.append((end - start, start))
+                if not low <= start <= high:
+                    low = start
+                high = end
+        self._prefetched = (low, high)
+        return ranges
 
     def _decode_queued(self) -> None:
         """A decode-ahead thread: decode queued spans until none is left, then end."""

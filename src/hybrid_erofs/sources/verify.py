@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 from ..errors import SourceIOError
 from ..gzindex.spans import SpanDigest
 from ..metrics.samples import Sample, counter, gauge
-from ..source import ByteSource, check_range
+from ..source import ByteSource, Prefetching, check_range
 
 log = logging.getLogger("hybrid_erofs.verify")
 
@@ -102,6 +102,13 @@ class VerifiedSource:
             offset = stop
             number += 1
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def prefetch(self, length: int, offset: int) -> None:
+        """Pass the prefetch on to `inner` (a cache): nothing is kept or trusted here until a
+        read fetches the span and checks it."""
+        check_range(self, length, offset)
+        if isinstance(self._inner, Prefetching):
+            self._inner.prefetch(length, offset)
 
     def _verified(self, number: int) -> bytes:
         with self._lock:
