@@ -226,12 +226,21 @@ class ChunkCacheSource:
         self._note_read(offset, last)
         chunks = self._chunks(first, last)
         start = offset - first * chunk_size
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if self._store is not None and (now := time.monotonic()) - self._touched_s > _TOUCH_EVERY_S:
             self._touched_s = now
             self._store.touch()
         self._count(bytes_served=length)
-        return data[start : start + length]
+        if len(chunks) == 1:
+            chunk = chunks[0]
+            if start == 0 and len(chunk) == length and isinstance(chunk, bytes):
+                return chunk
+            with memoryview(chunk) as view:
+                return bytes(view[start : start + length])
+        # One copy: the chunks' parts in the range, joined.
+        views = [memoryview(chunk) for chunk in chunks]
+        end = start + length - (len(chunks) - 1) * chunk_size
+        views[0], views[-1] = views[0][start:], views[-1][:end]
+        return b"".join(views)
 
     def prefetch(self, length: int, offset: int) -> None:
         """Start fetching the chunks of this range in the background; returns at once."""
@@ -308,14 +317,14 @@ class ChunkCacheSource:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _chunks(self, first: int, last: int) -> list[bytes]:
+    def _chunks(self, first: int, last: int) -> list[bytes | memoryview]:
         """Chunks first..last, from disk or memory or fetched; raises if a fetch keeps failing.
         Pinned meanwhile: eviction in this process leaves them alone."""
         store = self._store
         if store is not None:
             store.pin(first, last - first + 1)
         try:
-            pieces: dict[int, bytes] = {}
+            pieces: dict[int, bytes | memoryview] = {}
             wanted = range(first, last + 1)
             for attempt in range(_ATTEMPTS):
                 missing = []
@@ -353,7 +362,7 @@ class ChunkCacheSource:
                     return data
         return None if self._store is None else self._store.read(number)
 
-    def _fetch(self, numbers: list[int], *, background: bool = False) -> dict[int, bytes]:
+    def _fetch(self, numbers: list[int], *, background: bool = False) -> dict[int, bytes | memoryview]:
         """Fetch the chunks no thread of ours is fetching; wait for the others (unless background)."""
         with self._lock:
             mine = [n for n in numbers if n not in self._inflight]
@@ -363,7 +372,7 @@ class ChunkCacheSource:
         try:
             runs = _runs(mine, max(1, MAX_REQUEST // self._chunk_size))
             if background or len(runs) <= 1:
-                got: dict[int, bytes] = {}
+                got: dict[int, bytes | memoryview] = {}
                 for run in runs:
                     got.update(self._fetch_run(*run))
             else:
@@ -377,10 +386,10 @@ class ChunkCacheSource:
                 event.wait()  # the caller then finds the chunk on disk, or fetches it itself
         return got
 
-    def _fetch_parallel(self, runs: list[tuple[int, int]]) -> dict[int, bytes]:
+    def _fetch_parallel(self, runs: list[tuple[int, int]]) -> dict[int, bytes | memoryview]:
         """First run in this thread, the rest on the pool; raise the first error after all end."""
         futures = [self._submit(self._fetch_run, *run) for run in runs[1:]]
-        got: dict[int, bytes] = {}
+        got: dict[int, bytes | memoryview] = {}
         error: BaseException | None = None
         try:
             got.update(self._fetch_run(*runs[0]))
@@ -395,10 +404,10 @@ class ChunkCacheSource:
             raise error
         return got
 
-    def _fetch_run(self, first: int, count: int) -> dict[int, bytes]:
+    def _fetch_run(self, first: int, count: int) -> dict[int, bytes | memoryview]:
         """Fetch chunks first..first+count-1 under the cross-process lock; keep and return them."""
         store = self._store
-        got: dict[int, bytes] = {}
+        got: dict[int, bytes | memoryview] = {}
         with store.locked(first, count) if store is not None else contextlib.nullcontext():
             todo = []
             for number in range(first, first + count):
@@ -415,8 +424,9 @@ class ChunkCacheSource:
                 data = self._inner.pread(length, offset)
                 self._count(inner_reads=1, bytes_fetched=length)
                 self._keep(start, data)
+                view = memoryview(data)  # the chunks as views of the one fetch: no copies
                 for k in range(run):
-                    got[start + k] = data[k * self._chunk_size : (k + 1) * self._chunk_size]
+                    got[start + k] = view[k * self._chunk_size : (k + 1) * self._chunk_size]
         if self._max_bytes is not None and self._unchecked >= max(
                 self._chunk_size, self._max_bytes * CHECK_EVERY):
             self._evict()
