@@ -13,6 +13,10 @@ Methods, in a rotating order each round:
                    page cache dropped, then the tar read (stored spans by splice)
   remount-local    a new mount of the complete layer (file-backed EROFS of the stored layer,
                    no FUSE), page cache dropped, then the tar read
+
+Besides the wall time, the CPU time each method took: the reader's (tar, cat, gzip: the
+children's rusage) and, for the mounts, the daemon's during the read (/proc/PID/stat). On a
+machine shared with other work the wall time of CPU-bound methods follows their CPU time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -46,10 +51,30 @@ print(time.perf_counter() - started)
 """
 
 
-def timed_shell(command: str) -> float:
+CPU = {"reader": 0.0, "daemon": 0.0}  # CPU seconds of the last timed_shell
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid: int | None) -> float:
+    """utime + stime of process `pid` (all its threads), in seconds; 0 without one."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_shell(command: str, daemon: int | None = None) -> float:
+    """Wall time of `command`; its CPU time (and the daemon's meanwhile) go to CPU."""
+    reader, served = _children_cpu(), process_cpu(daemon)
     started = time.perf_counter()
     subprocess.run(command, shell=True, check=True)
-    return time.perf_counter() - started
+    took = time.perf_counter() - started
+    CPU["reader"], CPU["daemon"] = _children_cpu() - reader, process_cpu(daemon) - served
+    return took
 
 
 def status(env: dict[str, str], mnt: Path) -> dict[str, Any]:
@@ -102,7 +127,9 @@ class Bench:
         subprocess.run(["cat", str(self.layer)], stdout=subprocess.DEVNULL, check=True)
         out = subprocess.run([sys.executable, "-c", INFLATE, str(self.layer)], check=True,
                              capture_output=True, text=True).stdout
-        return float(out)
+        took = float(out)
+        CPU["reader"], CPU["daemon"] = took, 0.0  # one core, busy throughout
+        return took
 
     def disk_cold(self) -> float:
         drop_caches()
@@ -113,6 +140,15 @@ class Bench:
                         str(self.zinfo), "--cache-dir", str(cache), *extra, self.ref,
                         str(self.mnt)], env=self.env, check=True, capture_output=True)
 
+    def _daemon(self) -> int | None:
+        pid = status(self.env, self.mnt).get("daemon_pid")
+        return int(pid) if pid else None
+
+    def _read_mount(self) -> float:
+        daemon = self._daemon()
+        drop_caches()
+        return timed_shell(READ.format(dir=self.mnt), daemon)
+
     def _umount(self) -> None:
         subprocess.run([*CLI, "umount", str(self.mnt)], env=self.env, check=True,
                        capture_output=True)
@@ -122,8 +158,7 @@ class Bench:
         shutil.rmtree(cache, ignore_errors=True)
         self._mount(cache, "--no-background-fetch")
         try:
-            drop_caches()
-            return timed_shell(READ.format(dir=self.mnt))
+            return self._read_mount()
         finally:
             self._umount()
 
@@ -133,8 +168,7 @@ class Bench:
                         str(self.zinfo), str(self.layer), str(self.mnt)], env=self.env,
                        check=True, capture_output=True)
         try:
-            drop_caches()
-            return timed_shell(READ.format(dir=self.mnt))
+            return self._read_mount()
         finally:
             self._umount()
 
@@ -158,8 +192,7 @@ class Bench:
         self._mount(cache, "--fetch-delay", "0", "--fetch-rate", "1GiB")
         try:
             self._complete(cache)
-            drop_caches()
-            return timed_shell(READ.format(dir=self.mnt))
+            return self._read_mount()
         finally:
             self._umount()
 
@@ -178,8 +211,7 @@ class Bench:
         try:
             if status(self.env, self.mnt)["via"] != "local":
                 raise RuntimeError("the complete layer was not mounted locally")
-            drop_caches()
-            return timed_shell(READ.format(dir=self.mnt))
+            return self._read_mount()
         finally:
             self._umount()
 
@@ -204,6 +236,7 @@ def main() -> int:
     digest = json.loads(zinfo.with_name(zinfo.name + ".json").read_text())["blob"]["digest"]
     args.work.mkdir(parents=True, exist_ok=True)
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[list[float]]] = {}  # per method: [reader, daemon] CPU s per round
     with registry(args.work / "registry") as host:
         bench = Bench(layer, args.work.resolve(), push(host, layer, digest), meta, zinfo)
         bench.prepare()
@@ -219,14 +252,20 @@ def main() -> int:
                 for name in order:
                     took = methods[name]()
                     times.setdefault(name, []).append(took)
+                    cpu.setdefault(name, []).append([round(CPU["reader"], 3),
+                                                     round(CPU["daemon"], 3)])
                     load = os.getloadavg()[0]
-                    print(f"round {number + 1} {name:14s} {took:7.2f} s  (load {load:.1f})",
-                          file=sys.stderr)
+                    print(f"round {number + 1} {name:14s} {took:7.2f} s  CPU reader "
+                          f"{CPU['reader']:5.2f} s daemon {CPU['daemon']:5.2f} s  "
+                          f"(load {load:.1f})", file=sys.stderr)
         finally:
             bench.close()
     medians = {name: statistics.median(values) for name, values in times.items()}
+    cpu_medians = {name: [statistics.median(r[0] for r in rows),
+                          statistics.median(r[1] for r in rows)] for name, rows in cpu.items()}
     summary = {"layer": str(layer), "blob_bytes": layer.stat().st_size, "medians_s": medians,
-               "runs_s": times, "load_after": os.getloadavg()[0]}
+               "runs_s": times, "cpu_reader_daemon_medians_s": cpu_medians, "cpu_runs_s": cpu,
+               "load_after": os.getloadavg()[0]}
     for name, base in (("mount-file-cold", "tar-xzf"), ("mount-cold", "tar-xzf"),
                        ("mount-local", "disk-cold"), ("remount-local", "disk-cold")):
         if name in medians and base in medians:
