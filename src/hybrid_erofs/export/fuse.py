@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType, ModuleType
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 from ..errors import HybridErofsError, already_logged
 from ..source import ByteSource, FileRanged
@@ -102,6 +102,8 @@ class _DiskOperations:
     def __init__(self, source: ByteSource, name: str, initialized: threading.Event) -> None:
         self._source = source
         self._size = source.size
+        # isinstance against a runtime Protocol looks at every member: once, not per read.
+        self._ranged = isinstance(source, FileRanged)
         self._file = "/" + name
         self._name = name
         self._initialized = initialized
@@ -157,8 +159,8 @@ class _DiskOperations:
         malloc here (fuse_free_buf: the vector, and `mem` of memory buffers)."""
         length = max(0, min(size, self._size - offset))
         where = None
-        if length and isinstance(self._source, FileRanged):
-            where = self._source.file_range(length, offset)
+        if length and self._ranged:
+            where = cast(FileRanged, self._source).file_range(length, offset)
         data = self._read(length, offset) if where is None and length else b""
         libc = _get_libc()
         vector = libc.malloc(ctypes.sizeof(_FuseBufvec))

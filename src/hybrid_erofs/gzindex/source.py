@@ -130,7 +130,8 @@ class GzipSource:
         self.fetched_bytes = 0  # compressed bytes read from `inner`
         self._ahead = min(decode_ahead, max(0, len(self._starts) - 1))
         self._workers = decode_workers
-        self._fetch_ahead = fetch_ahead if isinstance(inner, Prefetching) else 0
+        self._prefetcher = inner if isinstance(inner, Prefetching) else None
+        self._fetch_ahead = fetch_ahead if self._prefetcher is not None else 0
         self._prefetched = (0, 0)  # compressed range asked of `inner` for the current reader
         self._todo: deque[int] = deque()  # spans waiting for a decode-ahead thread
         self._queued: set[int] = set()  # spans submitted for decode-ahead, not yet done
@@ -247,8 +248,8 @@ class GzipSource:
                 self._threads.add(thread)
                 thread.start()
             ranges = self._prefetch_ranges(number + 1)
-        inner = self._inner
-        if not isinstance(inner, Prefetching):
+        inner = self._prefetcher
+        if inner is None:
             return
         for length, start in ranges:
             try:

@@ -243,11 +243,28 @@ class ChunkCacheSource:
         return b"".join(views)
 
     def prefetch(self, length: int, offset: int) -> None:
-        """Start fetching the chunks of this range in the background; returns at once."""
+        """Start fetching the chunks of this range in the background; returns at once.
+
+        Only as far past the last read as readahead may go (`_ahead_limit`): chunks fetched
+        further ahead would be evicted (or dropped from memory, when they cannot be stored)
+        before anyone reads them, and fetched twice."""
         check_range(self, length, offset)
         if length and not self._closed:
             first, last = offset // self._chunk_size, (offset + length - 1) // self._chunk_size
-            self._submit(self._background, first, last + 1, False)
+            with self._lock:
+                anchor = self._last_read[1] if self._last_read is not None else first
+            last = min(last, anchor + self._ahead_limit(self._readahead or DEFAULT_READAHEAD))
+            if first <= last:
+                self._submit(self._background, first, last + 1, False)
+
+    def _ahead_limit(self, readahead: int) -> int:
+        """Chunks a fetch ahead of the reader may take: `readahead`, at most half of the
+        memory bound while chunks cannot be stored, at most 1/8 of the cache limit."""
+        if self._store is None or self._paused_until:  # memory only: keep the window in it
+            readahead = min(readahead, self._memory_bytes // self._chunk_size // 2)
+        if self._max_bytes is not None:  # never so far ahead that eviction takes it first
+            readahead = min(readahead, self._max_bytes // self._chunk_size // 8)
+        return readahead
 
     @property
     def room(self) -> int | None:
@@ -530,10 +547,7 @@ class ChunkCacheSource:
         readahead = self._readahead
         if not readahead:
             return
-        if self._store is None or self._paused_until:  # memory only: keep the window in it
-            readahead = min(readahead, self._memory_bytes // self._chunk_size // 2)
-        if self._max_bytes is not None:  # never so far ahead that eviction takes it first
-            readahead = min(readahead, self._max_bytes // self._chunk_size // 8)
+        readahead = self._ahead_limit(readahead)
         chunk_size = self._chunk_size
         with self._lock:
             # Forward and starting in (or right after) the chunk the last read ended in:
