@@ -178,6 +178,28 @@ def test_prefetch_fetches_in_the_background(open_cache: Open) -> None:
     assert len(inner.calls) == 1
 
 
+
+def _prefetched(source: ChunkCacheSource, inner: CountingSource, count: int) -> Counter[int]:
+    deadline = time.monotonic() + 5
+    while source.stats.readahead_chunks < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)  # nothing more comes
+    return _chunks_fetched(inner.calls)
+
+
+def test_prefetch_stays_within_an_eighth_of_the_cache_limit(open_cache: Open) -> None:
+    inner = CountingSource(DATA)
+    # 1/8 of the limit: 2 chunks past the chunk the last read ended in (readahead on, so
+    # reads are tracked; these two are not forward reads, so it starts nothing itself).
+    source = open_cache(inner, max_bytes=16 * CHUNK, readahead=4)
+    source.pread(100, 0)  # the reader is in chunk 0
+    source.prefetch(len(DATA) - CHUNK, CHUNK)
+    assert set(_prefetched(source, inner, 2)) == {0, 1, 2}
+    source.pread(100, 4 * CHUNK + 10)  # the reader moved on: the window with it
+    source.prefetch(len(DATA) - 5 * CHUNK, 5 * CHUNK)
+    assert set(_prefetched(source, inner, 4)) == {0, 1, 2, 4, 5, 6}
+
+
 # -- persistence and crash safety --------------------------------------------------------------
 
 def test_chunks_survive_reopening(open_cache: Open) -> None:
