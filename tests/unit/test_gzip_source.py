@@ -251,14 +251,28 @@ def test_forward_readers_prefetch_compressed_spans_ahead_once() -> None:
     # Each compressed byte asked for at most once, in pieces of at most a span...
     for (_, end), (start, _) in zip(asked, asked[1:], strict=False):
         assert start >= end
-    assert len(asked) >= len(INDEX.checkpoints) - 2
-    # ...and every span after the one the first forward read (the second) ends in.
+    # ...and, once the run has read through 2 spans (the window opens at half the spans
+    # read), every span after the decode-ahead one.
     covered = set()
     for start, end in asked:
         covered.update(range(start, end))
-    for number in range(bisect_span(2 * step - 1) + 1, len(INDEX.checkpoints)):
+    opened = bisect_span(INDEX.checkpoints[2].out_offset)
+    assert opened == 2
+    for number in range(opened + 1, len(INDEX.checkpoints)):
         start, end = _compressed_range(number)
         assert covered.issuperset(range(start, end)), number
+    first_asked = min(start for start, _ in asked)
+    assert first_asked >= _compressed_range(2)[0]  # nothing before the window opened
+
+
+def test_a_short_forward_run_prefetches_nothing() -> None:
+    inner = PrefetchLog(BLOB)
+    source = GzipSource(inner, INDEX, size=len(DATA), decode_ahead=1, fetch_ahead=8)
+    start = INDEX.checkpoints[5].out_offset - 100_000  # a small file across one span end
+    for offset in range(start, start + 200_000, 20_000):
+        source.pread(20_000, offset)
+    source.close()
+    assert inner.prefetched == []
 
 
 def bisect_span(offset: int) -> int:

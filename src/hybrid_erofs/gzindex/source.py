@@ -101,8 +101,9 @@ class GzipSource:
         decode_workers: threads for decode-ahead (default 2).
         fetch_ahead: spans past the decode-ahead ones whose compressed bytes a forward reader
             has `inner` prefetch (default 0: none; only when `inner` is Prefetching, e.g. a
-            VerifiedSource over the chunk cache, or a file). Nothing is decoded or trusted
-            from a prefetch: the bytes are read and checked when a decode needs them.
+            VerifiedSource over the chunk cache, or a file), ramped up with the reader's run:
+            half the spans it has read through so far. Nothing is decoded or trusted from a
+            prefetch: the bytes are read and checked when a decode needs them.
 
     Thread-safe: concurrent readers of different spans decode in parallel (the codecs release
     the GIL); readers of the same span wait for one decode.
@@ -138,9 +139,10 @@ class GzipSource:
         # Threads run only while there is work (none idle between reads, none left at close).
         self._threads: set[threading.Thread] = set()
         self._ending: list[threading.Thread] = []  # left the work loop, maybe not yet gone
-        # Ends of recent reads: a read starting at one continues a sequential reader (the
-        # kernel keeps a few of its requests in flight, so they may come out of order).
-        self._recent_ends: deque[int] = deque(maxlen=8)
+        # Ends of recent reads -> where their forward run began: a read starting at one
+        # continues a sequential reader (the kernel keeps a few of its requests in flight, so
+        # they may come out of order). The 8 most recent.
+        self._runs: OrderedDict[int, int] = OrderedDict()
         self._closed = False
         # Called with (span number, its bytes) when a span is decoded in full and checked
         # (next checkpoint's window, or the member CRC at the end); a LayerStore keeps them.
@@ -228,8 +230,11 @@ class GzipSource:
         `decode_ahead` spans after the one it ends in on the worker threads, each from its
         own checkpoint. Random readers never trigger it."""
         with self._lock:
-            forward = offset in self._recent_ends
-            self._recent_ends.append(offset + length)
+            begun = self._runs.pop(offset, None)
+            forward = begun is not None
+            self._runs[offset + length] = offset if begun is None else begun
+            while len(self._runs) > 8:
+                self._runs.popitem(last=False)
             if not forward or self._closed:
                 return
             number = bisect_right(self._starts, offset + length - 1) - 1
@@ -247,7 +252,11 @@ class GzipSource:
                                           name=f"decode-ahead:{len(self._threads)}")
                 self._threads.add(thread)
                 thread.start()
-            ranges = self._prefetch_ranges(number + 1)
+            # Fetch ahead as far as the run has gone already (half its spans, up to
+            # fetch_ahead): a few reads through a small file fetch nothing extra, a whole-layer
+            # read soon has the full window.
+            covered = number - (bisect_right(self._starts, begun) - 1) if begun is not None else 0
+            ranges = self._prefetch_ranges(number + 1, min(self._fetch_ahead, covered // 2))
         inner = self._prefetcher
         if inner is None:
             return
@@ -257,13 +266,13 @@ class GzipSource:
             except Exception as exc:  # advice: the read meets any real failure
                 log.debug("prefetch of %d bytes at %d failed: %s", length, start, exc)
 
-    def _prefetch_ranges(self, first: int) -> list[tuple[int, int]]:
+    def _prefetch_ranges(self, first: int, window: int) -> list[tuple[int, int]]:
         """(length, offset) of the compressed bytes of spans first..first+decode_ahead+
-        fetch_ahead-1 not asked for yet, one range per span (a cache fetches them in
-        parallel). Caller holds self._lock."""
-        if not self._fetch_ahead or first >= len(self._starts):
+        window-1 not asked for yet, one range per span (a cache fetches them in parallel).
+        Caller holds self._lock."""
+        if window <= 0 or first >= len(self._starts):
             return []
-        last = min(first + self._ahead + self._fetch_ahead, len(self._starts))
+        last = min(first + self._ahead + window, len(self._starts))
         checkpoints = self._index.checkpoints
         low, high = self._prefetched
         ranges = []
