@@ -132,6 +132,17 @@ class SnapshotStore:
                 current = parent
             return found
 
+    def _parent_id(self, conn: sqlite3.Connection, parent: str) -> int | None:
+        """The id of `parent` ("": none), which must exist and be committed."""
+        if not parent:
+            return None
+        parent_snap = self._get(conn, parent)
+        if parent_snap is None:
+            raise SnapshotNotFound(f"parent snapshot {parent!r}: not found")
+        if parent_snap.kind != Kind.COMMITTED:
+            raise SnapshotInvalid(f"parent snapshot {parent!r}: not committed")
+        return parent_snap.id
+
     def create(self, name: str, parent: str, kind: Kind, labels: Mapping[str, str], *,
                remote: str | None = None) -> Snapshot:
         """A new snapshot; the parent must exist and be committed (as containerd's metastore)."""
@@ -139,14 +150,7 @@ class SnapshotStore:
         with self.transaction() as conn:
             if self._get(conn, name) is not None:
                 raise SnapshotExists(f"snapshot {name!r}: already exists")
-            parent_id: int | None = None
-            if parent:
-                parent_snap = self._get(conn, parent)
-                if parent_snap is None:
-                    raise SnapshotNotFound(f"parent snapshot {parent!r}: not found")
-                if parent_snap.kind != Kind.COMMITTED:
-                    raise SnapshotInvalid(f"parent snapshot {parent!r}: not committed")
-                parent_id = parent_snap.id
+            parent_id = self._parent_id(conn, parent)
             cur = conn.execute(
                 "INSERT INTO snapshots (name, parent_id, kind, created_ns, updated_ns, labels, "
                 "remote) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -188,14 +192,7 @@ class SnapshotStore:
                 raise SnapshotNotFound(f"snapshot {old!r}: not found")
             if self._get(conn, name) is not None:
                 raise SnapshotExists(f"snapshot {name!r}: already exists")
-            parent_id: int | None = None
-            if parent:
-                parent_snap = self._get(conn, parent)
-                if parent_snap is None:
-                    raise SnapshotNotFound(f"parent snapshot {parent!r}: not found")
-                if parent_snap.kind != Kind.COMMITTED:
-                    raise SnapshotInvalid(f"parent snapshot {parent!r}: not committed")
-                parent_id = parent_snap.id
+            parent_id = self._parent_id(conn, parent)
             conn.execute(
                 "UPDATE snapshots SET name = ?, parent_id = ?, updated_ns = ?, created_ns = ?, "
                 "labels = ? WHERE id = ?",

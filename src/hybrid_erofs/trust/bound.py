@@ -60,17 +60,24 @@ def layer_annotations(sidecar: FileRef, prefetch: FileRef | None = None) -> dict
 def bound_prefetch(annotations: Mapping[str, str], *, layer: str) -> Descriptor | None:
     """The prefetch profile a layer descriptor's annotations (or a snapshot's labels) bind,
     or None. Malformed annotations are a TrustError naming the layer."""
-    digest = annotations.get(PREFETCH_DIGEST)
-    if digest is None:
+    if PREFETCH_DIGEST not in annotations:
         return None
+    return _descriptor(annotations, PREFETCH_DIGEST, PREFETCH_SIZE, PREFETCH_MEDIA_TYPE,
+                       MAX_PROFILE, layer=layer, what="bound prefetch annotations")
+
+
+def _descriptor(annotations: Mapping[str, str], digest_key: str, size_key: str,
+                media_type: str, max_size: int, *, layer: str, what: str) -> Descriptor:
+    """The blob that a digest and a size annotation name; TrustError when malformed."""
+    digest = annotations[digest_key]
     try:
-        size = int(annotations.get(PREFETCH_SIZE, ""))
-        require_sha256(digest, f"layer {layer}: {PREFETCH_DIGEST}")
+        size = int(annotations.get(size_key, ""))
+        require_sha256(digest, f"layer {layer}: {digest_key}")
     except (ValueError, IndexFormatError) as exc:
-        raise TrustError(f"layer {layer}: malformed bound prefetch annotations: {exc}") from exc
-    if not 0 < size <= MAX_PROFILE:
-        raise TrustError(f"layer {layer}: {PREFETCH_SIZE} {size} is not a plausible size")
-    return Descriptor(PREFETCH_MEDIA_TYPE, digest, size)
+        raise TrustError(f"layer {layer}: malformed {what}: {exc}") from exc
+    if not 0 < size <= max_size:
+        raise TrustError(f"layer {layer}: {size_key} {size} is not a plausible size")
+    return Descriptor(media_type, digest, size)
 
 
 def bound_prefetch_name(digest: str) -> str:
@@ -90,14 +97,8 @@ def bound_sidecar(annotations: Mapping[str, str], *, layer: str) -> Descriptor |
     if version != str(VERSION):
         raise TrustError(f"layer {layer}: its bound index has format version {version!r}; "
                          f"this hybrid-erofs reads version {VERSION} (index and push it again)")
-    try:
-        size = int(annotations.get(SIDECAR_SIZE, ""))
-        require_sha256(digest, f"layer {layer}: {SIDECAR_DIGEST}")
-    except (ValueError, IndexFormatError) as exc:
-        raise TrustError(f"layer {layer}: malformed bound-index annotations: {exc}") from exc
-    if not 0 < size <= MAX_INDEX_FILE:
-        raise TrustError(f"layer {layer}: {SIDECAR_SIZE} {size} is not a plausible size")
-    return Descriptor(SIDECAR_MEDIA_TYPE, digest, size)
+    return _descriptor(annotations, SIDECAR_DIGEST, SIDECAR_SIZE, SIDECAR_MEDIA_TYPE,
+                       MAX_INDEX_FILE, layer=layer, what="bound-index annotations")
 
 
 @dataclass(frozen=True, slots=True)
