@@ -166,6 +166,27 @@ def test_random_reads_do_not_trigger_readahead(open_cache: Open) -> None:
     assert len(inner.calls) == 4 and source.stats.readahead_chunks == 0
 
 
+def test_exact_reads_fetch_only_what_they_ask_for(open_cache: Open) -> None:
+    """A fetcher that knows its spans (a prefetch profile's) reads inside exact_reads():
+    forward reads start no readahead there, in that thread only."""
+    inner = CountingSource(DATA)
+    source = open_cache(inner, readahead=4)
+    with source.exact_reads():
+        for number in range(4):
+            assert source.pread(CHUNK, number * CHUNK) == DATA[number * CHUNK:(number + 1) * CHUNK]
+        other = threading.Thread(target=lambda: [source.pread(CHUNK, n * CHUNK)
+                                                 for n in (5, 6)])
+        other.start()
+        other.join()
+    time.sleep(0.05)
+    assert sorted(inner.calls, key=lambda c: c[1])[:4] == [(CHUNK, n * CHUNK) for n in range(4)]
+    _wait_readahead(source, 1)  # the other thread's two forward reads: one chunk ahead
+    inner.calls.clear()
+    source.pread(CHUNK, 8 * CHUNK)
+    source.pread(CHUNK, 9 * CHUNK)  # outside again: readahead as before
+    _wait_readahead(source, 2)
+
+
 def test_prefetch_fetches_in_the_background(open_cache: Open) -> None:
     inner = CountingSource(DATA)
     source = open_cache(inner)

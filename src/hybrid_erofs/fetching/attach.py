@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 from ..sources.chunkcache import ChunkCacheSource
 from ..sources.metered import MeteredSource, iter_stages
@@ -45,7 +46,8 @@ def attach_fetcher(device: MeteredSource, *, policy: FetchPolicy,
     fetcher = BackgroundFetcher(layer, policy=policy, first=first,
                                 activity=lambda: device.stats.reads, verify=verify,
                                 on_failure=on_failure,
-                                limit=lambda: cache_limit_reason(cache, layer), name=name)
+                                limit=lambda: cache_limit_reason(cache, layer), name=name,
+                                exact=cache.exact_reads if cache is not None else nullcontext)
     layer.progress = fetcher.progress  # reported with the layer's metrics
     return fetcher
 

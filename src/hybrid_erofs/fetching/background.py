@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -128,7 +129,8 @@ class BackgroundFetcher:
     changed within `policy.idle_s`, and paces itself to `policy.rate`. A span that fails
     transiently is tried again `policy.attempts` times, then the fetch stops (the layer
     stays lazy, reads go on). `limit()` is asked before each span: a reason (the cache
-    limit cannot hold the layer) stops the fetch and is shown.
+    limit cannot hold the layer) stops the fetch and is shown. Each span is loaded inside
+    `exact()` (the chunk cache's exact_reads: nothing is read ahead past the spans asked for).
 
     When every span is stored, `verify()` runs once (unless the store says the layer was
     verified already); it raises to say the layer is not what the index says, and then
@@ -141,8 +143,10 @@ class BackgroundFetcher:
                  verify: Callable[[], None] | None = None,
                  on_failure: Callable[[str], None] | None = None,
                  limit: Callable[[], str | None] = lambda: None, name: str = "layer",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 exact: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         self.layer = layer
+        self._exact = exact  # around each span's load: no readahead past it (chunk cache)
         self.policy = policy or FetchPolicy()
         total = layer.store.span_count
         self._first = [n for n in dict.fromkeys(first) if 0 <= n < total]
@@ -266,7 +270,7 @@ class BackgroundFetcher:
                     if store.has_span(number):
                         continue
                     self.order.append(number)
-                    running[pool.submit(self.layer.inner.load_span, number)] = number
+                    running[pool.submit(self._load, number)] = number
                     if self.policy.rate is not None:
                         next_at = max(next_at, self._clock()) + (
                             self._compressed[number] / self.policy.rate)
@@ -294,6 +298,10 @@ class BackgroundFetcher:
                     self._stop.set()
                     pending.clear()
             return not self._stop.is_set()
+
+    def _load(self, number: int) -> None:
+        with self._exact():
+            self.layer.inner.load_span(number)
 
     def _finish(self) -> None:
         store = self.layer.store

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +141,7 @@ class ChunkCacheSource:
         self._closed = False
         self._last_read: tuple[int, int] | None = None  # (offset, last chunk) of the previous read
         self._streak = 0
+        self._exact = threading.local()  # .on: this thread's reads start no readahead
         self._readahead_busy = False
         self._touched_s = time.monotonic()
         if self._store is not None:
@@ -241,6 +242,18 @@ class ChunkCacheSource:
         end = start + length - (len(chunks) - 1) * chunk_size
         views[0], views[-1] = views[0][start:], views[-1][:end]
         return b"".join(views)
+
+    @contextlib.contextmanager
+    def exact_reads(self) -> Iterator[None]:
+        """Reads of this thread meanwhile fetch what they ask for and start no readahead
+        (nor count as a reader's forward reads): a fetcher that knows its spans, e.g. a
+        prefetch profile's, fetches nothing past them on a slow link."""
+        before = getattr(self._exact, "on", False)
+        self._exact.on = True
+        try:
+            yield
+        finally:
+            self._exact.on = before
 
     def prefetch(self, length: int, offset: int) -> None:
         """Start fetching the chunks of this range in the background; returns at once.
@@ -545,7 +558,7 @@ class ChunkCacheSource:
     def _note_read(self, offset: int, last: int) -> None:
         """Track forward reads; after two in a row, start readahead past `last`."""
         readahead = self._readahead
-        if not readahead:
+        if not readahead or getattr(self._exact, "on", False):
             return
         readahead = self._ahead_limit(readahead)
         chunk_size = self._chunk_size
