@@ -106,7 +106,8 @@ class LayerMount:
         self.fetcher: BackgroundFetcher | None = None
 
     def start(self, via: str) -> str:
-        """Open the device, export it and mount it, then start the background fetch; the
+        """Open the device, start the background fetch (a prefetch profile's spans at once:
+        they come in while the device is exported and mounted), export it and mount it; the
         transport that runs."""
         self.gate = GateSource(open_device(self.source, meta=self.meta, zinfo=self.zinfo,
                                            registry=self.registry,
@@ -117,9 +118,8 @@ class LayerMount:
         self.device = MeteredSource(self.gate,
                                     latency=os.environ.get(NO_READ_METRICS_ENV) != "1")
         self.label = layer_label(self.device, self.registry.blob or self.source)
-        transport = self._start_transport(via)
-        self._start_fetch()
-        return transport
+        self._start_fetch()  # stopped by release() if the mount fails
+        return self._start_transport(via)
 
     def _start_fetch(self) -> None:
         if self.fetch is None or self.device is None:
