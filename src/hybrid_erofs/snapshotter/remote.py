@@ -6,13 +6,14 @@ resolve_layer() is the one place where the index of a layer is found and trusted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -206,18 +207,12 @@ class DiscoveryFinder:
                plain_http: bool) -> LayerIndex | None:
         """The layer's bound index when its labels name one (the image's manifest does),
         fetched by digest from `repository` (an endpoint's)."""
-        try:
+        with _falling_back():
             if bound_sidecar(request.labels, layer=request.layer_digest) is None:
                 return None
             found = resolve_layer_index(
                 repository, request.manifest_digest, request.layer_digest, request.labels,
                 registry=replace(self.registry, insecure=self.registry.insecure or plain_http))
-        except RegistryError as exc:
-            raise LayerFallback(str(exc), reason="no-index") from exc
-        except InvalidInput as exc:
-            raise LayerFallback(str(exc), reason="unsupported") from exc
-        except HybridErofsError as exc:
-            raise LayerFallback(str(exc), reason="index-error") from exc
         return LayerIndex(found.source, found.meta, found.zinfo, found.origin, bound=True,
                           plain_http=plain_http, prefetch=found.prefetch)
 
@@ -226,7 +221,7 @@ class DiscoveryFinder:
             if pinned in self._found:
                 self._found.move_to_end(pinned)
                 return self._found[pinned]
-            try:
+            with _falling_back():
                 found = discover_image_index(
                     pinned, registry=replace(self.registry, platform=None, layer=None,
                                              blob=None,
@@ -234,16 +229,24 @@ class DiscoveryFinder:
                     policy=NodePolicy(accept_unbound=True),  # judged by the caller's TrustPolicy
                     layers=lambda image: [layer for layer in image.layers
                                           if layer.media_type in GZIP_LAYER_TYPES])
-            except RegistryError as exc:
-                raise LayerFallback(str(exc), reason="no-index") from exc
-            except InvalidInput as exc:
-                raise LayerFallback(str(exc), reason="unsupported") from exc
-            except HybridErofsError as exc:
-                raise LayerFallback(str(exc), reason="index-error") from exc
             self._found[pinned] = found
             while len(self._found) > self._keep:
                 self._found.popitem(last=False)
             return found
+
+
+@contextlib.contextmanager
+def _falling_back() -> Iterator[None]:
+    """Finding a layer's index failed: a LayerFallback whose reason says why (the registry,
+    a layer that cannot be mounted lazily, the index itself)."""
+    try:
+        yield
+    except RegistryError as exc:
+        raise LayerFallback(str(exc), reason="no-index") from exc
+    except InvalidInput as exc:
+        raise LayerFallback(str(exc), reason="unsupported") from exc
+    except HybridErofsError as exc:
+        raise LayerFallback(str(exc), reason="index-error") from exc
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
