@@ -3,6 +3,7 @@ carries, choosing a layer, and the errors a node gets for layers it cannot mount
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,14 @@ from hybrid_erofs.errors import IndexFormatError, InvalidInput
 from hybrid_erofs.indexing.image import index_image
 from hybrid_erofs.indexing.imageindex import (
     INDEX_MEDIA_TYPE,
-    META_MEDIA_TYPE,
+    META_GZIP_MEDIA_TYPE,
     SIDECAR_MEDIA_TYPE,
-    ZINFO_MEDIA_TYPE,
+    ZINFO_GZIP_MEDIA_TYPE,
+    file_digest,
     load_image_index,
     parse_image_index,
 )
-from hybrid_erofs.indexing.publish import artifact_files
+from hybrid_erofs.indexing.publish import artifact_files, transit_copies
 from hybrid_erofs.mounting.discovery import choose_layer
 from tests.oci_images import TestImage, build_test_image
 
@@ -43,9 +45,29 @@ def test_artifact_files_carry_one_platform(indexed: tuple[TestImage, Path]) -> N
     assert len(indexed_layers) == 2  # the two top layers are below 4 KiB
     assert [(f.name, f.media_type) for f in files[1:]] == [
         (ref.name, kind) for layer in indexed_layers for ref, kind in (
-            (layer.zinfo, ZINFO_MEDIA_TYPE), (layer.sidecar, SIDECAR_MEDIA_TYPE),
-            (layer.meta, META_MEDIA_TYPE)) if ref is not None]
+            (layer.zinfo, ZINFO_GZIP_MEDIA_TYPE), (layer.sidecar, SIDECAR_MEDIA_TYPE),
+            (layer.meta, META_GZIP_MEDIA_TYPE)) if ref is not None]
     assert all(f.path.parent == out for f in files)
+    # the zinfo and the meta travel as their gzip (DIR/NAME.gz), which inflates to the file
+    for file in files[1:]:
+        if file.media_type.endswith("+gzip"):
+            assert file.path.name == file.name + ".gz"
+            assert gzip.decompress(file.path.read_bytes()) == (out / file.name).read_bytes()
+    again = artifact_files(out, entry, index)  # deterministic: the same blobs again
+    assert [file_digest(f.path) for f in again] == [file_digest(f.path) for f in files]
+
+
+def test_transit_copies_are_made_again_when_stale(indexed: tuple[TestImage, Path],
+                                                   tmp_path: Path) -> None:
+    image, out = indexed
+    index = load_image_index(out)
+    layer = next(layer for layer in index.images[0].layers if layer.meta is not None)
+    assert layer.meta is not None
+    copies = transit_copies(out, layer)
+    stale = out / copies["meta"].name
+    stale.write_bytes(gzip.compress(b"another meta"))
+    assert transit_copies(out, layer) == copies
+    assert gzip.decompress(stale.read_bytes()) == (out / layer.meta.name).read_bytes()
 
 
 def test_artifact_files_refuse_a_changed_output(indexed: tuple[TestImage, Path],

@@ -184,8 +184,8 @@ def _index_all(reference: str, directory: Path, *, all_platforms: bool, min_laye
         key = sign_key.read_bytes() if sign_key is not None else None
         pushed = push_image_index(reference, report.directory, report.index,
                                   registry=registry, progress=say)
-        bound = publish_bound_image(reference, report.index, registry=registry,
-                                    sign_key=key, progress=say)
+        bound = publish_bound_image(reference, report.index, report.directory,
+                                    registry=registry, sign_key=key, progress=say)
         pull_ref = bound.pull_ref
         signatures = list(bound.signatures)
         if key is not None:

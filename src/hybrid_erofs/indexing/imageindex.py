@@ -6,6 +6,7 @@ of the per-layer files beside it.
     DIR/sha256-<hex>.zinfo.json         its sidecar (blob digest, span digests, meta digest)
     DIR/sha256-<hex>.meta.erofs         EROFS meta, overlay-style whiteouts (`--aufs`)
     DIR/sha256-<hex>.prefetch.json      optional: a prefetch profile (`hybrid-erofs profile`)
+    DIR/sha256-<hex>.{zinfo,meta.erofs}.gz  what `--push` uploads of the zinfo and the meta
 
 index.json is deterministic: no time, no host, keys sorted; one entry per platform manifest, its
 layers in manifest order (bottom first). A layer shared by several platforms is indexed once.
@@ -34,6 +35,11 @@ ZINFO_MEDIA_TYPE = "application/vnd.hybrid-erofs.zinfo.v2"
 SIDECAR_MEDIA_TYPE = "application/vnd.hybrid-erofs.zinfo-sidecar.v2+json"
 META_MEDIA_TYPE = "application/vnd.hybrid-erofs.meta.erofs.v2"
 PREFETCH_MEDIA_TYPE = "application/vnd.hybrid-erofs.prefetch.v1+json"
+# The zinfo and the meta travel as gzip blobs (`index --push`, oci/transit.py) of these types;
+# nodes keep them uncompressed. The plain types above are still read (older artifacts).
+ZINFO_GZIP_MEDIA_TYPE = ZINFO_MEDIA_TYPE + "+gzip"
+META_GZIP_MEDIA_TYPE = META_MEDIA_TYPE + "+gzip"
+GZIP_TRANSIT = {"zinfo": ZINFO_GZIP_MEDIA_TYPE, "meta": META_GZIP_MEDIA_TYPE}
 
 INDEXED = "indexed"
 SKIPPED_SMALL = "skipped-small"  # below --min-layer-size: a node indexes it itself (cheap)
@@ -46,6 +52,11 @@ def layer_file_names(blob_digest: str) -> dict[str, str]:
     stem = f"{algorithm}-{encoded}"
     return {"zinfo": f"{stem}.zinfo", "sidecar": f"{stem}.zinfo.json",
             "meta": f"{stem}.meta.erofs"}
+
+
+def transit_file_name(name: str) -> str:
+    """The gzip copy of an output file that `index --push` uploads (GZIP_TRANSIT)."""
+    return f"{name}.gz"
 
 
 def prefetch_file_name(blob_digest: str) -> str:
@@ -249,14 +260,17 @@ def verify_layer_files(directory: str | os.PathLike[str], layer: LayerEntry) -> 
 
 __all__ = [
     "ARTIFACT_TYPE",
+    "GZIP_TRANSIT",
     "INDEXED",
     "INDEX_MEDIA_TYPE",
     "INDEX_NAME",
+    "META_GZIP_MEDIA_TYPE",
     "META_MEDIA_TYPE",
     "PREFETCH_MEDIA_TYPE",
     "SIDECAR_MEDIA_TYPE",
     "SKIPPED_FORMAT",
     "SKIPPED_SMALL",
+    "ZINFO_GZIP_MEDIA_TYPE",
     "ZINFO_MEDIA_TYPE",
     "FileRef",
     "ImageEntry",
@@ -268,6 +282,7 @@ __all__ = [
     "load_image_index",
     "parse_image_index",
     "prefetch_file_name",
+    "transit_file_name",
     "verify_layer_files",
     "write_image_index",
 ]

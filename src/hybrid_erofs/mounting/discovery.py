@@ -31,6 +31,7 @@ from ..indexing.image import (
 )
 from ..indexing.imageindex import (
     ARTIFACT_TYPE,
+    GZIP_TRANSIT,
     INDEX_NAME,
     INDEXED,
     SKIPPED_FORMAT,
@@ -44,14 +45,28 @@ from ..indexing.imageindex import (
     verify_layer_files,
 )
 from ..indexing.publish import artifact_stem, registry_client
-from ..oci.artifact import Referrer, fetch_artifact, find_artifacts
+from ..oci.artifact import (
+    Referrer,
+    artifact_layers,
+    fetch_blob_file,
+    fetch_gzip_blob_file,
+    find_artifacts,
+    make_directory,
+)
 from ..oci.client import GZIP_LAYER_TYPES, Descriptor, Manifest, RegistryClient
 from ..oci.image import ImageInfo, inspect_manifest
 from ..oci.layout import is_layout_reference
 from ..oci.reference import parse_reference
+from ..oci.transit import GZIP_SUFFIX
 from ..sources.cachedir import default_cache_dir
 from ..sources.gate import BOUND, LOCAL, SIGNED, UNBOUND
-from ..trust.bound import bound_prefetch, bound_prefetch_name, bound_sidecar, fetch_bound_files
+from ..trust.bound import (
+    bound_prefetch,
+    bound_prefetch_name,
+    bound_sidecar,
+    bound_transit,
+    fetch_bound_files,
+)
 from ..trust.policy import TrustPolicy, unbound_refusal
 from ..trust.signature import verify_signature
 from .image import ImageLayer, ImagePlan, select_image
@@ -127,8 +142,10 @@ def discover_image_index(reference: str, *, registry: RegistryOptions,
             profiles = {digest: profile for digest, labels in annotations.items()
                         if digest in bound
                         and (profile := bound_prefetch(labels, layer=digest)) is not None}
+            transit = {digest: bound_transit(annotations[digest], layer=digest)
+                       for digest in bound}
             chosen = layers(entry) if layers is not None else list(entry.layers)
-            found = _bound_layers(client, reference, entry, chosen, bound, profiles,
+            found = _bound_layers(client, reference, entry, chosen, bound, profiles, transit,
                                   registry=registry, say=say)
             say(f"{reference}: index bound to image {manifest.digest} ({entry.platform})")
             return found
@@ -138,10 +155,11 @@ def discover_image_index(reference: str, *, registry: RegistryOptions,
 
 def _bound_layers(client: RegistryClient, reference: str, entry: ImageEntry,
                   chosen: list[LayerEntry], bound: dict[str, Descriptor],
-                  profiles: dict[str, Descriptor], *,
+                  profiles: dict[str, Descriptor], transit: dict[str, dict[str, Descriptor]], *,
                   registry: RegistryOptions, say: Callable[[str], None]) -> DiscoveredImage:
-    """The chosen layers' files by the digests the manifest's annotations name; a layer's
-    prefetch profile only when the manifest binds it too (LayerEntry.prefetch)."""
+    """The chosen layers' files by the digests the manifest's annotations name (the zinfo
+    and the meta as the gzip blobs they bind, if any: `transit`); a layer's prefetch profile
+    only when the manifest binds it too (LayerEntry.prefetch)."""
     dirs: dict[str, Path] = {}
     trust: dict[str, str] = {}
     statuses: dict[str, str] = {}
@@ -150,7 +168,8 @@ def _bound_layers(client: RegistryClient, reference: str, entry: ImageEntry,
         if layer.digest in bound:
             profile = profiles.get(layer.digest)
             files = fetch_bound_files(client, layer.digest, bound[layer.digest],
-                                      indexes_dir(registry) / "bound", prefetch=profile)
+                                      indexes_dir(registry) / "bound", prefetch=profile,
+                                      transit=transit.get(layer.digest))
             dirs[layer.digest], trust[layer.digest] = files.meta.parent, BOUND
             statuses[layer.digest] = INDEXED
             if profile is not None:
@@ -256,14 +275,17 @@ def _candidate(client: RegistryClient, referrer: Referrer, directory: Path,
                manifest: Manifest, entry: ImageEntry) -> _Candidate:
     """An attached artifact, fetched and parsed; its layers must be the manifest's (the
     diff_ids are taken from the image config, not from the artifact)."""
-    files = fetch_artifact(client, referrer, directory)
-    if INDEX_NAME not in files:
+    blobs = artifact_layers(client, referrer)
+    if INDEX_NAME not in blobs:
         raise IndexFormatError(f"artifact {referrer.digest} has no {INDEX_NAME}")
-    index = parse_image_index(files[INDEX_NAME].read_bytes(), name=str(files[INDEX_NAME]))
+    make_directory(directory)
+    path = fetch_blob_file(client, blobs[INDEX_NAME], directory / INDEX_NAME)
+    index = parse_image_index(path.read_bytes(), name=str(path))
     image = index.for_manifest(manifest.digest).images[0]
     if [layer.digest for layer in image.layers] != [layer.digest for layer in entry.layers]:
         raise IndexFormatError(f"artifact {referrer.digest}: lists other layers than "
                                f"manifest {manifest.digest}")
+    _fetch_index_files(client, referrer, blobs, image, directory)
     layers = tuple(replace(mine, status=theirs.status, layer_size=theirs.layer_size,
                            zinfo=theirs.zinfo, sidecar=theirs.sidecar, meta=theirs.meta,
                            prefetch=theirs.prefetch)
@@ -273,6 +295,28 @@ def _candidate(client: RegistryClient, referrer: Referrer, directory: Path,
             raise IndexFormatError(f"artifact {referrer.digest}: calls gzip layer "
                                    f"{layer.digest} not gzip")
     return _Candidate(referrer, directory, replace(entry, layers=layers), index.span, None)
+
+
+def _fetch_index_files(client: RegistryClient, referrer: Referrer,
+                       blobs: Mapping[str, Descriptor], image: ImageEntry,
+                       directory: Path) -> None:
+    """The artifact's other files into `directory`, under their titles: a gzip blob
+    (GZIP_TRANSIT) is inflated into the file its index.json lists under that name, within
+    its recorded size and checked against its digest; the rest are kept as they are."""
+    listed = {ref.name: ref for layer in image.layers for ref in layer.files.values()}
+    gzip_types = set(GZIP_TRANSIT.values())
+    for title, blob in blobs.items():
+        if title == INDEX_NAME:
+            continue
+        if blob.media_type not in gzip_types:
+            fetch_blob_file(client, blob, directory / title)
+            continue
+        ref = listed.get(title)
+        if ref is None:
+            raise IndexFormatError(f"artifact {referrer.digest}: gzip blob {title!r} is not a "
+                                   f"file its {INDEX_NAME} lists")
+        plain = Descriptor(blob.media_type.removesuffix(GZIP_SUFFIX), ref.digest, ref.size)
+        fetch_gzip_blob_file(client, blob, plain, directory / title)
 
 
 def choose_layer(image: ImageEntry, registry: RegistryOptions, *, reference: str) -> LayerEntry:
@@ -384,9 +428,11 @@ def resolve_layer_index(image_ref: str, manifest_digest: str, layer_digest: str,
     sidecar = bound_sidecar(labels or {}, layer=layer_digest)
     if sidecar is not None:
         profile = bound_prefetch(labels or {}, layer=layer_digest)
+        transit = bound_transit(labels or {}, layer=layer_digest)
         with registry_client(pinned, options, what="fetching the bound index") as client:
             files = fetch_bound_files(client, layer_digest, sidecar,
-                                      indexes_dir(options) / "bound", prefetch=profile)
+                                      indexes_dir(options) / "bound", prefetch=profile,
+                                      transit=transit)
         return LayerIndexSource(pinned, layer_digest, files.meta, files.zinfo, files.sidecar,
                                 BOUND, manifest_digest, prefetch=files.prefetch)
     found = discover_image_index(

@@ -11,9 +11,11 @@ import hashlib
 import json
 import re
 import stat
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from ..errors import InvalidInput, OutputError, RegistryError
 from ..indexing.imageindex import ARTIFACT_TYPE, file_digest
@@ -29,6 +31,7 @@ from .client import (
     parse_descriptor,
 )
 from .reference import validate_digest
+from .transit import inflate_to
 
 TITLE = "org.opencontainers.image.title"
 # image-spec manifest.md "Guidance for an Empty Descriptor": the config of an artifact.
@@ -164,16 +167,14 @@ def find_artifacts(
     return found
 
 
-def fetch_artifact(
-    client: RegistryClient, artifact: Descriptor | Referrer, dest_dir: Path, *,
+def artifact_layers(
+    client: RegistryClient, artifact: Descriptor | Referrer, *,
     artifact_type: str = ARTIFACT_TYPE, max_blob_size: int = 4 << 30,
-) -> dict[str, Path]:
-    """Download an artifact's files into `dest_dir` (created if needed): title -> path.
+) -> dict[str, Descriptor]:
+    """An artifact's files as its manifest lists them: title -> blob, in manifest order.
 
     The manifest is digest-checked and must be an OCI manifest of `artifact_type` whose layer
-    titles are unique plain names. Each blob is streamed to a temporary file, its size and
-    digest checked, then renamed into place; a file already there with the right digest is kept.
-    """
+    titles are unique plain names, each blob at most `max_blob_size` bytes."""
     manifest = client.get_manifest(artifact.digest, expected_digest=artifact.digest)
     where = artifact.digest
     if manifest.media_type != OCI_MANIFEST or len(manifest.body) != artifact.size:
@@ -198,14 +199,31 @@ def fetch_artifact(
             raise RegistryError(f"{where}: layer {position} ({title}) has {layer.size} bytes, "
                                 f"more than the limit of {max_blob_size}")
         wanted[title] = layer
-    try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{dest_dir}: cannot create: {exc.strerror}") from exc
+    return wanted
+
+
+def fetch_artifact(
+    client: RegistryClient, artifact: Descriptor | Referrer, dest_dir: Path, *,
+    artifact_type: str = ARTIFACT_TYPE, max_blob_size: int = 4 << 30,
+) -> dict[str, Path]:
+    """Download an artifact's files (artifact_layers) into `dest_dir` (created if needed):
+    title -> path. Each blob is streamed to a temporary file, its size and digest checked,
+    then renamed into place; a file already there with the right digest is kept."""
+    wanted = artifact_layers(client, artifact, artifact_type=artifact_type,
+                             max_blob_size=max_blob_size)
+    make_directory(dest_dir)
     paths: dict[str, Path] = {}
     for title, layer in wanted.items():
         paths[title] = fetch_blob_file(client, layer, dest_dir / title, max_size=max_blob_size)
     return paths
+
+
+def make_directory(path: Path) -> None:
+    """mkdir -p, OutputError naming `path` on failure."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create: {exc.strerror}") from exc
 
 
 def fetch_blob_file(client: RegistryClient, descriptor: Descriptor, target: Path, *,
@@ -214,6 +232,23 @@ def fetch_blob_file(client: RegistryClient, descriptor: Descriptor, target: Path
     digest, else streamed to a temporary file, checked, and renamed into place."""
     if not _has_content(target, descriptor):
         _download(client, descriptor, target, max_size)
+    return target
+
+
+def fetch_gzip_blob_file(client: RegistryClient, compressed: Descriptor, plain: Descriptor,
+                         target: Path, *, max_size: int = 4 << 30) -> Path:
+    """The file `plain` (digest and size) from blob `compressed`, its gzip (oci/transit.py):
+    kept when `target` already holds it; else the blob is streamed to an unnamed temporary
+    file and its digest checked, and only then inflated into `target`, at most plain.size
+    bytes, which must hash to plain.digest (IndexFormatError otherwise, no file left)."""
+    if _has_content(target, plain):
+        return target
+    if plain.size > max_size:
+        raise RegistryError(f"{compressed.digest}: inflates to {plain.size} bytes, more than "
+                            f"the limit of {max_size}")
+    with _spooled(client, compressed, target.parent, max_size) as spool:
+        inflate_to(spool, target, digest=plain.digest, size=plain.size,
+                   subject=f"blob {compressed.digest} ({target.name})")
     return target
 
 
@@ -328,6 +363,24 @@ def _has_content(path: Path, descriptor: Descriptor) -> bool:
         return file_digest(path) == (descriptor.digest, descriptor.size)
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def _spooled(client: RegistryClient, blob: Descriptor, directory: Path,
+             max_size: int) -> Iterator[IO[bytes]]:
+    """Blob `blob` in an unnamed temporary file in `directory`, its size and digest checked,
+    positioned at its start."""
+    try:
+        with tempfile.TemporaryFile(dir=directory) as spool:
+            with contextlib.closing(client.stream_blob(blob, max_size=max_size)) as chunks:
+                for chunk in chunks:  # raises on a size or digest mismatch, before it ends
+                    spool.write(chunk)
+            spool.seek(0)
+            yield spool
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot write: {exc.strerror}") from exc
 
 
 def _download(client: RegistryClient, layer: Descriptor, target: Path, max_size: int) -> None:

@@ -21,6 +21,7 @@ from typing import Protocol
 from ..device import RegistryOptions
 from ..errors import (
     HybridErofsError,
+    IndexFormatError,
     InvalidInput,
     LayerFallback,
     MountError,
@@ -243,6 +244,8 @@ def _falling_back() -> Iterator[None]:
         yield
     except RegistryError as exc:
         raise LayerFallback(str(exc), reason="no-index") from exc
+    except IndexFormatError as exc:  # an InvalidInput, but about the index, not the layer
+        raise LayerFallback(str(exc), reason="index-error") from exc
     except InvalidInput as exc:
         raise LayerFallback(str(exc), reason="unsupported") from exc
     except HybridErofsError as exc:

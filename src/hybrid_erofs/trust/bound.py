@@ -10,11 +10,17 @@ On each indexed layer descriptor of the new manifest:
     containerd.io/snapshot/hybrid-erofs/prefetch.digest  sha256:<hex> of the layer's prefetch
     containerd.io/snapshot/hybrid-erofs/prefetch.size    profile and its size (only when one
                                                          was recorded: `hybrid-erofs profile`)
+    containerd.io/snapshot/hybrid-erofs/zinfo.gzip.digest  sha256:<hex> and size of the gzip
+    containerd.io/snapshot/hybrid-erofs/zinfo.gzip.size    blob the zinfo travels as; the same
+    containerd.io/snapshot/hybrid-erofs/meta.gzip.digest   for the meta (absent: the plain
+    containerd.io/snapshot/hybrid-erofs/meta.gzip.size     blobs, as before these existed)
 
 The `containerd.io/snapshot/` prefix makes containerd hand them to snapshotters as labels of
 the layer's snapshot. The sidecar names the zinfo and the meta by digest (gzindex/sidecar.py);
 all three are blobs of the same repository, and so is the prefetch profile. A profile
-recorded later changes the manifest, so it is bound only to the new image digest.
+recorded later changes the manifest, so it is bound only to the new image digest. A gzip blob
+is fetched by its bound digest and checked before it is inflated; what it inflates to must be
+the zinfo (meta) the sidecar names, digest and size, and is kept uncompressed.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import IndexFormatError, OutputError, TrustError
+from ..errors import IndexFormatError, TrustError
 from ..gzindex.sidecar import VERSION, parse_sidecar, require_sha256
 from ..indexing.imageindex import (
+    GZIP_TRANSIT,
     META_MEDIA_TYPE,
     PREFETCH_MEDIA_TYPE,
     SIDECAR_MEDIA_TYPE,
@@ -33,7 +40,7 @@ from ..indexing.imageindex import (
     FileRef,
     layer_file_names,
 )
-from ..oci.artifact import fetch_blob_file
+from ..oci.artifact import fetch_blob_file, fetch_gzip_blob_file, make_directory
 from ..oci.client import Descriptor, RegistryClient
 
 PREFIX = "containerd.io/snapshot/hybrid-erofs/"
@@ -43,18 +50,44 @@ FORMAT_VERSION = PREFIX + "version"
 PREFETCH_DIGEST = PREFIX + "prefetch.digest"
 PREFETCH_SIZE = PREFIX + "prefetch.size"
 MAX_INDEX_FILE = 4 << 30
+
+
+def _gzip_keys(kind: str) -> tuple[str, str]:
+    """The digest and size annotations of the gzip blob a `kind` file travels as."""
+    return PREFIX + f"{kind}.gzip.digest", PREFIX + f"{kind}.gzip.size"
+
+
 MAX_PROFILE = 16 << 20
 
 
-def layer_annotations(sidecar: FileRef, prefetch: FileRef | None = None) -> dict[str, str]:
-    """The annotations that bind a layer descriptor to its index (through its sidecar) and
-    to its prefetch profile, when it has one."""
+def layer_annotations(sidecar: FileRef, prefetch: FileRef | None = None,
+                      transit: Mapping[str, FileRef] | None = None) -> dict[str, str]:
+    """The annotations that bind a layer descriptor to its index (through its sidecar), to
+    its prefetch profile, when it has one, and to the gzip blobs (`transit`: kind -> blob)
+    its zinfo and meta travel as."""
     annotations = {SIDECAR_DIGEST: sidecar.digest, SIDECAR_SIZE: str(sidecar.size),
                    FORMAT_VERSION: str(VERSION)}
     if prefetch is not None:
         annotations.update({PREFETCH_DIGEST: prefetch.digest,
                             PREFETCH_SIZE: str(prefetch.size)})
+    for kind, blob in (transit or {}).items():
+        digest_key, size_key = _gzip_keys(kind)
+        annotations.update({digest_key: blob.digest, size_key: str(blob.size)})
     return annotations
+
+
+def bound_transit(annotations: Mapping[str, str], *, layer: str) -> dict[str, Descriptor]:
+    """kind -> the gzip blob that a layer descriptor's annotations (or a snapshot's labels)
+    bind for its zinfo and its meta; {} for an index bound before they existed. Malformed
+    annotations are a TrustError naming the layer."""
+    found = {}
+    for kind, media_type in GZIP_TRANSIT.items():
+        digest_key, size_key = _gzip_keys(kind)
+        if digest_key in annotations:
+            found[kind] = _descriptor(annotations, digest_key, size_key, media_type,
+                                      MAX_INDEX_FILE, layer=layer,
+                                      what=f"bound {kind} gzip annotations")
+    return found
 
 
 def bound_prefetch(annotations: Mapping[str, str], *, layer: str) -> Descriptor | None:
@@ -112,16 +145,15 @@ class BoundFiles:
 
 
 def fetch_bound_files(client: RegistryClient, layer_digest: str, sidecar: Descriptor,
-                      directory: Path, *, prefetch: Descriptor | None = None) -> BoundFiles:
+                      directory: Path, *, prefetch: Descriptor | None = None,
+                      transit: Mapping[str, Descriptor] | None = None) -> BoundFiles:
     """Fetch (or keep, when already there with the right digest) the sidecar, then the zinfo
     and the meta it names, into `directory` under layer_file_names(layer_digest), and the
     bound prefetch profile, if any, under bound_prefetch_name(). The sidecar must be for
-    this very layer."""
+    this very layer. A zinfo or meta with a bound gzip blob in `transit` (bound_transit)
+    is fetched as that blob and inflated (oci/artifact.fetch_gzip_blob_file)."""
     names = layer_file_names(layer_digest)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{directory}: cannot create: {exc.strerror}") from exc
+    make_directory(directory)
     side_path = fetch_blob_file(client, sidecar, directory / names["sidecar"],
                                 max_size=MAX_INDEX_FILE)
     parsed = parse_sidecar(side_path.read_bytes(), name=f"bound sidecar {sidecar.digest}")
@@ -131,12 +163,17 @@ def fetch_bound_files(client: RegistryClient, layer_digest: str, sidecar: Descri
     if parsed.meta_digest is None or parsed.meta_size is None:
         raise TrustError(f"layer {layer_digest}: its bound sidecar {sidecar.digest} names no "
                          f"meta")
-    zinfo = fetch_blob_file(
-        client, Descriptor(ZINFO_MEDIA_TYPE, parsed.zinfo_digest, parsed.zinfo_size),
-        directory / names["zinfo"], max_size=MAX_INDEX_FILE)
-    meta = fetch_blob_file(
-        client, Descriptor(META_MEDIA_TYPE, parsed.meta_digest, parsed.meta_size),
-        directory / names["meta"], max_size=MAX_INDEX_FILE)
+    plain = {"zinfo": Descriptor(ZINFO_MEDIA_TYPE, parsed.zinfo_digest, parsed.zinfo_size),
+             "meta": Descriptor(META_MEDIA_TYPE, parsed.meta_digest, parsed.meta_size)}
+    paths = {}
+    for kind, descriptor in plain.items():
+        compressed = (transit or {}).get(kind)
+        paths[kind] = (
+            fetch_blob_file(client, descriptor, directory / names[kind],
+                            max_size=MAX_INDEX_FILE) if compressed is None else
+            fetch_gzip_blob_file(client, compressed, descriptor, directory / names[kind],
+                                 max_size=MAX_INDEX_FILE))
+    zinfo, meta = paths["zinfo"], paths["meta"]
     profile = (fetch_blob_file(client, prefetch, directory / bound_prefetch_name(
         prefetch.digest), max_size=MAX_PROFILE) if prefetch is not None else None)
     return BoundFiles(meta=meta, zinfo=zinfo, sidecar=side_path, prefetch=profile)
@@ -144,4 +181,4 @@ def fetch_bound_files(client: RegistryClient, layer_digest: str, sidecar: Descri
 
 __all__ = ["FORMAT_VERSION", "PREFETCH_DIGEST", "PREFETCH_SIZE", "PREFIX", "SIDECAR_DIGEST",
            "SIDECAR_SIZE", "BoundFiles", "bound_prefetch", "bound_prefetch_name",
-           "bound_sidecar", "fetch_bound_files", "layer_annotations"]
+           "bound_sidecar", "bound_transit", "fetch_bound_files", "layer_annotations"]
