@@ -43,10 +43,11 @@ log = logging.getLogger("hybrid_erofs.device")
 DEFAULT_MEMORY_CACHE = 64 << 20
 
 
-def memory_shares(memory_cache_bytes: int) -> tuple[int, int, int]:
+def memory_shares(memory_cache_bytes: int) -> tuple[int, int, int, int]:
     """How one layer's memory bound is split: (decoded spans, verified compressed spans,
-    chunks that could not be stored)."""
-    return memory_cache_bytes, memory_cache_bytes // 4, memory_cache_bytes // 4
+    chunks that could not be stored, chunks fetched ahead of a reader and not read yet)."""
+    return (memory_cache_bytes, memory_cache_bytes // 4, memory_cache_bytes // 4,
+            memory_cache_bytes // 2)
 
 
 # Spans decoded ahead of a sequential reader, and the threads doing it (tools/bench_full_read.py:
@@ -68,7 +69,8 @@ class RegistryOptions:
     `failure_ttl_s` is how long FailureMemorySource remembers a range that failed anyway.
     `memory_cache_bytes` bounds the memory of one layer's caches: decoded spans (GzipSource)
     up to it, verified compressed spans and chunks that cannot be stored up to a quarter of
-    it each (MEMORY_SHARES).
+    it each, chunks fetched ahead of a reader and not read yet up to half of it
+    (`memory_shares`).
     """
 
     platform: str | None = None
@@ -122,7 +124,8 @@ def open_registry_layer_blob(reference: str, options: RegistryOptions) -> tuple[
         cached = ChunkCacheSource(remembered, key=descriptor.digest, cache_dir=cache_dir,
                                   max_bytes=options.cache_max_bytes
                                   or default_cache_limit(cache_dir),
-                                  memory_bytes=memory_shares(options.memory_cache_bytes)[2])
+                                  memory_bytes=memory_shares(options.memory_cache_bytes)[2],
+                                  handoff_bytes=memory_shares(options.memory_cache_bytes)[3])
     except BaseException:
         blob.close()
         raise
@@ -175,13 +178,15 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
                size: int | None = None, cache_bytes: int | None = None,
                registry: RegistryOptions | None = None,
                meta: str | os.PathLike[str] | None = None,
-               keep_decoded: bool = True) -> ByteSource:
+               keep_decoded: bool = True, store_reads: bool = True) -> ByteSource:
     """Open a layer as uncompressed layer data: a local file, or a registry reference when
     no such file exists.
 
     A plain tar is read directly; a gzip layer needs its zinfo (see `open_gzip_layer`). With
     `meta`, the meta must belong to this layer too (trust/binding.py). `cache_bytes` (the
-    layer's memory bound) defaults to `registry.memory_cache_bytes`.
+    layer's memory bound) defaults to `registry.memory_cache_bytes`. `keep_decoded=False`
+    keeps the layer out of its blob's layer store; `store_reads=False` serves what is stored
+    there but stores nothing new (StoredLayerSource.store_reads).
     """
     meta_path = Path(meta) if meta is not None else None
     if cache_bytes is None:
@@ -197,7 +202,7 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
         try:
             return open_gzip_layer(remote, zinfo=zinfo, name=str(path), blob_digest=digest,
                                    size=size, cache_bytes=cache_bytes, store_dir=store_dir,
-                                   meta=meta_path)
+                                   meta=meta_path, store_reads=store_reads)
         except BaseException:
             remote.close()
             raise
@@ -223,8 +228,8 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
 def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: str,
                     blob_digest: str | None = None, size: int | None = None,
                     cache_bytes: int = DEFAULT_MEMORY_CACHE, store_dir: Path | None = None,
-                    meta: Path | None = None,
-                    local_path: Path | None = None) -> GzipSource | StoredLayerSource:
+                    meta: Path | None = None, local_path: Path | None = None,
+                    store_reads: bool = True) -> GzipSource | StoredLayerSource:
     """Layer data of a gzip `blob` through its zinfo.
 
     With `store_dir` (a registry blob's cache directory) and a sidecar, spans decoded in
@@ -277,7 +282,7 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
     except CacheError as exc:
         log.warning("%s; decoded spans are not kept", exc)
         return layer
-    return StoredLayerSource(layer, store)
+    return StoredLayerSource(layer, store, store_reads=store_reads)
 
 
 def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:
@@ -293,19 +298,20 @@ def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:
 
 def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
                 registry: RegistryOptions | None = None,
-                keep_decoded: bool = True) -> ByteSource:
+                keep_decoded: bool = True, store_reads: bool = True) -> ByteSource:
     """Open the device the kernel mounts: the meta image followed by the layer's data.
 
     `meta` is checked against the layer (device table, sizes, the blob it records) and the
     zinfo's sidecar (trust/binding.py) before anything is served; closing the result
     closes both files. `keep_decoded=False` (an unbound index) keeps decoded spans out of
-    the blob's shared layer store.
+    the blob's shared layer store; `store_reads=False` stores no decoded spans (a mount
+    without background fetch), still serving those stored.
     """
     check_kind(meta, EROFS_IMAGE)
     meta_source = FileSource(meta)
     try:
         layer_source = open_layer(layer, zinfo=zinfo, registry=registry, meta=meta,
-                                  keep_decoded=keep_decoded)
+                                  keep_decoded=keep_decoded, store_reads=store_reads)
     except BaseException:
         meta_source.close()
         raise

@@ -106,14 +106,19 @@ def _files(root: Path) -> dict[str, str]:
             for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
 
 
+def _expected(layer: Path) -> dict[str, str]:
+    """What _files() finds in a mount of this layer file."""
+    with tarfile.open(layer) as tar:
+        return {m.name.removeprefix("./"): hashlib.sha256(
+            tar.extractfile(m).read()).hexdigest()  # type: ignore[union-attr]
+            for m in tar.getmembers() if m.isfile()}
+
+
 def test_a_mounted_layer_is_fetched_verified_and_kept(rig: Rig, tmp_path: Path,
                                                        env: dict[str, str]) -> None:
     image = rig.images["amd64"]
     zinfo, meta = _index(image.layer, tmp_path)
-    with tarfile.open(tmp_path / "blob.tar.gz") as tar:
-        expected = {m.name.removeprefix("./"): hashlib.sha256(
-            tar.extractfile(m).read()).hexdigest()  # type: ignore[union-attr]
-            for m in tar.getmembers() if m.isfile()}
+    expected = _expected(tmp_path / "blob.tar.gz")
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     mnt.mkdir()
     ref = f"{rig.hosts['plain']}/lab/img:amd64"
@@ -164,6 +169,11 @@ def test_no_background_fetch_leaves_the_layer_lazy(rig: Rig, tmp_path: Path,
         time.sleep(3)
         stats = _status(env)["stats"]
         assert _fetch(stats) == {} and stats["bytes_fetched"] < len(image.layer)
+        # A full read decodes every span, and writes none of it to the layer store: without
+        # background fetch the layer stays lazy (only its compressed chunks are cached).
+        assert _files(mnt) == _expected(tmp_path / "blob.tar.gz")
+        stored = list((tmp_path / "cache").glob("chunks-v1/sha256/*/layer"))
+        assert len(stored) == 1 and stored[0].stat().st_blocks == 0
     finally:
         assert _run(["umount", str(mnt)], env).returncode == 0
 

@@ -200,6 +200,54 @@ def test_prefetch_fetches_in_the_background(open_cache: Open) -> None:
 
 
 
+def _prefetch_and_wait(source: ChunkCacheSource, length: int, offset: int, chunks: int) -> None:
+    source.prefetch(length, offset)
+    deadline = time.monotonic() + 5
+    while source.stats.readahead_chunks < chunks and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert source.stats.readahead_chunks == chunks
+
+
+def test_chunks_fetched_ahead_are_handed_to_their_read_once(open_cache: Open,
+                                                             tmp_path: Path) -> None:
+    """The read a prefetch was for gets its chunks from memory, not read back from disk (the
+    data file is zeroed behind the cache's back: still the right bytes, nothing fetched);
+    a chunk it covers in part stays for the next read; then they come from disk (the zeros
+    fail their crc32 and are fetched again)."""
+    inner = CountingSource(DATA)
+    source = open_cache(inner)
+    _prefetch_and_wait(source, 4 * CHUNK, CHUNK, 4)  # chunks 1..4
+    data = blob_dir(tmp_path, KEY) / "data"
+    _damage(data, CHUNK, bytes(4 * CHUNK))
+    calls = len(inner.calls)
+    assert source.pread(2 * CHUNK + 10, CHUNK) == DATA[CHUNK : 3 * CHUNK + 10]  # 1, 2, part of 3
+    assert source.pread(CHUNK, 3 * CHUNK) == DATA[3 * CHUNK : 4 * CHUNK]  # 3 again: memory
+    assert len(inner.calls) == calls
+    assert source.pread(CHUNK, CHUNK) == DATA[CHUNK : 2 * CHUNK]  # taken: disk, zeros, refetch
+    assert _chunks_fetched(inner.calls[calls:]) == Counter({1: 1})
+    assert source.pread(CHUNK, 4 * CHUNK) == DATA[4 * CHUNK : 5 * CHUNK]  # 4: still in memory
+    assert _chunks_fetched(inner.calls[calls:]) == Counter({1: 1})
+
+
+def test_chunks_fetched_ahead_are_held_within_their_bound(open_cache: Open,
+                                                          tmp_path: Path) -> None:
+    """Beyond `handoff_bytes` the oldest chunks fetched ahead are dropped from memory (their
+    read then finds them on disk); with 0 none are held."""
+    inner = CountingSource(DATA)
+    source = open_cache(inner, handoff_bytes=2 * CHUNK)
+    _prefetch_and_wait(source, 4 * CHUNK, 0, 4)
+    _damage(blob_dir(tmp_path, KEY) / "data", 0, bytes(4 * CHUNK))
+    calls = len(inner.calls)
+    assert source.pread(4 * CHUNK, 0) == DATA[: 4 * CHUNK]
+    assert set(_chunks_fetched(inner.calls[calls:])) == {0, 1}  # dropped, zeros, refetched
+    none = CountingSource(DATA)
+    other = open_cache(none, key="sha256:" + "6f" * 32, handoff_bytes=0)
+    _prefetch_and_wait(other, 2 * CHUNK, 0, 2)
+    _damage(blob_dir(tmp_path, "sha256:" + "6f" * 32) / "data", 0, bytes(CHUNK))
+    assert other.pread(2 * CHUNK, 0) == DATA[: 2 * CHUNK]
+    assert set(_chunks_fetched(none.calls[1:])) == {0}
+
+
 def _prefetched(source: ChunkCacheSource, inner: CountingSource, count: int) -> Counter[int]:
     deadline = time.monotonic() + 5
     while source.stats.readahead_chunks < count and time.monotonic() < deadline:
@@ -546,7 +594,8 @@ def test_close_closes_inner_once_and_reads_after_close_fail(open_cache: Open) ->
 
 
 @pytest.mark.parametrize("kwargs", [{"chunk_size": 1000}, {"chunk_size": 0},
-                                    {"max_bytes": 0}, {"readahead": -1}, {"fetch_workers": 0}])
+                                    {"max_bytes": 0}, {"readahead": -1}, {"fetch_workers": 0},
+                                    {"handoff_bytes": -1}])
 def test_bad_arguments(open_cache: Open, kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError, match=f"'{next(iter(kwargs))}' must be"):
         open_cache(**kwargs)

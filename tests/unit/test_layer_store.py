@@ -147,6 +147,32 @@ def test_stored_layer_source_keeps_decoded_spans_and_serves_them_from_disk(
     again.close()
 
 
+def test_stored_layer_source_without_store_reads_stores_nothing_and_serves_what_is_stored(
+        tmp_path: Path) -> None:
+    """store_reads off (a mount without background fetch): decoded spans stay in memory
+    only, the store's file gets no block; spans stored before are still served from it."""
+    lazy = StoredLayerSource(GzipSource(CountingSource(BLOB), INDEX, size=len(DATA)),
+                             LayerStore(tmp_path, size=len(DATA), starts=STARTS),
+                             store_reads=False)
+    assert lazy.pread(len(DATA), 0) == DATA
+    assert lazy.store.spans_present() == 0 and os.fstat(lazy.store.fd).st_blocks == 0
+    lazy.close()
+    warm = StoredLayerSource(GzipSource(CountingSource(BLOB), INDEX, size=len(DATA)),
+                             LayerStore(tmp_path, size=len(DATA), starts=STARTS))
+    warm.inner.load_span(1)  # stored (store_reads on by default)
+    warm.close()
+    inner = CountingSource(BLOB)
+    again = StoredLayerSource(GzipSource(inner, INDEX, size=len(DATA)),
+                              LayerStore(tmp_path, size=len(DATA), starts=STARTS),
+                              store_reads=False)
+    length, offset = again.store.span_range(1)
+    assert again.file_range(length, offset) is not None
+    assert again.pread(length, offset) == DATA[offset : offset + length] and inner.calls == []
+    assert again.pread(len(DATA), 0) == DATA  # every span decoded, none stored
+    assert again.store.spans_present() == 1
+    again.close()
+
+
 def test_stored_layer_source_refuses_a_store_of_another_layer(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not fit"):
         StoredLayerSource(GzipSource(MemorySource(BLOB), INDEX, size=len(DATA)),

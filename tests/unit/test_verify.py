@@ -261,3 +261,36 @@ def test_prefetched_tampered_bytes_are_still_refused(tmp_path: Path) -> None:
         assert cache.stats.invalidated_chunks == 2 * 7
     finally:
         source.close()
+
+
+def test_tampered_bytes_handed_over_from_a_prefetch_are_dropped_and_fetched_again(
+        tmp_path: Path) -> None:
+    """The chunk cache hands chunks fetched ahead to the read that asks for them (from
+    memory, once; a chunk two spans share stays for the second). A span whose handed-over
+    bytes fail their sha256 drops them from memory too: the refetch gets the server's good
+    bytes instead of the same bad ones."""
+    import time
+
+    from hybrid_erofs.sources.chunkcache import ChunkCacheSource
+
+    blob = random.Random(8).randbytes(300_000)
+    spans = spans_of(blob, [(100_000, 0), (200_000, 0)])
+    inner = _TamperedSource(blob, 100_005)  # chunk 6 (16 KiB chunks), shared by both spans
+    cache = ChunkCacheSource(inner, key="sha256:" + "fe" * 32, cache_dir=tmp_path,
+                             chunk_size=16 << 10, readahead=0)
+    source = VerifiedSource(cache, spans)
+    try:
+        source.prefetch(300_000, 0)
+        deadline = time.monotonic() + 10
+        while cache.stats.readahead_chunks < 19 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        calls = len(inner.calls)
+        inner.bad = None  # only the prefetch got the bad byte
+        assert source.pread(100, 10) == blob[10:110]  # span 0 ends before the bad byte
+        assert len(inner.calls) == calls  # handed over, not fetched
+        assert source.pread(1000, 100_000) == blob[100_000:101_000]
+        assert source.failed_spans == 1  # the handed-over copy, then the refetch passed
+        assert source.verified_spans == 2
+        assert len(inner.calls) == calls + 1
+    finally:
+        source.close()

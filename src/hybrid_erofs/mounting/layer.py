@@ -111,7 +111,11 @@ class LayerMount:
         transport that runs."""
         self.gate = GateSource(open_device(self.source, meta=self.meta, zinfo=self.zinfo,
                                            registry=self.registry,
-                                           keep_decoded=self.trust != UNBOUND),
+                                           keep_decoded=self.trust != UNBOUND,
+                                           # Decoded spans are kept (written to the layer
+                                           # store) only while the layer is on its way to
+                                           # local: without background fetch it stays lazy.
+                                           store_reads=self.fetch is not None),
                                trust=self.trust, name=str(self.meta))
         # The benchmark of the metrics' own cost (tools/bench_metrics.py) turns the read
         # latency histogram off in one of its two daemons.

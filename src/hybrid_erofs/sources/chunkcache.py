@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,10 @@ MAX_REQUEST = 8 << 20  # longest coalesced inner read; longer runs are split and
 _ATTEMPTS = 3  # rounds of "read from disk, fetch what is missing" before giving up
 _TOUCH_EVERY_S = 60.0
 DEFAULT_MEMORY_BYTES = 16 << 20  # chunks that could not be stored, kept for reads to come
+# Chunks fetched ahead of a reader, handed to the read that asks for them (once) from memory
+# instead of read back from disk and checked again: the window a forward reader fetches
+# ahead (GzipSource's fetch-ahead, about 11 spans) fits.
+DEFAULT_HANDOFF_BYTES = 32 << 20
 _PAUSE_S = 30.0  # after a write failed even after evicting: how long to serve from memory only
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -67,7 +71,10 @@ class ChunkCacheSource:
     ChunkStore) and served. Every process and mount of the same blob shares the chunks, and
     two processes never fetch the same chunk at the same time. Two forward reads in a row
     start a background fetch of the next chunks, a window that doubles with each further
-    forward read up to `readahead` chunks (one batch in flight at a time).
+    forward read up to `readahead` chunks (one batch in flight at a time). Chunks fetched in
+    the background are also kept in memory (up to `handoff_bytes`, oldest dropped first) until
+    a read takes them, once: the reader they were fetched for gets the bytes as fetched, not
+    read back from disk (the crc32 guards bytes that were on disk).
 
     Size: whenever `max_bytes / 32` new bytes were stored and the directory holds more than
     13/16 of `max_bytes`, the least recently used chunks of any blob (in use or not) are
@@ -95,6 +102,8 @@ class ChunkCacheSource:
         readahead: most chunks to prefetch for sequential readers (default 32; 0 disables;
             at most half of `memory_bytes` while chunks cannot be stored).
         fetch_workers: threads for parallel fetches and readahead (default 4).
+        handoff_bytes: bound of the chunks fetched in the background and kept in memory for
+            the read they were fetched for (default 32 MiB; 0: read them back from disk).
 
     Thread-safe; `close()` must not race with reads. Raises CacheError if the cache
     directory cannot be opened for another reason than a full disk (permissions, a file
@@ -104,7 +113,7 @@ class ChunkCacheSource:
     def __init__(self, inner: ByteSource, *, key: str, cache_dir: Path | None = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, max_bytes: int | None = None,
                  memory_bytes: int = DEFAULT_MEMORY_BYTES, readahead: int = DEFAULT_READAHEAD,
-                 fetch_workers: int = 4) -> None:
+                 fetch_workers: int = 4, handoff_bytes: int = DEFAULT_HANDOFF_BYTES) -> None:
         if chunk_size < 4096 or chunk_size % 4096:
             raise ValueError(f"'chunk_size' must be a positive multiple of 4096 (got {chunk_size})")
         if max_bytes is not None and max_bytes < 1:
@@ -115,6 +124,8 @@ class ChunkCacheSource:
             raise ValueError(f"'readahead' must be >= 0 (got {readahead})")
         if fetch_workers < 1:
             raise ValueError(f"'fetch_workers' must be >= 1 (got {fetch_workers})")
+        if handoff_bytes < 0:
+            raise ValueError(f"'handoff_bytes' must be >= 0 (got {handoff_bytes})")
         self.key = key
         self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
         self._inner = inner
@@ -133,6 +144,10 @@ class ChunkCacheSource:
         self._memory: OrderedDict[int, bytes] = OrderedDict()  # chunks not stored
         self._memory_held = 0
         self._memory_bytes = memory_bytes
+        # Chunks fetched in the background, not read yet: a read takes each once.
+        self._handoff: OrderedDict[int, bytes | memoryview] = OrderedDict()
+        self._handoff_held = 0
+        self._handoff_bytes = handoff_bytes
         self._paused_until = 0.0  # monotonic time until which nothing is written
         self._readahead = readahead
         self._workers = fetch_workers
@@ -195,7 +210,7 @@ class ChunkCacheSource:
     def metric_samples(self) -> list[Sample]:
         stats = self.stats
         with self._lock:
-            held = self._memory_held
+            held, handed = self._memory_held, self._handoff_held
         store = self._store
         on_disk = 0
         if store is not None and not self._closed:
@@ -214,7 +229,9 @@ class ChunkCacheSource:
                         "Chunks (of any blob) evicted to keep the cache under its limit"),
                 gauge("chunk_cache_blob_bytes", on_disk, "Bytes this blob takes in the cache"),
                 gauge("chunk_cache_memory_bytes", held,
-                      "Bytes of chunks kept in memory because they could not be stored")]
+                      "Bytes of chunks kept in memory because they could not be stored"),
+                gauge("chunk_cache_handoff_bytes", handed,
+                      "Bytes of chunks fetched ahead of a reader, kept in memory for its read")]
 
     def pread(self, length: int, offset: int) -> bytes:
         check_range(self, length, offset)
@@ -225,7 +242,13 @@ class ChunkCacheSource:
         chunk_size = self._chunk_size
         first, last = offset // chunk_size, (offset + length - 1) // chunk_size
         self._note_read(offset, last)
-        chunks = self._chunks(first, last)
+        # A chunk this read covers only in part may be read again by the next read (a
+        # neighbouring span's): one fetched ahead stays in memory for it.
+        stop = offset + length
+        shared = {number for number, cut in ((first, offset % chunk_size),
+                                             (last, stop % chunk_size and stop < self._size))
+                  if cut}
+        chunks = self._chunks(first, last, shared)
         start = offset - first * chunk_size
         if self._store is not None and (now := time.monotonic()) - self._touched_s > _TOUCH_EVERY_S:
             self._touched_s = now
@@ -322,6 +345,8 @@ class ChunkCacheSource:
                 for number in range(first, last + 1):
                     data = self._memory.pop(number, None)
                     self._memory_held -= len(data or b"")
+                    handed = self._handoff.pop(number, None)
+                    self._handoff_held -= 0 if handed is None else len(handed)
             if self._store is not None:
                 self._store.discard(first, last - first + 1)
             self._count(invalidated_chunks=last - first + 1)
@@ -334,6 +359,8 @@ class ChunkCacheSource:
             pool = self._pool
             self._memory.clear()
             self._memory_held = 0
+            self._handoff.clear()
+            self._handoff_held = 0
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         if self._store is not None:
@@ -347,9 +374,11 @@ class ChunkCacheSource:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _chunks(self, first: int, last: int) -> list[bytes | memoryview]:
+    def _chunks(self, first: int, last: int, shared: Collection[int] = ()
+                ) -> list[bytes | memoryview]:
         """Chunks first..last, from disk or memory or fetched; raises if a fetch keeps failing.
-        Pinned meanwhile: eviction in this process leaves them alone."""
+        Pinned meanwhile: eviction in this process leaves them alone. Chunks fetched ahead
+        are taken from memory, those in `shared` left there for the next read."""
         store = self._store
         if store is not None:
             store.pin(first, last - first + 1)
@@ -360,7 +389,7 @@ class ChunkCacheSource:
                 missing = []
                 for number in wanted:
                     if number not in pieces:
-                        data = self._cached(number)
+                        data = self._cached(number, take=number not in shared)
                         if data is None:
                             missing.append(number)
                         else:
@@ -382,15 +411,43 @@ class ChunkCacheSource:
             if store is not None:
                 store.unpin(first, last - first + 1)
 
-    def _cached(self, number: int) -> bytes | None:
-        """A chunk from memory (not stored) or disk, or None."""
-        if self._memory:
+    def _cached(self, number: int, *, take: bool = True) -> bytes | memoryview | None:
+        """A chunk from memory (fetched ahead: taken unless not `take`; or not stored) or
+        disk, or None."""
+        if self._memory or self._handoff:
             with self._lock:
+                data = self._take_handoff(number) if take else self._handoff.get(number)
+                if data is not None:
+                    return data
                 data = self._memory.get(number)
                 if data is not None:
                     self._memory.move_to_end(number)
                     return data
         return None if self._store is None else self._store.read(number)
+
+    def _take_handoff(self, number: int) -> bytes | memoryview | None:
+        """Chunk `number` if it was fetched ahead and not read yet; a read takes it once.
+        Caller holds self._lock."""
+        data = self._handoff.pop(number, None)
+        if data is not None:
+            self._handoff_held -= len(data)
+        return data
+
+    def _hand_off(self, got: dict[int, bytes | memoryview]) -> None:
+        """Keep chunks just fetched in the background for the read they were fetched for,
+        oldest dropped beyond `handoff_bytes` (then that read finds them on disk)."""
+        if not self._handoff_bytes:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            for number in sorted(got):
+                data = got[number]
+                old = self._handoff.pop(number, None)
+                self._handoff_held += len(data) - (0 if old is None else len(old))
+                self._handoff[number] = data
+            while self._handoff_held > self._handoff_bytes and self._handoff:
+                self._handoff_held -= len(self._handoff.popitem(last=False)[1])
 
     def _fetch(self, numbers: list[int], *, background: bool = False) -> dict[int, bytes | memoryview]:
         """Fetch the chunks no thread of ours is fetching; wait for the others (unless background)."""
@@ -443,7 +500,8 @@ class ChunkCacheSource:
             for number in range(first, first + count):
                 # Another thread may have kept it in memory, another process stored it.
                 data = self._cached(number) if store is None else (
-                    self._cached_in_memory(number) or store.read(number, fresh=True))
+                    self._cached_in_memory(number, take=True)
+                    or store.read(number, fresh=True))
                 if data is None:
                     todo.append(number)
                 else:
@@ -462,9 +520,13 @@ class ChunkCacheSource:
             self._evict()
         return got
 
-    def _cached_in_memory(self, number: int) -> bytes | None:
+    def _cached_in_memory(self, number: int, *, take: bool = False) -> bytes | memoryview | None:
+        """A chunk kept in memory (not stored, or fetched ahead: `take` takes the latter)."""
         with self._lock:
-            return self._memory.get(number)
+            data = self._memory.get(number)
+            if data is not None:
+                return data
+            return self._take_handoff(number) if take else self._handoff.get(number)
 
     def _chunk_length(self, number: int) -> int:
         return min(self._chunk_size, self._size - number * self._chunk_size)
@@ -587,6 +649,7 @@ class ChunkCacheSource:
             missing = [n for n in range(start, stop)
                        if self._cached_in_memory(n) is None and (store is None or not store.has(n))]
             got = self._fetch(missing, background=True)
+            self._hand_off(got)
             self._count(readahead_chunks=len(got))
         except Exception as exc:
             log.debug("%s: background fetch of chunks %d..%d failed: %s",

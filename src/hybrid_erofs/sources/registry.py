@@ -96,7 +96,9 @@ class RegistryBlobSource:
             return b""
         end = offset + length - 1
         response, url = self._open(offset, end)
-        out = bytearray(length)
+        # The body's pieces as received, joined once at the end: one copy of the data in
+        # user space (a bytearray filled and then turned into bytes took two).
+        pieces: list[bytes] = []
         filled = 0
         try:
             skip = self._check_body(response, url, offset, end)
@@ -107,8 +109,9 @@ class RegistryBlobSource:
                     dropped = min(skip, len(chunk))
                     chunk, skip = chunk[dropped:], skip - dropped
                 take = min(len(chunk), length - filled)
-                out[filled : filled + take] = chunk[:take]
-                filled += take
+                if take:
+                    pieces.append(chunk if take == len(chunk) else chunk[:take])
+                    filled += take
                 if take < len(chunk) and response.status_code == 206:
                     raise SourceIOError(f"GET {public_url(url)}: body longer than "
                                         f"{length} bytes for bytes {offset}-{end}")
@@ -124,7 +127,7 @@ class RegistryBlobSource:
             raise SourceIOError(
                 f"GET {public_url(url)}: body ended after {filled} of {length} bytes "
                 f"for bytes {offset}-{end}", transient=True)
-        return bytes(out)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def metric_samples(self) -> list[Sample]:
         with self._lock:

@@ -25,25 +25,29 @@ READAHEAD = 16 << 20
 
 class StoredLayerSource:
     """Layer data: stored spans read from local disk (and offered to exporters as a file
-    range, FileRanged, for splice), the rest decoded by `inner` and stored as it completes
-    whole spans.
+    range, FileRanged, for splice), the rest decoded by `inner` and, while `store_reads` is
+    on, stored as it completes whole spans.
 
     Args:
         inner: the GzipSource of the layer; owned, closed by `close()`. Its completed spans
-            are handed to `store` from here on (its `on_span` hook).
+            are handed to `store` from here on (its `on_span` hook) while `store_reads` is on.
         store: where decoded spans are kept; owned, flushed and closed by `close()`.
+        store_reads: store the spans decoded (default on). Off, the layer stays as lazy as
+            its reads: a mount without background fetch writes no decoded data (what a full
+            read of a 1.4 GB layer spent 14 % of its CPU on), still serves what is stored.
 
     Thread-safe.
     """
 
-    def __init__(self, inner: GzipSource, store: LayerStore) -> None:
+    def __init__(self, inner: GzipSource, store: LayerStore, *, store_reads: bool = True) -> None:
         if store.size != inner.size or store.span_count != len(inner.index.checkpoints):
             raise ValueError(f"layer store of {store.size} bytes in {store.span_count} spans "
                              f"does not fit a layer of {inner.size} bytes in "
                              f"{len(inner.index.checkpoints)} spans")
         self.inner = inner
         self.store = store
-        inner.on_span = store.put
+        self.store_reads = store_reads
+        inner.on_span = self._keep
         self._starts = [cp.out_offset for cp in inner.index.checkpoints]
         self._lock = threading.Lock()
         # Spans in the order reads first touched them (a prefetch profile is made of this);
@@ -52,6 +56,11 @@ class StoredLayerSource:
         self._recent_ends: deque[int] = deque(maxlen=8)
         self._advised_end = 0
         self.progress: Callable[[], object] | None = None  # a BackgroundFetcher's progress()
+
+    def _keep(self, number: int, data: bytearray) -> None:
+        """GzipSource's hook: a span decoded in full (and checked) goes to the store."""
+        if self.store_reads:
+            self.store.put(number, data)
 
     def spans_read(self) -> list[int]:
         """Span numbers in the order reads first touched them."""
