@@ -28,6 +28,7 @@ from ..errors import (
     RegistryError,
 )
 from ..fetching.background import FetchPolicy
+from ..fetching.warmup import ProfileWarmup
 from ..indexing.publish import registry_client
 from ..mounting.discovery import (
     DiscoveredImage,
@@ -377,8 +378,26 @@ class LazyLayers:
                             meta=str(index.meta), zinfo=str(index.zinfo), index=index.index,
                             restricted=restricted, plain_http=index.plain_http,
                             prefetch=str(index.prefetch) if index.prefetch else None)
-        self._mount(layer, mountpoint)
+        warmup = self._warm_up(layer)
+        try:
+            self._mount(layer, mountpoint)
+        except BaseException:
+            if warmup is not None:
+                warmup.stop()
+            raise
         return layer
+
+    def _warm_up(self, layer: RemoteLayer) -> ProfileWarmup | None:
+        """A bound profile's spans start coming in now, while the daemon starts (it goes on
+        with them: fetching/warmup.py); None without a profile or background fetch."""
+        if self.fetch is None or layer.prefetch is None or layer.restricted:
+            return None
+        warmup = ProfileWarmup(layer.source, layer.blob, zinfo=Path(layer.zinfo),
+                               prefetch=Path(layer.prefetch), workers=self.fetch.workers,
+                               registry=replace(self.registry, insecure=self.registry.insecure
+                                                or layer.plain_http))
+        warmup.start()
+        return warmup
 
     def _mount(self, layer: RemoteLayer, mountpoint: Path) -> None:
         try:
