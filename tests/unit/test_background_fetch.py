@@ -4,6 +4,7 @@ layer (trust/verifier.py) closing the gate (EIO) on a mismatch."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -11,7 +12,7 @@ import random
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -126,6 +127,26 @@ def test_profile_spans_come_first(indexed: Indexed, tmp_path: Path) -> None:
     assert fetcher.order[:3] == [total - 1, 3, 5]
     assert sorted(fetcher.order) == list(range(total))
     assert fetcher.progress().state == "complete"  # no verifier given
+    layer.close()
+
+
+def test_readers_ahead_work_is_held_during_the_profile_spans_only(indexed: Indexed,
+                                                                   tmp_path: Path) -> None:
+    layer, _ = _stack(indexed, tmp_path)
+    total = layer.store.span_count
+    log: list[str] = []
+
+    @contextlib.contextmanager
+    def held() -> Iterator[None]:
+        log.append(f"held at {len(fetcher.order)}")
+        yield
+        log.append(f"released at {len(fetcher.order)}")
+
+    fetcher = BackgroundFetcher(layer, policy=replace(FAST, workers=1), first=[2, 1],
+                                held=held)
+    fetcher.start()
+    assert fetcher.join(30) and len(fetcher.order) == total
+    assert log == ["held at 0", "released at 2"]
     layer.close()
 
 

@@ -6,6 +6,7 @@ import gzip
 import io
 import random
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -263,6 +264,29 @@ def test_forward_readers_prefetch_compressed_spans_ahead_once() -> None:
         assert covered.issuperset(range(start, end)), number
     first_asked = min(start for start, _ in asked)
     assert first_asked >= _compressed_range(2)[0]  # nothing before the window opened
+
+
+def test_ahead_work_is_held_while_a_profile_prefetch_runs() -> None:
+    """ahead_held(): a forward reader starts no decode-ahead and asks no prefetch meanwhile,
+    and gets both back after."""
+    inner = PrefetchLog(BLOB)
+    source = GzipSource(inner, INDEX, size=len(DATA), decode_ahead=2, fetch_ahead=4)
+    step = 64 << 10
+    middle = len(INDEX.checkpoints) // 2
+    stop = INDEX.checkpoints[middle].out_offset
+    out = bytearray()
+    with source.ahead_held():
+        for offset in range(0, stop, step):
+            out += source.pread(min(step, stop - offset), offset)
+        time.sleep(0.2)  # decode-ahead threads, had any started, would be decoding now
+        # nothing asked ahead, nothing decoded past the piece the last read ended in
+        assert inner.prefetched == []
+        assert source.decoded_bytes < INDEX.checkpoints[middle + 1].out_offset
+    for offset in range(stop, len(DATA), step):
+        out += source.pread(min(step, len(DATA) - offset), offset)
+    source.close()
+    assert out == DATA
+    assert inner.prefetched != []
 
 
 def test_a_short_forward_run_prefetches_nothing() -> None:

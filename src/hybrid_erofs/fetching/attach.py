@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
+from ..gzindex.source import GzipSource
 from ..sources.chunkcache import ChunkCacheSource
 from ..sources.metered import MeteredSource, iter_stages
 from ..sources.stored import StoredLayerSource
@@ -43,11 +44,13 @@ def attach_fetcher(device: MeteredSource, *, policy: FetchPolicy,
     if layer is None:
         return None
     cache = next((s for s in stages if isinstance(s, ChunkCacheSource)), None)
+    gzip = next((s for s in stages if isinstance(s, GzipSource)), None)
     fetcher = BackgroundFetcher(layer, policy=policy, first=first,
                                 activity=lambda: device.stats.reads, verify=verify,
                                 on_failure=on_failure,
                                 limit=lambda: cache_limit_reason(cache, layer), name=name,
-                                exact=cache.exact_reads if cache is not None else nullcontext)
+                                exact=cache.exact_reads if cache is not None else nullcontext,
+                                held=gzip.ahead_held if gzip is not None else nullcontext)
     layer.progress = fetcher.progress  # reported with the layer's metrics
     return fetcher
 

@@ -144,9 +144,11 @@ class BackgroundFetcher:
                  on_failure: Callable[[str], None] | None = None,
                  limit: Callable[[], str | None] = lambda: None, name: str = "layer",
                  clock: Callable[[], float] = time.monotonic,
-                 exact: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
+                 exact: Callable[[], AbstractContextManager[None]] = nullcontext,
+                 held: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         self.layer = layer
         self._exact = exact  # around each span's load: no readahead past it (chunk cache)
+        self._held = held  # around the profile's spans: readers' ahead-work held (GzipSource)
         self.policy = policy or FetchPolicy()
         total = layer.store.span_count
         self._first = [n for n in dict.fromkeys(first) if 0 <= n < total]
@@ -210,8 +212,9 @@ class BackgroundFetcher:
             if not store.complete:
                 if self._first:
                     self._set("prefetching")
-                    if not self._fetch(self._first, pause=False):
-                        return
+                    with self._held():
+                        if not self._fetch(self._first, pause=False):
+                            return
                     self._set("waiting")
                 if not self._quiet_period():
                     return

@@ -5,12 +5,13 @@ Sits above the compressed-blob stages (file, registry, cache) and below ConcatSo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import zlib as _stdlib_zlib
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -265,6 +266,20 @@ class GzipSource:
                 inner.prefetch(length, start)
             except Exception as exc:  # advice: the read meets any real failure
                 log.debug("prefetch of %d bytes at %d failed: %s", length, start, exc)
+
+    @contextlib.contextmanager
+    def ahead_held(self) -> Iterator[None]:
+        """Meanwhile a forward reader starts no decode-ahead and no fetch-ahead (a prefetch
+        of the spans it is about to read is running: ahead-work would only compete for the
+        link with spans it may never read)."""
+        with self._lock:
+            saved = self._ahead, self._fetch_ahead
+            self._ahead, self._fetch_ahead = 0, 0
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._ahead, self._fetch_ahead = saved
 
     def _prefetch_ranges(self, first: int, window: int) -> list[tuple[int, int]]:
         """(length, offset) of the compressed bytes of spans first..first+decode_ahead+
