@@ -15,8 +15,13 @@ Methods, in a rotating order each round:
                    no FUSE), page cache dropped, then the tar read
 
 Besides the wall time, the CPU time each method took: the reader's (tar, cat, gzip: the
-children's rusage) and, for the mounts, the daemon's during the read (/proc/PID/stat). On a
-machine shared with other work the wall time of CPU-bound methods follows their CPU time.
+children's rusage), for the mounts the daemon's during the read (/proc/PID/stat), and for
+mount-cold the registry's (docker-registry runs on the same cores). On a machine shared with
+other work the wall time of CPU-bound methods follows their CPU time.
+
+--baseline SRC adds mount-file-cold@base and mount-cold@base: the same mounts with the
+hybrid_erofs of another tree (PYTHONPATH=SRC, e.g. `git archive OLD src | tar -x -C DIR`),
+so before and after are measured side by side in one run.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ print(time.perf_counter() - started)
 """
 
 
-CPU = {"reader": 0.0, "daemon": 0.0}  # CPU seconds of the last timed_shell
+CPU = {"reader": 0.0, "daemon": 0.0, "registry": 0.0}  # CPU seconds of the last timed_shell
+REGISTRY: list[int] = []  # pid of the docker-registry serving the blob
 
 
 def _children_cpu() -> float:
@@ -69,12 +75,28 @@ def process_cpu(pid: int | None) -> float:
 
 def timed_shell(command: str, daemon: int | None = None) -> float:
     """Wall time of `command`; its CPU time (and the daemon's meanwhile) go to CPU."""
-    reader, served = _children_cpu(), process_cpu(daemon)
+    registry = REGISTRY[0] if REGISTRY else None
+    reader, served, answered = _children_cpu(), process_cpu(daemon), process_cpu(registry)
     started = time.perf_counter()
     subprocess.run(command, shell=True, check=True)
     took = time.perf_counter() - started
     CPU["reader"], CPU["daemon"] = _children_cpu() - reader, process_cpu(daemon) - served
+    CPU["registry"] = process_cpu(registry) - answered
     return took
+
+
+def registry_pid() -> int | None:
+    """The docker-registry that bench_mount.registry() started (a child of this process)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+            if name == "docker-registry" and int(rest.split()[1]) == os.getpid():
+                return int(entry.name)
+    return None
 
 
 def status(env: dict[str, str], mnt: Path) -> dict[str, Any]:
@@ -88,12 +110,14 @@ def status(env: dict[str, str], mnt: Path) -> dict[str, Any]:
 
 
 class Bench:
-    def __init__(self, layer: Path, work: Path, ref: str, meta: Path, zinfo: Path) -> None:
+    def __init__(self, layer: Path, work: Path, ref: str, meta: Path, zinfo: Path,
+                 baseline: Path | None = None) -> None:
         self.layer, self.work, self.ref, self.meta, self.zinfo = layer, work, ref, meta, zinfo
         self.tmpfs = work / "tmpfs"
         self.disk_tree = work / "disk-tree"
         self.mnt = work / "mnt"
         self.env = {**os.environ, "HYBRID_EROFS_RUNTIME_DIR": str(work / "run")}
+        self.baseline = baseline
         self.local_ready = False
 
     def prepare(self) -> None:
@@ -162,6 +186,17 @@ class Bench:
         finally:
             self._umount()
 
+    def on_baseline(self, method: Callable[[], float]) -> Callable[[], float]:
+        """`method` with the CLI and daemon of the baseline tree."""
+        def run() -> float:
+            env = self.env
+            self.env = {**env, "PYTHONPATH": str(self.baseline)}
+            try:
+                return method()
+            finally:
+                self.env = env
+        return run
+
     def mount_file_cold(self) -> float:
         """The layer mounted from the local .tar.gz file (nothing to fetch), page cache dropped."""
         subprocess.run([*CLI, "mount", "--via", "fuse", "--meta", str(self.meta), "--zinfo",
@@ -226,6 +261,8 @@ def main() -> int:
     parser.add_argument("--methods", default="tar-xzf,floor-tmpfs,floor-inflate,disk-cold,"
                         "mount-file-cold,mount-cold,mount-local,remount-local")
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--baseline", type=Path,
+                        help="another tree's src: adds mount-file-cold@base, mount-cold@base")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (mounts, drop_caches)")
@@ -236,9 +273,12 @@ def main() -> int:
     digest = json.loads(zinfo.with_name(zinfo.name + ".json").read_text())["blob"]["digest"]
     args.work.mkdir(parents=True, exist_ok=True)
     times: dict[str, list[float]] = {}
-    cpu: dict[str, list[list[float]]] = {}  # per method: [reader, daemon] CPU s per round
+    cpu: dict[str, list[list[float]]] = {}  # per method: [reader, daemon, registry] CPU s
+    loads: list[float] = []  # 1-minute load average after each method
     with registry(args.work / "registry") as host:
-        bench = Bench(layer, args.work.resolve(), push(host, layer, digest), meta, zinfo)
+        REGISTRY[:] = [pid] if (pid := registry_pid()) is not None else []
+        bench = Bench(layer, args.work.resolve(), push(host, layer, digest), meta, zinfo,
+                      args.baseline.resolve() if args.baseline else None)
         bench.prepare()
         methods: dict[str, Callable[[], float]] = {
             "tar-xzf": bench.tar_xzf, "floor-tmpfs": bench.floor_tmpfs,
@@ -246,6 +286,11 @@ def main() -> int:
             "mount-file-cold": bench.mount_file_cold, "mount-cold": bench.mount_cold,
             "mount-local": bench.mount_local, "remount-local": bench.remount_local}
         chosen = [m for m in args.methods.split(",") if m]
+        if args.baseline:
+            for name in ("mount-file-cold", "mount-cold"):
+                methods[f"{name}@base"] = bench.on_baseline(methods[name])
+                if name in chosen:
+                    chosen.insert(chosen.index(name) + 1, f"{name}@base")
         try:
             for number in range(args.rounds):
                 order = chosen[number % len(chosen):] + chosen[:number % len(chosen)]
@@ -253,20 +298,24 @@ def main() -> int:
                     took = methods[name]()
                     times.setdefault(name, []).append(took)
                     cpu.setdefault(name, []).append([round(CPU["reader"], 3),
-                                                     round(CPU["daemon"], 3)])
+                                                     round(CPU["daemon"], 3),
+                                                     round(CPU["registry"], 3)])
                     load = os.getloadavg()[0]
+                    loads.append(round(load, 2))
                     print(f"round {number + 1} {name:14s} {took:7.2f} s  CPU reader "
-                          f"{CPU['reader']:5.2f} s daemon {CPU['daemon']:5.2f} s  "
+                          f"{CPU['reader']:5.2f} s daemon {CPU['daemon']:5.2f} s registry "
+                          f"{CPU['registry']:5.2f} s  "
                           f"(load {load:.1f})", file=sys.stderr)
         finally:
             bench.close()
     medians = {name: statistics.median(values) for name, values in times.items()}
-    cpu_medians = {name: [statistics.median(r[0] for r in rows),
-                          statistics.median(r[1] for r in rows)] for name, rows in cpu.items()}
+    cpu_medians = {name: [statistics.median(r[k] for r in rows) for k in range(3)]
+                   for name, rows in cpu.items()}
     summary = {"layer": str(layer), "blob_bytes": layer.stat().st_size, "medians_s": medians,
-               "runs_s": times, "cpu_reader_daemon_medians_s": cpu_medians, "cpu_runs_s": cpu,
-               "load_after": os.getloadavg()[0]}
+               "runs_s": times, "cpu_reader_daemon_registry_medians_s": cpu_medians,
+               "cpu_runs_s": cpu, "load": loads, "load_after": os.getloadavg()[0]}
     for name, base in (("mount-file-cold", "tar-xzf"), ("mount-cold", "tar-xzf"),
+                       ("mount-file-cold@base", "tar-xzf"), ("mount-cold@base", "tar-xzf"),
                        ("mount-local", "disk-cold"), ("remount-local", "disk-cold")):
         if name in medians and base in medians:
             summary[f"{name} / {base}"] = round(medians[name] / medians[base], 3)
