@@ -212,8 +212,8 @@ def test_chunks_fetched_ahead_are_handed_to_their_read_once(open_cache: Open,
                                                              tmp_path: Path) -> None:
     """The read a prefetch was for gets its chunks from memory, not read back from disk (the
     data file is zeroed behind the cache's back: still the right bytes, nothing fetched);
-    a chunk it covers in part stays for the next read; then they come from disk (the zeros
-    fail their crc32 and are fetched again)."""
+    a chunk whose end it does not reach stays for the next read; then they come from disk
+    (the zeros fail their crc32 and are fetched again)."""
     inner = CountingSource(DATA)
     source = open_cache(inner)
     _prefetch_and_wait(source, 4 * CHUNK, CHUNK, 4)  # chunks 1..4
@@ -231,15 +231,29 @@ def test_chunks_fetched_ahead_are_handed_to_their_read_once(open_cache: Open,
 
 def test_chunks_fetched_ahead_are_held_within_their_bound(open_cache: Open,
                                                           tmp_path: Path) -> None:
-    """Beyond `handoff_bytes` the oldest chunks fetched ahead are dropped from memory (their
-    read then finds them on disk); with 0 none are held."""
+    """The bound counts what the chunks held keep alive: each fetch's buffer, in full, while
+    any chunk of it is held. Beyond `handoff_bytes` the oldest are dropped (their read then
+    finds them on disk); with 0 none are held."""
     inner = CountingSource(DATA)
     source = open_cache(inner, handoff_bytes=2 * CHUNK)
-    _prefetch_and_wait(source, 4 * CHUNK, 0, 4)
+
+    def held() -> int:
+        return next(s.value for s in source.metric_samples()
+                    if s.name == "chunk_cache_handoff_bytes")
+
+    _prefetch_and_wait(source, 2 * CHUNK, 0, 2)  # one fetch: chunks 0 and 1
+    assert held() == 2 * CHUNK
+    _prefetch_and_wait(source, 2 * CHUNK, 2 * CHUNK, 4)  # another: 2 and 3; 0 and 1 dropped
+    assert held() == 2 * CHUNK
     _damage(blob_dir(tmp_path, KEY) / "data", 0, bytes(4 * CHUNK))
     calls = len(inner.calls)
-    assert source.pread(4 * CHUNK, 0) == DATA[: 4 * CHUNK]
-    assert set(_chunks_fetched(inner.calls[calls:])) == {0, 1}  # dropped, zeros, refetched
+    assert source.pread(CHUNK, 2 * CHUNK) == DATA[2 * CHUNK : 3 * CHUNK]
+    assert held() == 2 * CHUNK  # chunk 3 keeps the whole fetch alive
+    assert source.pread(CHUNK + 5, 3 * CHUNK) == DATA[3 * CHUNK : 4 * CHUNK + 5]
+    assert held() == 0
+    assert len(inner.calls) == calls + 1  # chunk 4: not prefetched
+    assert source.pread(2 * CHUNK, 0) == DATA[: 2 * CHUNK]
+    assert set(_chunks_fetched(inner.calls[calls + 1 :])) == {0, 1}  # dropped, zeros, refetched
     none = CountingSource(DATA)
     other = open_cache(none, key="sha256:" + "6f" * 32, handoff_bytes=0)
     _prefetch_and_wait(other, 2 * CHUNK, 0, 2)

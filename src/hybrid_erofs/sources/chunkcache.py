@@ -146,6 +146,9 @@ class ChunkCacheSource:
         self._memory_bytes = memory_bytes
         # Chunks fetched in the background, not read yet: a read takes each once.
         self._handoff: OrderedDict[int, bytes | memoryview] = OrderedDict()
+        # What the handed-off chunks keep alive: a chunk is a view of its whole fetch, so the
+        # bound counts each fetch buffer once, in full, while any chunk of it is held.
+        self._handoff_buffers: dict[int, tuple[object, int]] = {}  # id -> (buffer, chunks)
         self._handoff_held = 0
         self._handoff_bytes = handoff_bytes
         self._paused_until = 0.0  # monotonic time until which nothing is written
@@ -242,12 +245,10 @@ class ChunkCacheSource:
         chunk_size = self._chunk_size
         first, last = offset // chunk_size, (offset + length - 1) // chunk_size
         self._note_read(offset, last)
-        # A chunk this read covers only in part may be read again by the next read (a
+        # A chunk whose end this read does not reach is read again by the next forward read (a
         # neighbouring span's): one fetched ahead stays in memory for it.
         stop = offset + length
-        shared = {number for number, cut in ((first, offset % chunk_size),
-                                             (last, stop % chunk_size and stop < self._size))
-                  if cut}
+        shared = {last} if stop % chunk_size and stop < self._size else set()
         chunks = self._chunks(first, last, shared)
         start = offset - first * chunk_size
         if self._store is not None and (now := time.monotonic()) - self._touched_s > _TOUCH_EVERY_S:
@@ -345,8 +346,7 @@ class ChunkCacheSource:
                 for number in range(first, last + 1):
                     data = self._memory.pop(number, None)
                     self._memory_held -= len(data or b"")
-                    handed = self._handoff.pop(number, None)
-                    self._handoff_held -= 0 if handed is None else len(handed)
+                    self._take_handoff(number)
             if self._store is not None:
                 self._store.discard(first, last - first + 1)
             self._count(invalidated_chunks=last - first + 1)
@@ -360,6 +360,7 @@ class ChunkCacheSource:
             self._memory.clear()
             self._memory_held = 0
             self._handoff.clear()
+            self._handoff_buffers.clear()
             self._handoff_held = 0
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -430,12 +431,24 @@ class ChunkCacheSource:
         Caller holds self._lock."""
         data = self._handoff.pop(number, None)
         if data is not None:
-            self._handoff_held -= len(data)
+            self._release(data)
         return data
+
+    def _release(self, data: bytes | memoryview) -> None:
+        """A handed-off chunk is gone: its fetch buffer no longer counts once none is left.
+        Caller holds self._lock."""
+        buffer = data.obj if isinstance(data, memoryview) else data
+        held, count = self._handoff_buffers[id(buffer)]
+        if count > 1:
+            self._handoff_buffers[id(buffer)] = (held, count - 1)
+        else:
+            del self._handoff_buffers[id(buffer)]
+            self._handoff_held -= len(buffer)  # type: ignore[arg-type]
 
     def _hand_off(self, got: dict[int, bytes | memoryview]) -> None:
         """Keep chunks just fetched in the background for the read they were fetched for,
-        oldest dropped beyond `handoff_bytes` (then that read finds them on disk)."""
+        oldest dropped while the fetch buffers they keep alive exceed `handoff_bytes` (then
+        that read finds them on disk)."""
         if not self._handoff_bytes:
             return
         with self._lock:
@@ -443,11 +456,15 @@ class ChunkCacheSource:
                 return
             for number in sorted(got):
                 data = got[number]
-                old = self._handoff.pop(number, None)
-                self._handoff_held += len(data) - (0 if old is None else len(old))
+                self._take_handoff(number)
+                buffer = data.obj if isinstance(data, memoryview) else data
+                held, count = self._handoff_buffers.get(id(buffer), (buffer, 0))
+                if not count:
+                    self._handoff_held += len(buffer)  # type: ignore[arg-type]
+                self._handoff_buffers[id(buffer)] = (held, count + 1)
                 self._handoff[number] = data
             while self._handoff_held > self._handoff_bytes and self._handoff:
-                self._handoff_held -= len(self._handoff.popitem(last=False)[1])
+                self._release(self._handoff.popitem(last=False)[1])
 
     def _fetch(self, numbers: list[int], *, background: bool = False) -> dict[int, bytes | memoryview]:
         """Fetch the chunks no thread of ours is fetching; wait for the others (unless background)."""
