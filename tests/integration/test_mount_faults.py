@@ -297,7 +297,11 @@ def _soak(layer: Layer, mount: Mounted) -> None:
           f"errors {stats['errors']}, retries {stats['registry_retries']}, requests "
           f"{stats['registry_requests']}, failure-memory hits {stats['failure_memory_hits']}, "
           f"verification failures {stats['verification_failures']}")
-    # Everything that was cached is whole: the whole tree reads right with a healthy registry.
+    # Everything that was cached is whole: the whole tree reads right with a healthy registry
+    # (a fault the chaos left pending is cleared, and a range that failed in its last reads
+    # is failed at once for FAILURE_MEMORY_S: that is failure memory's promise, so wait).
+    registry.clear_faults()
+    time.sleep(FAILURE_MEMORY_S + 0.2)
     for name, data in layer.files.items():
         assert (mount.mnt / name).read_bytes() == data
 
