@@ -178,6 +178,34 @@ def test_no_background_fetch_leaves_the_layer_lazy(rig: Rig, tmp_path: Path,
         assert _run(["umount", str(mnt)], env).returncode == 0
 
 
+def test_serve_reads_keep_only_compressed_chunks(rig: Rig, tmp_path: Path,
+                                                 env: dict[str, str]) -> None:
+    """`serve` has no background fetch, so like `mount --no-background-fetch` it stores no
+    decoded spans: the whole device read through its FUSE file is the meta followed by the
+    layer's tar, and the blob's layer store stays empty."""
+    image = rig.images["amd64"]
+    zinfo, meta = _index(image.layer, tmp_path)
+    fuse_dir = tmp_path / "fuse"
+    with open(tmp_path / "serve.err", "w") as err:
+        proc = subprocess.Popen([*CLI, "serve", "--meta", str(meta), "--zinfo", str(zinfo),
+                                 "--cache-dir", str(tmp_path / "cache"), "--fuse",
+                                 str(fuse_dir), f"{rig.hosts['plain']}/lab/img:amd64"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while not (fuse_dir / "disk.img").is_file():
+            assert proc.poll() is None, (tmp_path / "serve.err").read_text()
+            assert time.monotonic() < deadline, "serve did not export its FUSE file"
+            time.sleep(0.05)
+        disk = (fuse_dir / "disk.img").read_bytes()
+        assert disk == meta.read_bytes() + gzip.decompress(image.layer)
+        stored = list((tmp_path / "cache").glob("chunks-v1/sha256/*/layer"))
+        assert all(path.stat().st_blocks == 0 for path in stored), stored
+    finally:
+        proc.send_signal(15)
+        assert proc.wait(20) == 0, (tmp_path / "serve.err").read_text()
+
+
 def test_a_blob_that_is_not_what_its_index_was_accepted_for_fails_every_read(
         rig: Rig, tmp_path: Path, env: dict[str, str]) -> None:
     """The registry serves other bytes under the layer's digest (its gzip header's OS byte

@@ -138,7 +138,9 @@ def serve(layer: str, meta: Path, zinfo: Path | None, socket_path: Path | None,
     name = name or _export_name(layer)
     address = parse_listen(listen, allow_any=listen_any) if listen is not None else None
     _check_layer(layer)
-    device = open_device(layer, meta=meta, zinfo=zinfo, registry=registry)
+    # No background fetch here, so no decoded spans are stored either (docs/fetch.md): the
+    # layer stays as lazy as its reads; spans stored by a mount are still served.
+    device = open_device(layer, meta=meta, zinfo=zinfo, registry=registry, store_reads=False)
     with contextlib.closing(device):
         if fuse_dir is not None:
             _serve_fuse(device, fuse_dir, file_name=file_name, allow_other=allow_other)
