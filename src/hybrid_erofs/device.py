@@ -121,11 +121,11 @@ def open_registry_layer_blob(reference: str, options: RegistryOptions) -> tuple[
         remembered = FailureMemorySource(retried, name=descriptor.digest,
                                          ttl_s=options.failure_ttl_s)
         cache_dir = options.cache_dir or default_cache_dir()
+        *_, unstored, handoff = memory_shares(options.memory_cache_bytes)
         cached = ChunkCacheSource(remembered, key=descriptor.digest, cache_dir=cache_dir,
                                   max_bytes=options.cache_max_bytes
                                   or default_cache_limit(cache_dir),
-                                  memory_bytes=memory_shares(options.memory_cache_bytes)[2],
-                                  handoff_bytes=memory_shares(options.memory_cache_bytes)[3])
+                                  memory_bytes=unstored, handoff_bytes=handoff)
     except BaseException:
         blob.close()
         raise

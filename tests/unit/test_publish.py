@@ -16,6 +16,8 @@ from hybrid_erofs.indexing.imageindex import (
     META_GZIP_MEDIA_TYPE,
     SIDECAR_MEDIA_TYPE,
     ZINFO_GZIP_MEDIA_TYPE,
+    ImageIndex,
+    LayerEntry,
     file_digest,
     load_image_index,
     parse_image_index,
@@ -57,11 +59,16 @@ def test_artifact_files_carry_one_platform(indexed: tuple[TestImage, Path]) -> N
     assert [file_digest(f.path) for f in again] == [file_digest(f.path) for f in files]
 
 
+def _with_meta(out: Path) -> tuple[ImageIndex, LayerEntry]:
+    """The image index in `out` and the first of its layers that has a meta."""
+    index = load_image_index(out)
+    return index, next(layer for layer in index.images[0].layers if layer.meta is not None)
+
+
 def test_transit_copies_are_made_again_when_stale(indexed: tuple[TestImage, Path],
                                                    tmp_path: Path) -> None:
-    image, out = indexed
-    index = load_image_index(out)
-    layer = next(layer for layer in index.images[0].layers if layer.meta is not None)
+    _image, out = indexed
+    index, layer = _with_meta(out)
     assert layer.meta is not None
     copies = transit_copies(out, layer)
     stale = out / copies["meta"].name
@@ -72,9 +79,8 @@ def test_transit_copies_are_made_again_when_stale(indexed: tuple[TestImage, Path
 
 def test_artifact_files_refuse_a_changed_output(indexed: tuple[TestImage, Path],
                                                 tmp_path: Path) -> None:
-    image, out = indexed
-    index = load_image_index(out)
-    layer = next(layer for layer in index.images[0].layers if layer.meta is not None)
+    _image, out = indexed
+    index, layer = _with_meta(out)
     assert layer.meta is not None
     copy = tmp_path / "copy"
     copy.mkdir()

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from hybrid_erofs.gzindex.sidecar import load_sidecar, sidecar_path
 from hybrid_erofs.gzindex.spans import SpanDigest, SpanHasher
 from hybrid_erofs.indexing.layer import index_layer
 from hybrid_erofs.source import MemorySource
+from hybrid_erofs.sources.chunkcache import ChunkCacheSource
 from hybrid_erofs.sources.verify import VerifiedSource
 
 from ..doubles import CountingSource
@@ -171,14 +173,27 @@ class _TamperedSource(CountingSource):
         return bytes(data)
 
 
-def test_a_failed_span_is_dropped_from_the_chunk_cache(tmp_path: Path) -> None:
-    from hybrid_erofs.sources.chunkcache import ChunkCacheSource
-
-    blob = random.Random(5).randbytes(300_000)
+def _tampered_cache(tmp_path: Path, seed: int, bad: int | None
+                    ) -> tuple[bytes, list[SpanDigest], _TamperedSource, ChunkCacheSource]:
+    """A 300,000-byte blob in two spans (100,000 and 200,000 bytes), its byte `bad` flipped
+    by the source under a chunk cache of 16 KiB chunks without readahead."""
+    blob = random.Random(seed).randbytes(300_000)
     spans = spans_of(blob, [(100_000, 0), (200_000, 0)])
-    inner = _TamperedSource(blob, 150_000)
-    cache = ChunkCacheSource(inner, key="sha256:" + "ab" * 32, cache_dir=tmp_path,
+    inner = _TamperedSource(blob, bad)
+    cache = ChunkCacheSource(inner, key=f"sha256:{seed:064x}", cache_dir=tmp_path,
                              chunk_size=16 << 10, readahead=0)
+    return blob, spans, inner, cache
+
+
+def _wait_readahead(cache: ChunkCacheSource, chunks: int) -> None:
+    """Until the cache's background fetches got `chunks` chunks (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while cache.stats.readahead_chunks < chunks and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_failed_span_is_dropped_from_the_chunk_cache(tmp_path: Path) -> None:
+    blob, spans, inner, cache = _tampered_cache(tmp_path, 5, 150_000)
     source = VerifiedSource(cache, spans)
     try:
         assert source.pread(100, 10) == blob[10:110]
@@ -197,13 +212,7 @@ def test_a_failed_span_is_dropped_from_the_chunk_cache(tmp_path: Path) -> None:
 
 
 def test_a_bad_copy_in_the_cache_heals_on_the_refetch(tmp_path: Path) -> None:
-    from hybrid_erofs.sources.chunkcache import ChunkCacheSource
-
-    blob = random.Random(6).randbytes(300_000)
-    spans = spans_of(blob, [(100_000, 0), (200_000, 0)])
-    inner = _TamperedSource(blob, 250_000)
-    cache = ChunkCacheSource(inner, key="sha256:" + "cd" * 32, cache_dir=tmp_path,
-                             chunk_size=16 << 10, readahead=0)
+    blob, spans, inner, cache = _tampered_cache(tmp_path, 6, 250_000)
     cache.pread(1000, 249_500)  # a bad copy lands in the cache, unverified
     inner.bad = None
     source = VerifiedSource(cache, spans)
@@ -236,21 +245,11 @@ def test_damage_in_one_span_does_not_fail_reads_of_the_span_before(
 def test_prefetched_tampered_bytes_are_still_refused(tmp_path: Path) -> None:
     """A prefetch only gets bytes into the chunk cache: the read that uses them checks them
     (and drops the bad chunks), so a span fetched ahead of its reader is never trusted."""
-    import time
-
-    from hybrid_erofs.sources.chunkcache import ChunkCacheSource
-
-    blob = random.Random(7).randbytes(300_000)
-    spans = spans_of(blob, [(100_000, 0), (200_000, 0)])
-    inner = _TamperedSource(blob, 150_000)
-    cache = ChunkCacheSource(inner, key="sha256:" + "ef" * 32, cache_dir=tmp_path,
-                             chunk_size=16 << 10, readahead=0)
+    blob, spans, inner, cache = _tampered_cache(tmp_path, 7, 150_000)
     source = VerifiedSource(cache, spans)
     try:
         source.prefetch(300_000, 0)  # handed on to the cache: every chunk fetched and stored
-        deadline = time.monotonic() + 10
-        while cache.stats.readahead_chunks < 19 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_readahead(cache, 19)
         assert cache.stats.readahead_chunks == 19  # 300,000 bytes in 16 KiB chunks
         calls = len(inner.calls)
         assert source.pread(100, 10) == blob[10:110]
@@ -269,21 +268,12 @@ def test_tampered_bytes_handed_over_from_a_prefetch_are_dropped_and_fetched_agai
     memory, once; a chunk two spans share stays for the second). A span whose handed-over
     bytes fail their sha256 drops them from memory too: the refetch gets the server's good
     bytes instead of the same bad ones."""
-    import time
-
-    from hybrid_erofs.sources.chunkcache import ChunkCacheSource
-
-    blob = random.Random(8).randbytes(300_000)
-    spans = spans_of(blob, [(100_000, 0), (200_000, 0)])
-    inner = _TamperedSource(blob, 100_005)  # chunk 6 (16 KiB chunks), shared by both spans
-    cache = ChunkCacheSource(inner, key="sha256:" + "fe" * 32, cache_dir=tmp_path,
-                             chunk_size=16 << 10, readahead=0)
+    # The bad byte is in chunk 6 (16 KiB chunks), which both spans share.
+    blob, spans, inner, cache = _tampered_cache(tmp_path, 8, 100_005)
     source = VerifiedSource(cache, spans)
     try:
         source.prefetch(300_000, 0)
-        deadline = time.monotonic() + 10
-        while cache.stats.readahead_chunks < 19 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_readahead(cache, 19)
         calls = len(inner.calls)
         inner.bad = None  # only the prefetch got the bad byte
         assert source.pread(100, 10) == blob[10:110]  # span 0 ends before the bad byte

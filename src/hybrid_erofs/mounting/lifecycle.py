@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -167,7 +168,9 @@ TRIM_THRESHOLD = 8 << 20  # free memory at an arena's top kept for reuse between
 TRIM_EVERY_S = 2.0  # how often free arena pages are given back (malloc_trim)
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (trim_malloc runs every TRIM_EVERY_S)."""
     try:
         return ctypes.CDLL(None)
     except OSError:
