@@ -60,13 +60,15 @@ class FaultRegistry:
 
     Fault switches apply to blob GETs, in this order: `delay_s`, then `dead` (every GET fails
     with 503 while set), then `fail_next` failures, then `reset_next` / `truncate_next` (body
-    cut after half its bytes); `tamper` and `ignore_range` apply to every blob answer until
-    changed. With `token_auth`, every /v2/
+    cut after half its bytes); `tamper`, `ignore_range`, `misanswer` (a 206 whose
+    "content-range" is one byte off, or whose "content-length" and body are one byte short)
+    and `drop_idle` (the connection closed after each blob answer, without saying so, as a
+    server ends an idle keep-alive connection) apply to every blob answer until changed. With `token_auth`, every /v2/
     request needs a bearer token from /token (realm on the same server) that the server
     accepts for `token_ttl_s` seconds; the token response announces `expires_in`
     (default: the true lifetime), so a test can make tokens die earlier than announced.
     Counters are `counts` (kind -> requests: ping, manifest, blob, token, unauthorized,
-    failed, reset, truncated), `paths`, `blob_ranges` and `bytes_served`.
+    failed, reset, truncated; and connection, per TCP connection accepted), `paths`, `blob_ranges` and `bytes_served`.
     """
 
     def __init__(self, layer: bytes, *, token_auth: bool = True,
@@ -92,6 +94,8 @@ class FaultRegistry:
         self.ignore_range = False
         self.dead = False
         self.delay_s = 0.0
+        self.misanswer: str | None = None
+        self.drop_idle = False
         self.token_ttl_s = 300.0
         self.expires_in: float | None = None
         self.tampered: set[int] = set()
@@ -146,12 +150,18 @@ class FaultRegistry:
             else:
                 self.tampered.add(offset)
 
+    def expire_tokens(self) -> None:
+        """Every token handed out so far is refused from now on (as a server that restarted)."""
+        with self.lock:
+            self._tokens.clear()
+
     def clear_faults(self) -> None:
         with self.lock:
             self._fail.clear()
             self._cut.clear()
             self.tampered.clear()
             self.ignore_range, self.delay_s, self.dead = False, 0.0, False
+            self.misanswer, self.drop_idle = None, False
 
     def reset_counters(self) -> None:
         with self.lock:
@@ -212,6 +222,10 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        super().setup()
+        self.registry.count("connection")  # one per TCP connection: keep-alive reuse shows
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -275,6 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
         with reg.lock:
             reg.blob_ranges.append((offset, end))
             delay_s, tampered = reg.delay_s, sorted(reg.tampered)
+            misanswer, drop_idle = reg.misanswer, reg.drop_idle
         if delay_s:
             time.sleep(delay_s)
         failure, cut = reg.next_fault()
@@ -288,11 +303,14 @@ class _Handler(BaseHTTPRequestHandler):
         for position in tampered:
             if offset <= position <= end:
                 body[position - offset] ^= 0xFF
+        named = (offset + 1, end + 1) if misanswer == "content-range" else (offset, end)
+        if status == 206 and misanswer == "content-length":
+            del body[-1:]
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Type", "application/octet-stream")
         if status == 206:
-            self.send_header("Content-Range", f"bytes {offset}-{end}/{len(blob)}")
+            self.send_header("Content-Range", f"bytes {named[0]}-{named[1]}/{len(blob)}")
         self.end_headers()
         send = len(body) // 2 if cut else len(body)
         view = memoryview(body)
@@ -305,6 +323,8 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True  # the client went away (e.g. a 200 it stopped reading)
         reg.count("blob", path, served=sent)
+        if drop_idle:
+            self.close_connection = True  # no "Connection: close": the client finds out later
         if cut:
             reg.count(cut)
             self.close_connection = True

@@ -235,6 +235,8 @@ class RegistryClient:
         scheme = "http" if insecure else self.reference.scheme
         self.base_url = f"{scheme}://{self.reference.api_host}"
         self.auth = auth if auth is not None else RegistryAuth(self.base_url, credentials)
+        self.timeout_s = timeout_s
+        self.default_transport = transport is None  # httpx's own connections, no test double
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections)
         self.http = httpx.Client(

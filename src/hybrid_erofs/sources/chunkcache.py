@@ -67,7 +67,7 @@ class ChunkCacheSource:
     Reads are split into `chunk_size`-aligned chunks. Present chunks are read from disk and
     checked against their crc32; missing ones are fetched with as few inner reads as possible
     (adjacent chunks coalesced into one read of up to 8 MiB, longer runs split across
-    `fetch_workers` threads), stored (data fsync'ed before it is marked present, see
+    `fetch_workers` threads), stored (data written before it is marked present, see
     ChunkStore) and served. Every process and mount of the same blob shares the chunks, and
     two processes never fetch the same chunk at the same time. Two forward reads in a row
     start a background fetch of the next chunks, a window that doubles with each further

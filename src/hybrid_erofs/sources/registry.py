@@ -11,7 +11,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import httpx
 
@@ -20,6 +20,7 @@ from ..metrics.samples import Sample, counter
 from ..oci.auth import origin
 from ..oci.client import Descriptor, RegistryClient
 from ..oci.credentials import resolve_credentials
+from ..oci.rangeget import Answer, RangeGetter, ShortBody
 from ..oci.redact import redact
 from ..oci.reference import parse_reference
 from ..source import ByteSource, check_range
@@ -32,6 +33,10 @@ _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 # An expired or refused presigned URL (S3/GCS answer 403, some 400/401): resolve again once
 # through the registry, as soci-snapshotter's refreshURL.
 _REFRESH_STATUS = frozenset({400, 401, 403})
+# Answers of a direct GET that httpx's path handles (the request is sent again through it):
+# redirects, auth challenges, a refused storage URL, a body without Range; and a 206 that is
+# not a plain Content-Length body.
+_HTTPX_STATUS = _REDIRECT_STATUS | _REFRESH_STATUS | {200, 206}
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
@@ -65,16 +70,23 @@ class RegistryBlobSource:
     Failures raise SourceIOError whose `.transient` is True for 408/429/5xx, resets and
     timeouts, and `.retry_after_s` carries Retry-After. Messages never show query strings.
 
+    With the client's default transport and no proxy in the environment, each pread is first
+    sent on a RangeGetter (oci/rangeget.py): httpx builds and authorizes the request, a clean
+    206 with the exact Content-Range and a Content-Length body is received straight into one
+    buffer; any other answer (a redirect, a 401, an error status, a 200, a chunked body) is
+    dropped and the request sent again through httpx, which handles it as before.
+
     Args:
         client: the RegistryClient of the blob's repository (its httpx.Client is shared).
         descriptor: the blob's descriptor; `size` comes from it, no request is made here.
         close_client: close `client` in `close()` (when this source is its only user).
         max_redirects: redirect hops followed per request (default 10).
+        direct: use the RangeGetter where it applies (default True; False: httpx only).
     """
 
     def __init__(
         self, client: RegistryClient, descriptor: Descriptor, *, close_client: bool = False,
-        max_redirects: int = 10,
+        max_redirects: int = 10, direct: bool = True,
     ) -> None:
         self.client, self.descriptor = client, descriptor
         self._close_client, self._max_redirects = close_client, max_redirects
@@ -85,6 +97,10 @@ class RegistryBlobSource:
         self._warned_full_body = False
         self.requests = 0  # upstream HTTP requests, redirect hops included
         self.bytes_received = 0  # blob bytes received by pread, cut-off bodies included
+        self.direct_reads = 0  # preads answered on the RangeGetter
+        self._getter = (RangeGetter(timeout_s=client.timeout_s)
+                        if direct and client.default_transport and RangeGetter.usable()
+                        else None)
 
     @property
     def size(self) -> int:
@@ -95,7 +111,13 @@ class RegistryBlobSource:
         if length == 0:
             return b""
         end = offset + length - 1
-        response, url = self._open(offset, end)
+        start: httpx.URL | None = None
+        if self._getter is not None:
+            data = self._direct_pread(self._getter, length, offset, end)
+            if isinstance(data, bytes):
+                return data
+            start = data  # None, or where a redirect answered by the direct GET points
+        response, url = self._open(offset, end, start)
         # The body's pieces as received, joined once at the end: one copy of the data in
         # user space (a bytearray filled and then turned into bytes took two).
         pieces: list[bytes] = []
@@ -157,24 +179,120 @@ class RegistryBlobSource:
             response.close()
 
     def close(self) -> None:
+        if self._getter is not None:
+            self._getter.close()
         if self._close_client:
             self.client.close()
 
     # -- requests --------------------------------------------------------------------------
-    def _open(self, offset: int, end: int) -> tuple[httpx.Response, httpx.URL]:
-        """Send the Range GET; return a 200/206 response (unread) and the URL that answered."""
+    def _direct_pread(self, getter: RangeGetter, length: int, offset: int,
+                      end: int) -> bytes | httpx.URL | None:
+        """The bytes by a RangeGetter GET; else the request goes through httpx: from the
+        start (None: the auth needs a round trip first, or the answer was not a plain 206), or
+        from where the redirect it answered points (the URL)."""
+        with self._lock:
+            url = self._storage_url or self._blob_url
+        http = self.client.http
+        request = http.build_request(
+            "GET", url, headers={"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"})
+        flow = None
+        if origin(url) == self._origin:
+            if http.auth is not None:
+                flow = http.auth.sync_auth_flow(request)
+                if next(flow) is not request:  # a token request first: httpx's path does that
+                    flow.close()
+                    return None
+        else:  # DS:825: no Authorization off the registry's origin, whatever the auth
+            request.headers.pop("Authorization", None)
+        try:
+            answer = self._direct_open(getter, request, offset, end)
+            if answer.status == 401 and flow is not None:  # an expired token: the auth's turn
+                answer.close()
+                if not self._reauthorize(flow, request, answer.headers, offset, end):
+                    return None
+                answer = self._direct_open(getter, request, offset, end)
+                if answer.status == 401:
+                    answer.close()
+                    raise self._status_error(401, answer.headers, url, offset, end)
+        finally:
+            if flow is not None:
+                flow.close()
+        return self._direct_body(answer, url, length, offset, end)
+
+    def _direct_open(self, getter: RangeGetter, request: httpx.Request, offset: int,
+                     end: int) -> Answer:
+        with self._lock:
+            self.requests += 1
+        try:
+            return getter.open(request)
+        except OSError as exc:
+            raise SourceIOError(f"GET {public_url(request.url)}: {type(exc).__name__} for bytes "
+                                f"{offset}-{end}: {redact(str(exc))}", transient=True) from exc
+
+    def _reauthorize(self, flow: Generator[httpx.Request, httpx.Response, None],
+                     request: httpx.Request, headers: httpx.Headers, offset: int,
+                     end: int) -> bool:
+        """Hand a 401 to the auth flow as httpx would; its token requests go through httpx.
+        True when it put new credentials on `request` (send it again)."""
+        subject = f"GET {public_url(request.url)}"
+        try:
+            step = flow.send(httpx.Response(401, headers=headers, request=request))
+            while step is not request:
+                with self._lock:
+                    self.requests += 1
+                response = self.client.http.send(step, auth=None)
+                step = flow.send(response)
+        except StopIteration:
+            return False  # no challenge it can answer: httpx's path reports the 401
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc, request.url, offset, end) from exc
+        except RegistryError as exc:  # token server trouble
+            raise SourceIOError(f"{subject}: {exc}", transient=exc.transient) from exc
+        return True
+
+    def _direct_body(self, answer: Answer, url: httpx.URL, length: int, offset: int,
+                     end: int) -> bytes | httpx.URL | None:
+        with answer:
+            status, headers = answer.status, answer.headers
+            if status not in _HTTPX_STATUS:  # an error: raised as httpx's path would
+                raise self._status_error(status, headers, url, offset, end)
+            location = headers.get("location")
+            if status in _REDIRECT_STATUS and location:
+                return url.join(location)
+            if status in _REFRESH_STATUS and url != self._blob_url:
+                self._forget_storage_url(url, status)
+                return None
+            if (status != 206 or "transfer-encoding" in headers
+                    or headers.get("content-length") != str(length)):
+                log.debug("GET %s: HTTP %d for bytes %d-%d; sending it through httpx",
+                          public_url(url), status, offset, end)
+                return None
+            self._check_body(httpx.Response(206, headers=headers), url, offset, end)
+            try:
+                data = answer.read(length)
+            except ShortBody as exc:
+                with self._lock:
+                    self.bytes_received += exc.received
+                raise SourceIOError(f"GET {public_url(url)}: body ended after {exc.received} "
+                                    f"of {length} bytes for bytes {offset}-{end} "
+                                    f"({redact(str(exc))})", transient=True) from exc
+        with self._lock:
+            self.bytes_received += length
+            self.direct_reads += 1
+        return data
+
+    def _open(self, offset: int, end: int,
+              start: httpx.URL | None = None) -> tuple[httpx.Response, httpx.URL]:
+        """Send the Range GET; return a 200/206 response (unread) and the URL that answered.
+        `start`: where a redirect already received points (one hop spent)."""
         headers = {"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"}
         with self._lock:
             cached = self._storage_url
-        url = cached or self._blob_url
-        response, final = self._send(url, headers, offset, end)
-        if cached is not None and response.status_code in _REFRESH_STATUS:
+        url = start or cached or self._blob_url
+        response, final = self._send(url, headers, offset, end, hops=1 if start else 0)
+        if cached is not None and final == cached and response.status_code in _REFRESH_STATUS:
             response.close()
-            log.debug("GET %s: HTTP %d from the cached storage URL; resolving it again",
-                      public_url(cached), response.status_code)
-            with self._lock:
-                if self._storage_url == cached:
-                    self._storage_url = None
+            self._forget_storage_url(cached, response.status_code)
             response, final = self._send(self._blob_url, headers, offset, end)
         status = response.status_code
         if status in (200, 206):
@@ -183,18 +301,30 @@ class RegistryBlobSource:
                     self._storage_url = final
             return response, final
         response.close()
-        message = f"GET {public_url(final)}: HTTP {status} for bytes {offset}-{end}"
+        raise self._status_error(status, response.headers, final, offset, end)
+
+    def _forget_storage_url(self, cached: httpx.URL, status: int) -> None:
+        """The storage URL refused a request (an expired presigned URL): resolve it again."""
+        log.debug("GET %s: HTTP %d from the cached storage URL; resolving it again",
+                  public_url(cached), status)
+        with self._lock:
+            if self._storage_url == cached:
+                self._storage_url = None
+
+    def _status_error(self, status: int, headers: httpx.Headers, url: httpx.URL, offset: int,
+                      end: int) -> SourceIOError:
+        message = f"GET {public_url(url)}: HTTP {status} for bytes {offset}-{end}"
         if status == 416:
             message += f" (blob size {self.size})"
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
-        raise SourceIOError(message, transient=status in TRANSIENT_STATUS,
-                            retry_after_s=retry_after)
+        retry_after = parse_retry_after(headers.get("retry-after"))
+        return SourceIOError(message, transient=status in TRANSIENT_STATUS,
+                             retry_after_s=retry_after)
 
     def _send(
-        self, url: httpx.URL, headers: dict[str, str], offset: int, end: int
+        self, url: httpx.URL, headers: dict[str, str], offset: int, end: int, *, hops: int = 0,
     ) -> tuple[httpx.Response, httpx.URL]:
         http = self.client.http
-        for _ in range(self._max_redirects + 1):
+        for _ in range(hops, self._max_redirects + 1):
             request = http.build_request("GET", url, headers=headers)
             same_origin = origin(url) == self._origin
             try:
