@@ -86,7 +86,7 @@ def test_keep_alive_one_connection_for_many_reads(faults: FaultRegistry,
     before = faults.counts["connection"]
     for length, offset in _reads(len(blob), 20):
         assert source.pread(length, offset) == blob[offset : offset + length]
-    assert source.direct_reads == 20 and faults.counts["blob"] == 20
+    assert source.direct_reads == 20 and len(faults.blob_ranges) == 20
     assert faults.counts["connection"] - before == 1  # reused, one by one
 
 
@@ -98,7 +98,7 @@ def test_a_connection_the_server_closed_is_replaced(faults: FaultRegistry,
         assert source.pread(length, offset) == blob[offset : offset + length]
     # Each read found its pooled connection closed, sent again on a new one: no error, no
     # request lost or doubled at the server.
-    assert source.direct_reads == 8 and faults.counts["blob"] == 8
+    assert source.direct_reads == 8 and len(faults.blob_ranges) == 8
 
 
 @pytest.mark.parametrize("fault", ["reset", "truncate"])
@@ -117,7 +117,7 @@ def test_a_wrong_content_range_is_refused(faults: FaultRegistry,
     faults.misanswer = "content-range"
     with pytest.raises(SourceIOError, match="Content-Range 'bytes 101-200/"):
         source.pread(100, 100)
-    assert faults.counts["blob"] == 1 and source.direct_reads == 0
+    assert len(faults.blob_ranges) == 1 and source.direct_reads == 0
 
 
 def test_a_short_content_length_is_an_error(faults: FaultRegistry,
@@ -134,11 +134,11 @@ def test_an_error_status_is_raised_once_with_retry_after(faults: FaultRegistry,
     with pytest.raises(SourceIOError, match="HTTP 503 for bytes 0-99") as caught:
         source.pread(100, 0)
     assert caught.value.transient and caught.value.retry_after_s == 7
-    assert faults.counts["blob"] == 1  # not asked again through httpx
+    assert len(faults.blob_ranges) == 1  # not asked again through httpx
     faults.fail_next(1, status=404)
     with pytest.raises(SourceIOError, match="HTTP 404") as caught:
         source.pread(100, 0)
-    assert not caught.value.transient and faults.counts["blob"] == 2
+    assert not caught.value.transient and len(faults.blob_ranges) == 2
 
 
 def test_range_ignored_goes_through_httpx(faults: FaultRegistry,
@@ -167,3 +167,14 @@ def test_tampered_bytes_are_passed_up_unchanged_for_the_verifier(
     got = source.pread(100, 100)
     assert got[50] == faults.layer[150] ^ 0xFF and got[:50] == faults.layer[100:150]
     assert gzip.decompress(faults.layer)  # the stored blob itself is intact
+
+
+def test_a_proxy_in_the_environment_keeps_reads_on_httpx(
+        faults: FaultRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    # httpx sends through the proxy the environment names; the direct path cannot, so it is off.
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # httpx itself still reaches the test server
+    blob, _ = open_registry_blob(faults.ref)
+    with closing(blob):
+        assert blob.pread(1000, 2000) == faults.layer[2000:3000]
+        assert blob.direct_reads == 0
