@@ -22,7 +22,8 @@ import httpx
 from .erofs.reader import ErofsImage
 from .errors import CacheError, ErofsFormatError, IndexFormatError, InvalidInput
 from .filekind import EROFS_IMAGE, GZIP, TAR, ZINFO, check_kind, detect_format
-from .gzindex.format import parse_index
+from .gzindex.format import parse_index, validate_index
+from .gzindex.lazy import LazyWindows
 from .gzindex.sidecar import load_sidecar, sidecar_path
 from .gzindex.source import GzipSource
 from .oci.layout import is_layout_reference, open_layout_blob
@@ -178,7 +179,8 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
                size: int | None = None, cache_bytes: int | None = None,
                registry: RegistryOptions | None = None,
                meta: str | os.PathLike[str] | None = None,
-               keep_decoded: bool = True, store_reads: bool = True) -> ByteSource:
+               keep_decoded: bool = True, store_reads: bool = True,
+               windows: LazyWindows | None = None) -> ByteSource:
     """Open a layer as uncompressed layer data: a local file, or a registry reference when
     no such file exists.
 
@@ -186,7 +188,8 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
     `meta`, the meta must belong to this layer too (trust/binding.py). `cache_bytes` (the
     layer's memory bound) defaults to `registry.memory_cache_bytes`. `keep_decoded=False`
     keeps the layer out of its blob's layer store; `store_reads=False` serves what is stored
-    there but stores nothing new (StoredLayerSource.store_reads).
+    there but stores nothing new (StoredLayerSource.store_reads). `windows`: a registry
+    layer mounted on a profile zinfo before its zinfo is here (open_gzip_layer).
     """
     meta_path = Path(meta) if meta is not None else None
     if cache_bytes is None:
@@ -202,7 +205,7 @@ def open_layer(path: str | os.PathLike[str], *, zinfo: str | os.PathLike[str] | 
         try:
             return open_gzip_layer(remote, zinfo=zinfo, name=str(path), blob_digest=digest,
                                    size=size, cache_bytes=cache_bytes, store_dir=store_dir,
-                                   meta=meta_path, store_reads=store_reads)
+                                   meta=meta_path, store_reads=store_reads, windows=windows)
         except BaseException:
             remote.close()
             raise
@@ -229,7 +232,8 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
                     blob_digest: str | None = None, size: int | None = None,
                     cache_bytes: int = DEFAULT_MEMORY_CACHE, store_dir: Path | None = None,
                     meta: Path | None = None, local_path: Path | None = None,
-                    store_reads: bool = True) -> GzipSource | StoredLayerSource:
+                    store_reads: bool = True,
+                    windows: LazyWindows | None = None) -> GzipSource | StoredLayerSource:
     """Layer data of a gzip `blob` through its zinfo.
 
     With `store_dir` (a registry blob's cache directory) and a sidecar, spans decoded in
@@ -241,14 +245,31 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
     it (a zinfo from erofs-utils or SOCI) reads are not verified: a warning says so. `meta`
     (when given) must belong to the same layer; `local_path` lets the binding check hash a
     local blob that has no sidecar.
+
+    With `windows` (gzindex/lazy.py), the zinfo file need not be here yet: the layer is read
+    through the profile zinfo's checkpoint table (`windows.index`, which must fit the
+    sidecar), and its windows come from `windows`.
     """
-    zinfo_bytes = _read_zinfo(zinfo)
-    check_kind(zinfo, ZINFO)  # "m.erofs: is an EROFS image, not a zinfo file"
-    zinfo_bytes = _read_zinfo(zinfo)
+    zinfo_bytes = b""
+    if windows is None:
+        zinfo_bytes = _read_zinfo(zinfo)
+        check_kind(zinfo, ZINFO)  # "m.erofs: is an EROFS image, not a zinfo file"
     side_path = sidecar_path(zinfo)
     identity = BlobIdentity(name, blob.size, digest=blob_digest, local_path=local_path)
     inner: ByteSource = blob
-    if side_path.exists():
+    if windows is not None:
+        sidecar = load_sidecar(side_path)
+        check_binding(blob=identity, meta=meta, zinfo=Path(zinfo), sidecar=sidecar)
+        index = windows.index
+        validate_index(index, name=windows.name, blob_size=blob.size,
+                       layer_size=sidecar.layer_size)
+        if len(index) != len(sidecar.spans):
+            raise IndexFormatError(f"{windows.name}: {len(index)} checkpoints, the sidecar "
+                                   f"{side_path} has {len(sidecar.spans)} spans")
+        inner = VerifiedSource(blob, sidecar.spans, name=name,
+                               cache_bytes=memory_shares(cache_bytes)[1])
+        size = sidecar.layer_size if size is None else size
+    elif side_path.exists():
         sidecar = load_sidecar(side_path, zinfo_bytes=zinfo_bytes)
         check_binding(blob=identity, meta=meta, zinfo=Path(zinfo), sidecar=sidecar)
         index = parse_index(zinfo_bytes, name=str(zinfo), blob_size=blob.size,
@@ -264,7 +285,7 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
         log.warning("%s: no %s beside the zinfo: spans are not verified", name, side_path.name)
     layer = GzipSource(inner, index, size=size, cache_bytes=cache_bytes,
                        decode_ahead=DECODE_AHEAD, decode_workers=DECODE_WORKERS,
-                       fetch_ahead=FETCH_AHEAD)
+                       fetch_ahead=FETCH_AHEAD, windows=windows)
     if store_dir is None or not side_path.exists():
         return layer
     limit = blob.room if isinstance(blob, ChunkCacheSource) else None
@@ -298,7 +319,8 @@ def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:
 
 def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
                 registry: RegistryOptions | None = None,
-                keep_decoded: bool = True, store_reads: bool = True) -> ByteSource:
+                keep_decoded: bool = True, store_reads: bool = True,
+                windows: LazyWindows | None = None) -> ByteSource:
     """Open the device the kernel mounts: the meta image followed by the layer's data.
 
     `meta` is checked against the layer (device table, sizes, the blob it records) and the
@@ -311,7 +333,8 @@ def open_device(layer: str, *, meta: Path, zinfo: Path | None = None,
     meta_source = FileSource(meta)
     try:
         layer_source = open_layer(layer, zinfo=zinfo, registry=registry, meta=meta,
-                                  keep_decoded=keep_decoded, store_reads=store_reads)
+                                  keep_decoded=keep_decoded, store_reads=store_reads,
+                                  windows=windows)
     except BaseException:
         meta_source.close()
         raise

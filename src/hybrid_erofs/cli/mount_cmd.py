@@ -17,6 +17,7 @@ from ..mounting.lifecycle import VIAS, mount_statuses, require_root, status_json
 from ..mounting.reattach import reattach as reattach_mount
 from ..printable import printable_message
 from ..sources.gate import LOCAL, TRUST_KINDS
+from ..trust.bound import ZinfoLater
 from ..trust.policy import TrustPolicy
 from ..units import counted, format_size
 from .options import fetch_options, metrics_address_option, registry_options, trust_options
@@ -43,12 +44,16 @@ from .options import fetch_options, metrics_address_option, registry_options, tr
 @metrics_address_option
 @click.option("--_prefetch", "prefetch", type=click.Path(dir_okay=False, path_type=Path),
               hidden=True)
+@click.option("--_profile-zinfo", "profile_zinfo",
+              type=click.Path(dir_okay=False, path_type=Path), hidden=True)
+@click.option("--_zinfo-blob", "zinfo_blob", hidden=True)
 @registry_options
 @trust_options
 @fetch_options
 def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
           via: str, foreground: bool, reattach: bool, timeout_s: float, ready_fd: int | None,
-          trust: str, prefetch: Path | None, metrics_address: tuple[str, int] | None,
+          trust: str, prefetch: Path | None, profile_zinfo: Path | None,
+          zinfo_blob: str | None, metrics_address: tuple[str, int] | None,
           registry: RegistryOptions, policy: TrustPolicy, fetch: FetchPolicy | None) -> None:
     """Mount layer REF (a registry reference or a local .tar.gz) read-only on MOUNTPOINT.
 
@@ -104,7 +109,8 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
         _detach_stdin()
         run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via,
                   ready_fd=ready_fd, metrics_address=metrics_address, trust=trust,
-                  fetch=fetch, prefetch=prefetch)
+                  fetch=fetch, prefetch=prefetch,
+                  later=ZinfoLater.from_argv(profile_zinfo, zinfo_blob))
         return
     record = mount_layer(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
                          via=via, timeout_s=timeout_s, metrics_address=metrics_address,

@@ -34,11 +34,13 @@ def cache_limit_reason(cache: ChunkCacheSource | None, layer: StoredLayerSource)
 def attach_fetcher(device: MeteredSource, *, policy: FetchPolicy,
                    verify: Callable[[], None] | None = None, first: Sequence[int] = (),
                    on_failure: Callable[[str], None] | None = None,
-                   name: str = "layer") -> BackgroundFetcher | None:
+                   name: str = "layer",
+                   after_first: Callable[[], object] | None = None) -> BackgroundFetcher | None:
     """A fetcher (not started) for the layer under `device`; None when the layer has no
     store to fill (a local file, an index without a sidecar, or an unbound index: its
     decoded spans are kept out of the shared store). `verify` checks the complete layer
-    (LayerMount: trust/verifier.py) and raises to fail it."""
+    (LayerMount: trust/verifier.py) and raises to fail it; `after_first` runs after the
+    `first` spans (BackgroundFetcher)."""
     stages = list(iter_stages(device))
     layer = next((s for s in stages if isinstance(s, StoredLayerSource)), None)
     if layer is None:
@@ -50,7 +52,8 @@ def attach_fetcher(device: MeteredSource, *, policy: FetchPolicy,
                                 on_failure=on_failure,
                                 limit=lambda: cache_limit_reason(cache, layer), name=name,
                                 exact=cache.exact_reads if cache is not None else nullcontext,
-                                held=gzip.ahead_held if gzip is not None else nullcontext)
+                                held=gzip.ahead_held if gzip is not None else nullcontext,
+                                after_first=after_first)
     layer.progress = fetcher.progress  # reported with the layer's metrics
     return fetcher
 

@@ -131,6 +131,9 @@ class BackgroundFetcher:
     stays lazy, reads go on). `limit()` is asked before each span: a reason (the cache
     limit cannot hold the layer) stops the fetch and is shown. Each span is loaded inside
     `exact()` (the chunk cache's exact_reads: nothing is read ahead past the spans asked for).
+    `after_first()` runs once the `first` spans are in (a layer mounted on a profile zinfo
+    fetches its zinfo there, gzindex/lazy.py); a failure of it is logged, and the spans that
+    need it meet it again.
 
     When every span is stored, `verify()` runs once (unless the store says the layer was
     verified already); it raises to say the layer is not what the index says, and then
@@ -145,8 +148,10 @@ class BackgroundFetcher:
                  limit: Callable[[], str | None] = lambda: None, name: str = "layer",
                  clock: Callable[[], float] = time.monotonic,
                  exact: Callable[[], AbstractContextManager[None]] = nullcontext,
-                 held: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
+                 held: Callable[[], AbstractContextManager[None]] = nullcontext,
+                 after_first: Callable[[], object] | None = None) -> None:
         self.layer = layer
+        self._after_first = after_first
         self._exact = exact  # around each span's load: no readahead past it (chunk cache)
         self._held = held  # around the profile's spans: readers' ahead-work held (GzipSource)
         self.policy = policy or FetchPolicy()
@@ -216,6 +221,7 @@ class BackgroundFetcher:
                         if not self._fetch(self._first, pause=False):
                             return
                     self._set("waiting")
+                self._run_after_first()
                 if not self._quiet_period():
                     return
                 self._set("fetching")
@@ -223,10 +229,20 @@ class BackgroundFetcher:
                 if not self._fetch(rest, pause=True):
                     return
                 store.flush()
+            else:
+                self._run_after_first()
             self._finish()
         except Exception as exc:  # a bug must not kill the daemon: stop and say why
             log.error("%s: background fetch stopped: %r", self.name, exc, exc_info=True)
             self._set("stopped", f"internal error: {exc!r}")
+
+    def _run_after_first(self) -> None:
+        if self._after_first is None or self._stop.is_set():
+            return
+        try:
+            self._after_first()
+        except HybridErofsError as exc:
+            log.warning("%s: %s", self.name, exc)
 
     def _quiet_period(self) -> bool:
         remaining = self._started + self.policy.delay_s - self._clock()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IndexFormatError
+from ..gzindex.sidecar import load_sidecar, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,15 @@ def parse_profile(data: bytes, *, name: str) -> PrefetchProfile:
 
 def profile_spans(path: Path | None, *, zinfo: Path | None) -> Sequence[int]:
     """The spans a mount fetches first: those of the profile at `path` when it numbers the
-    spans of `zinfo` (same sha256); none otherwise (a warning says why)."""
+    spans of `zinfo` (same sha256: the one its sidecar names when it has one, so the zinfo
+    itself need not be here yet, gzindex/lazy.py); none otherwise (a warning says why)."""
     if path is None or zinfo is None:
         return ()
     try:
         profile = parse_profile(path.read_bytes(), name=str(path))
-        zinfo_sha256 = hashlib.sha256(zinfo.read_bytes()).hexdigest()
+        side = sidecar_path(zinfo)
+        zinfo_sha256 = (load_sidecar(side).zinfo_digest.removeprefix("sha256:")
+                        if side.exists() else hashlib.sha256(zinfo.read_bytes()).hexdigest())
     except (OSError, IndexFormatError) as exc:
         log.warning("%s: prefetch profile not used: %s", path, exc)
         return ()

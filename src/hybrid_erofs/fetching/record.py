@@ -2,7 +2,8 @@
 keep, per layer, the spans its reads touched first (`hybrid-erofs profile`).
 
 The profiles go into the index directory and index.json lists them with their digests, so
-`index --all-layers --push` publishes them in the artifact, bound like the zinfo and meta.
+`index --all-layers --push` publishes them in the artifact, bound like the zinfo and meta; so
+does each profile's zinfo (gzindex/lazy.py: a node mounts on it and fetches the zinfo later).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from pathlib import Path
 
 from ..device import RegistryOptions
 from ..errors import HybridErofsError, InvalidInput
+from ..gzindex.format import dump_index, load_index
+from ..gzindex.lazy import profile_index
 from ..indexing.imageindex import (
     INDEXED,
     FileRef,
     ImageIndex,
     load_image_index,
     prefetch_file_name,
+    prefetch_zinfo_file_name,
     write_image_index,
 )
 from ..mounting.discovery import plan_from_index
@@ -98,13 +102,14 @@ def _write(index_dir: Path, manifest: str, blobs: list[str], spans_read: list[li
     index = load_image_index(index_dir)
     image = next(image for image in index.images if image.manifest == manifest)
     refs: dict[str, FileRef | None] = {}
+    zinfo_refs: dict[str, FileRef | None] = {}
     recorded = []
     for blob, spans in zip(blobs, spans_read, strict=True):
         entry = next(layer for layer in image.layers if layer.digest == blob)
         assert entry.zinfo is not None and entry.status == INDEXED
         count = _span_count(index_dir / entry.zinfo.name)
         if not spans:
-            refs[blob] = None
+            refs[blob] = zinfo_refs[blob] = None
             recorded.append(RecordedLayer(blob, (), count, None))
             continue
         profile = PrefetchProfile(blob=blob, zinfo_sha256=entry.zinfo.digest.removeprefix(
@@ -113,12 +118,24 @@ def _write(index_dir: Path, manifest: str, blobs: list[str], spans_read: list[li
         path = index_dir / prefetch_file_name(blob)
         write_atomic(path, data)
         refs[blob] = FileRef(path.name, f"sha256:{hashlib.sha256(data).hexdigest()}", len(data))
+        zinfo_refs[blob] = _write_profile_zinfo(index_dir, blob, index_dir / entry.zinfo.name,
+                                                spans)
         recorded.append(RecordedLayer(blob, tuple(spans), count, path))
     images = tuple(dataclasses.replace(one, layers=tuple(
-        dataclasses.replace(layer, prefetch=refs[layer.digest]) if layer.digest in refs
+        dataclasses.replace(layer, prefetch=refs[layer.digest],
+                            prefetch_zinfo=zinfo_refs[layer.digest]) if layer.digest in refs
         else layer for layer in one.layers)) for one in index.images)
     write_image_index(ImageIndex(images, index.span, index.tool, index.whiteouts), index_dir)
     return recorded
+
+
+def _write_profile_zinfo(index_dir: Path, blob: str, zinfo: Path,
+                         spans: Sequence[int]) -> FileRef:
+    """The layer's profile zinfo: its zinfo with only the windows of the profile's spans."""
+    data = dump_index(profile_index(load_index(zinfo), spans))
+    path = index_dir / prefetch_zinfo_file_name(blob)
+    write_atomic(path, data)
+    return FileRef(path.name, f"sha256:{hashlib.sha256(data).hexdigest()}", len(data))
 
 
 def _span_count(zinfo: Path) -> int:

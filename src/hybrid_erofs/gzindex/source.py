@@ -20,6 +20,7 @@ from ..errors import SourceIOError
 from ..metrics.samples import Sample, counter, gauge
 from ..source import ByteSource, Prefetching, check_range
 from .format import WINDOW_SIZE, GzipIndex
+from .lazy import LazyWindows
 from .prime import primed_start
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ class GzipSource:
             VerifiedSource over the chunk cache, or a file), ramped up with the reader's run:
             half the spans it has read through so far. Nothing is decoded or trusted from a
             prefetch: the bytes are read and checked when a decode needs them.
+        windows: where the checkpoints' windows come from when `index` has only some of
+            them (a profile zinfo, gzindex/lazy.py): a decode waits for a window not known
+            yet, and a span's end is checked against the next window only when it is known.
 
     Thread-safe: concurrent readers of different spans decode in parallel (the codecs release
     the GIL); readers of the same span wait for one decode.
@@ -112,7 +116,8 @@ class GzipSource:
 
     def __init__(self, inner: ByteSource, index: GzipIndex, *, size: int | None = None,
                  cache_bytes: int = 64 << 20, decode_ahead: int = 0,
-                 decode_workers: int = 2, fetch_ahead: int = 0) -> None:
+                 decode_workers: int = 2, fetch_ahead: int = 0,
+                 windows: LazyWindows | None = None) -> None:
         if cache_bytes < 0:
             raise ValueError(f"'cache_bytes' must be >= 0 (got {cache_bytes})")
         if decode_ahead < 0:
@@ -123,6 +128,7 @@ class GzipSource:
             raise ValueError(f"'fetch_ahead' must be >= 0 (got {fetch_ahead})")
         self._inner = inner
         self._index = index
+        self._windows = windows
         self._starts = [cp.out_offset for cp in index.checkpoints]
         self._cache_bytes = cache_bytes
         self._spans: OrderedDict[int, _Span] = OrderedDict()
@@ -366,6 +372,8 @@ class GzipSource:
 
     def _start(self, span: _Span) -> None:
         cp = self._index.checkpoints[span.number]
+        # First, so that a window that cannot be had leaves the span as it was.
+        window = cp.window if self._windows is None else self._windows.window(span.number)
         # One fetch covers the checkpoint's partial byte (when it starts mid-byte) and the
         # first piece of deflate data.
         start = cp.in_offset - 1 if cp.bits else cp.in_offset
@@ -381,7 +389,7 @@ class GzipSource:
         span.piece = FIRST_PIECE * 2
         span.crc = 0 if cp.out_offset == 0 else None
         # A window of zeros at out=0 is harmless: nothing can refer back before the start.
-        span.decoder = _codec.decompressobj(-15, zdict=cp.window)
+        span.decoder = _codec.decompressobj(-15, zdict=window)
         self.spans_decoded += 1
 
     def _piece(self, span: _Span) -> int:
@@ -548,7 +556,10 @@ class GzipSource:
         """
         size = span.end - span.start
         valid = min(WINDOW_SIZE, size - span.boundary)
-        window = self._index.checkpoints[number].window
+        window = (self._index.checkpoints[number].window if self._windows is None
+                  else self._windows.known(number))
+        if window is None:  # not here yet (a profile zinfo): the verifier checks it later
+            return extra
         if span.data[size - valid :] == window[WINDOW_SIZE - valid :]:
             return extra
         # A checkpoint exactly at a member start carries no usable window (erofs' rule adds

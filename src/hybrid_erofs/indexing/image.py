@@ -29,6 +29,8 @@ from ..device import RegistryOptions
 from ..errors import HybridErofsError, IndexFormatError, OutputError, RegistryError
 from ..fetching.profile import parse_profile
 from ..gzindex.build import DEFAULT_SPAN
+from ..gzindex.format import dump_index, parse_index
+from ..gzindex.lazy import profile_index
 from ..gzindex.sidecar import load_sidecar
 from ..oci.client import (
     GZIP_LAYER_TYPES,
@@ -52,6 +54,7 @@ from .imageindex import (
     file_digest,
     layer_file_names,
     prefetch_file_name,
+    prefetch_zinfo_file_name,
     write_image_index,
 )
 from .layer import _version, index_layer
@@ -172,6 +175,11 @@ def existing_outputs(directory: Path, digest: str, *, span: int) -> dict[str, Fi
                             zinfo_sha256=sidecar.zinfo_digest.removeprefix("sha256:"))
     if prefetch is not None:  # recorded by `hybrid-erofs profile`: published with the rest
         refs["prefetch"] = prefetch
+        profile_zinfo = prefetch_zinfo_ref(directory / prefetch_zinfo_file_name(digest),
+                                           zinfo_bytes=zinfo_bytes,
+                                           profile=directory / prefetch.name)
+        if profile_zinfo is not None:
+            refs["prefetch_zinfo"] = profile_zinfo
     return refs
 
 
@@ -180,6 +188,19 @@ def prefetch_ref(path: Path, *, zinfo_sha256: str) -> FileRef | None:
     try:
         data = path.read_bytes()
         if parse_profile(data, name=str(path)).zinfo_sha256 != zinfo_sha256:
+            return None
+    except (OSError, IndexFormatError):
+        return None
+    return FileRef(path.name, f"sha256:{hashlib.sha256(data).hexdigest()}", len(data))
+
+
+def prefetch_zinfo_ref(path: Path, *, zinfo_bytes: bytes, profile: Path) -> FileRef | None:
+    """The ref of the profile zinfo at `path` when it is the one of that zinfo and profile
+    (gzindex/lazy.py), else None."""
+    try:
+        data = path.read_bytes()
+        spans = parse_profile(profile.read_bytes(), name=str(profile)).spans
+        if data != dump_index(profile_index(parse_index(zinfo_bytes, name="zinfo"), spans)):
             return None
     except (OSError, IndexFormatError):
         return None

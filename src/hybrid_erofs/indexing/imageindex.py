@@ -6,7 +6,9 @@ of the per-layer files beside it.
     DIR/sha256-<hex>.zinfo.json         its sidecar (blob digest, span digests, meta digest)
     DIR/sha256-<hex>.meta.erofs         EROFS meta, overlay-style whiteouts (`--aufs`)
     DIR/sha256-<hex>.prefetch.json      optional: a prefetch profile (`hybrid-erofs profile`)
-    DIR/sha256-<hex>.{zinfo,meta.erofs}.gz  what `--push` uploads of the zinfo and the meta
+    DIR/sha256-<hex>.prefetch.zinfo     with it: the profile zinfo (the zinfo's checkpoint
+                                        table, the windows of the profile's spans only)
+    DIR/sha256-<hex>.{zinfo,meta.erofs,prefetch.zinfo}.gz  what `--push` uploads of those
 
 index.json is deterministic: no time, no host, keys sorted; one entry per platform manifest, its
 layers in manifest order (bottom first). A layer shared by several platforms is indexed once.
@@ -35,11 +37,14 @@ ZINFO_MEDIA_TYPE = "application/vnd.hybrid-erofs.zinfo.v2"
 SIDECAR_MEDIA_TYPE = "application/vnd.hybrid-erofs.zinfo-sidecar.v2+json"
 META_MEDIA_TYPE = "application/vnd.hybrid-erofs.meta.erofs.v2"
 PREFETCH_MEDIA_TYPE = "application/vnd.hybrid-erofs.prefetch.v1+json"
+PREFETCH_ZINFO_MEDIA_TYPE = "application/vnd.hybrid-erofs.prefetch-zinfo.v2"
 # The zinfo and the meta travel as gzip blobs (`index --push`, oci/transit.py) of these types;
 # nodes keep them uncompressed. The plain types above are still read (older artifacts).
 ZINFO_GZIP_MEDIA_TYPE = ZINFO_MEDIA_TYPE + "+gzip"
 META_GZIP_MEDIA_TYPE = META_MEDIA_TYPE + "+gzip"
-GZIP_TRANSIT = {"zinfo": ZINFO_GZIP_MEDIA_TYPE, "meta": META_GZIP_MEDIA_TYPE}
+PREFETCH_ZINFO_GZIP_MEDIA_TYPE = PREFETCH_ZINFO_MEDIA_TYPE + "+gzip"
+GZIP_TRANSIT = {"zinfo": ZINFO_GZIP_MEDIA_TYPE, "meta": META_GZIP_MEDIA_TYPE,
+                "prefetch_zinfo": PREFETCH_ZINFO_GZIP_MEDIA_TYPE}
 
 INDEXED = "indexed"
 SKIPPED_SMALL = "skipped-small"  # below --min-layer-size: a node indexes it itself (cheap)
@@ -63,6 +68,12 @@ def prefetch_file_name(blob_digest: str) -> str:
     """The file name of a layer's prefetch profile (optional; `hybrid-erofs profile`)."""
     algorithm, _, encoded = blob_digest.partition(":")
     return f"{algorithm}-{encoded}.prefetch.json"
+
+
+def prefetch_zinfo_file_name(blob_digest: str) -> str:
+    """The file name of a layer's profile zinfo (written with its prefetch profile)."""
+    algorithm, _, encoded = blob_digest.partition(":")
+    return f"{algorithm}-{encoded}.prefetch.zinfo"
 
 
 def file_digest(path: str | os.PathLike[str]) -> tuple[str, int]:
@@ -102,11 +113,13 @@ class LayerEntry:
     sidecar: FileRef | None = None
     meta: FileRef | None = None
     prefetch: FileRef | None = None  # a prefetch profile, when one was recorded
+    prefetch_zinfo: FileRef | None = None  # its profile zinfo (gzindex/lazy.py), if any
 
     @property
     def files(self) -> dict[str, FileRef]:
         return {kind: ref for kind, ref in (("zinfo", self.zinfo), ("sidecar", self.sidecar),
-                                            ("meta", self.meta), ("prefetch", self.prefetch))
+                                            ("meta", self.meta), ("prefetch", self.prefetch),
+                                            ("prefetch_zinfo", self.prefetch_zinfo))
                 if ref is not None}
 
     def to_json(self) -> dict[str, Any]:
@@ -207,8 +220,9 @@ def parse_image_index(data: bytes, *, name: str = INDEX_NAME) -> ImageIndex:
                     raise IndexFormatError(f"{lwhere}: unknown status {status!r}")
                 files = layer.get("files") or {}
                 refs = {kind: _file_ref(files[kind], f"{lwhere}.files.{kind}")
-                        for kind in ("zinfo", "sidecar", "meta", "prefetch") if kind in files}
-                if status == INDEXED and len(refs.keys() - {"prefetch"}) != 3:
+                        for kind in ("zinfo", "sidecar", "meta", "prefetch", "prefetch_zinfo")
+                        if kind in files}
+                if status == INDEXED and len(refs.keys() - {"prefetch", "prefetch_zinfo"}) != 3:
                     raise IndexFormatError(f"{lwhere}: an indexed layer needs zinfo, sidecar "
                                            f"and meta files")
                 blob, facts = layer["blob"], layer["layer"]
@@ -267,6 +281,8 @@ __all__ = [
     "META_GZIP_MEDIA_TYPE",
     "META_MEDIA_TYPE",
     "PREFETCH_MEDIA_TYPE",
+    "PREFETCH_ZINFO_GZIP_MEDIA_TYPE",
+    "PREFETCH_ZINFO_MEDIA_TYPE",
     "SIDECAR_MEDIA_TYPE",
     "SKIPPED_FORMAT",
     "SKIPPED_SMALL",
@@ -282,6 +298,7 @@ __all__ = [
     "load_image_index",
     "parse_image_index",
     "prefetch_file_name",
+    "prefetch_zinfo_file_name",
     "transit_file_name",
     "verify_layer_files",
     "write_image_index",

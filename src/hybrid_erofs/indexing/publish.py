@@ -38,6 +38,7 @@ from .imageindex import (
     INDEXED,
     META_MEDIA_TYPE,
     PREFETCH_MEDIA_TYPE,
+    PREFETCH_ZINFO_MEDIA_TYPE,
     SIDECAR_MEDIA_TYPE,
     ZINFO_MEDIA_TYPE,
     FileRef,
@@ -97,7 +98,7 @@ def artifact_files(directory: Path, image: ImageEntry, index: ImageIndex) -> lis
     files = [ArtifactFile(INDEX_NAME, INDEX_MEDIA_TYPE, own_path)]
     seen: set[str] = set()
     types = {"zinfo": ZINFO_MEDIA_TYPE, "sidecar": SIDECAR_MEDIA_TYPE, "meta": META_MEDIA_TYPE,
-             "prefetch": PREFETCH_MEDIA_TYPE}
+             "prefetch": PREFETCH_MEDIA_TYPE, "prefetch_zinfo": PREFETCH_ZINFO_MEDIA_TYPE}
     for layer in image.layers:
         if layer.status != INDEXED or layer.digest in seen:
             continue
@@ -170,7 +171,8 @@ def _bound_manifest(original: Manifest, image: ImageEntry,
             continue
         annotations = dict(descriptor.get("annotations") or {})
         annotations.update(layer_annotations(layer.sidecar, layer.prefetch,
-                                             (transit or {}).get(layer.digest)))
+                                             (transit or {}).get(layer.digest),
+                                             prefetch_zinfo=layer.prefetch_zinfo))
         descriptor["annotations"] = annotations
         changed = True
     return json.dumps(document, separators=(",", ":")).encode() if changed else None

@@ -61,8 +61,10 @@ from ..oci.transit import GZIP_SUFFIX
 from ..sources.cachedir import default_cache_dir
 from ..sources.gate import BOUND, LOCAL, SIGNED, UNBOUND
 from ..trust.bound import (
+    ZinfoLater,
     bound_prefetch,
     bound_prefetch_name,
+    bound_prefetch_zinfo,
     bound_sidecar,
     bound_transit,
     fetch_bound_files,
@@ -249,7 +251,8 @@ def _attached_index(client: RegistryClient, reference: str, manifest: Manifest,
             log.info("%s: the prefetch profiles of unbound index %s are not used", reference,
                      chosen.referrer.digest)
             chosen = replace(chosen, image=replace(chosen.image, layers=tuple(
-                replace(layer, prefetch=None) for layer in chosen.image.layers)))
+                replace(layer, prefetch=None, prefetch_zinfo=None)
+                for layer in chosen.image.layers)))
     else:
         ref = parse_reference(reference)
         raise TrustError(unbound_refusal(reference, manifest.digest,
@@ -288,7 +291,7 @@ def _candidate(client: RegistryClient, referrer: Referrer, directory: Path,
     _fetch_index_files(client, referrer, blobs, image, directory)
     layers = tuple(replace(mine, status=theirs.status, layer_size=theirs.layer_size,
                            zinfo=theirs.zinfo, sidecar=theirs.sidecar, meta=theirs.meta,
-                           prefetch=theirs.prefetch)
+                           prefetch=theirs.prefetch, prefetch_zinfo=theirs.prefetch_zinfo)
                    for mine, theirs in zip(entry.layers, image.layers, strict=True))
     for layer in layers:
         if layer.status == SKIPPED_FORMAT and layer.media_type in GZIP_LAYER_TYPES:
@@ -395,6 +398,7 @@ class LayerIndexSource:
     trust: str
     origin: str
     prefetch: Path | None = None  # a prefetch profile the image binds (bound only)
+    later: ZinfoLater | None = None  # `zinfo` is not here yet: fetched by the mount daemon
 
     @property
     def restricted(self) -> bool:
@@ -413,7 +417,8 @@ def resolve_layer_index(image_ref: str, manifest_digest: str, layer_digest: str,
     Bound: labels carrying `containerd.io/snapshot/hybrid-erofs/sidecar.digest` (the image's
     manifest names the index, containerd verified the manifest): the files are fetched from
     the image's repository by digest -> trust BOUND (and the prefetch profile the labels
-    bind, if any: `prefetch`). Otherwise discovery in the registry
+    bind, if any: `prefetch`; with the profile zinfo they bind too, the zinfo is left for
+    the mount daemon to fetch after the profile's spans: `later`). Otherwise discovery in the registry
     under `policy`: a signed artifact -> SIGNED, an unbound one only with
     `policy.accept_unbound` -> UNBOUND (mount it nosuid,nodev: `restricted`), a small layer
     indexed here -> LOCAL.
@@ -429,12 +434,14 @@ def resolve_layer_index(image_ref: str, manifest_digest: str, layer_digest: str,
     if sidecar is not None:
         profile = bound_prefetch(labels or {}, layer=layer_digest)
         transit = bound_transit(labels or {}, layer=layer_digest)
+        profile_zinfo = bound_prefetch_zinfo(labels or {}, layer=layer_digest)
         with registry_client(pinned, options, what="fetching the bound index") as client:
             files = fetch_bound_files(client, layer_digest, sidecar,
                                       indexes_dir(options) / "bound", prefetch=profile,
-                                      transit=transit)
+                                      transit=transit, prefetch_zinfo=profile_zinfo)
         return LayerIndexSource(pinned, layer_digest, files.meta, files.zinfo, files.sidecar,
-                                BOUND, manifest_digest, prefetch=files.prefetch)
+                                BOUND, manifest_digest, prefetch=files.prefetch,
+                                later=files.later)
     found = discover_image_index(
         pinned, registry=options, policy=policy,
         layers=lambda image: [layer for layer in image.layers if layer.digest == layer_digest])

@@ -13,21 +13,25 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..device import RegistryOptions, open_device, open_layer_blob
-from ..errors import LayerVerificationError, MountBusy, MountError
+from ..errors import IndexFormatError, LayerVerificationError, MountBusy, MountError
 from ..fetching.attach import attach_fetcher
 from ..fetching.background import BackgroundFetcher, FetchPolicy
 from ..fetching.profile import profile_spans
+from ..gzindex.format import GzipIndex, parse_index
+from ..gzindex.lazy import LazyWindows
+from ..indexing.publish import registry_client
 from ..source import ByteSource
 from ..sources.gate import LOCAL, NOT_VERIFIED, UNBOUND, VERIFIED, VERIFYING, GateSource
 from ..sources.layerstore import DATA_NAME
 from ..sources.metered import MeteredSource, iter_stages
 from ..sources.registry import RegistryBlobSource
 from ..sources.stored import StoredLayerSource
+from ..trust.bound import ZinfoLater, fetch_zinfo
 from ..trust.verifier import LayerIndexFiles, LayerVerification, verify_layer
 from .kernel import (
     KernelMountError,
@@ -80,7 +84,8 @@ class LayerMount:
                  registry: RegistryOptions, fuse_dir: Path, nbd_socket: Path,
                  backend: str, trust: str = LOCAL,
                  root_owner: tuple[int, int] | None = None,
-                 fetch: FetchPolicy | None = None, prefetch: Path | None = None) -> None:
+                 fetch: FetchPolicy | None = None, prefetch: Path | None = None,
+                 later: ZinfoLater | None = None) -> None:
         self.source = source
         self.trust = trust
         self.root_owner = root_owner  # what the root must be owned by (index --all-layers)
@@ -103,14 +108,18 @@ class LayerMount:
         self.label = registry.blob or source  # metrics' layer label: the blob digest if known
         self.fetch = fetch  # background fetch policy; None: off
         self.prefetch = prefetch  # a prefetch profile from the (verified) image index
+        self.later = later  # the zinfo is fetched here, after the profile's spans
+        self.windows: LazyWindows | None = None
         self.fetcher: BackgroundFetcher | None = None
 
     def start(self, via: str) -> str:
         """Open the device, start the background fetch (a prefetch profile's spans at once:
         they come in while the device is exported and mounted), export it and mount it; the
         transport that runs."""
+        first = profile_spans(self.prefetch, zinfo=self.zinfo)
+        self.windows = self._lazy_windows(first)
         self.gate = GateSource(open_device(self.source, meta=self.meta, zinfo=self.zinfo,
-                                           registry=self.registry,
+                                           registry=self.registry, windows=self.windows,
                                            keep_decoded=self.trust != UNBOUND,
                                            # Decoded spans are kept (written to the layer
                                            # store) only while the layer is on its way to
@@ -122,15 +131,43 @@ class LayerMount:
         self.device = MeteredSource(self.gate,
                                     latency=os.environ.get(NO_READ_METRICS_ENV) != "1")
         self.label = layer_label(self.device, self.registry.blob or self.source)
-        self._start_fetch()  # stopped by release() if the mount fails
+        self._start_fetch(first)  # stopped by release() if the mount fails
         return self._start_transport(via)
 
-    def _start_fetch(self) -> None:
+    def _lazy_windows(self, first: Sequence[int]) -> LazyWindows | None:
+        """A layer whose zinfo is to come later (`later`, bound with its profile): started on
+        the profile zinfo, the zinfo fetched after the profile's spans by the background
+        fetch, or at once by a read that needs a window the profile zinfo lacks. Without a
+        profile in use or a background fetch, the zinfo is fetched here, before anything."""
+        if self.later is None or self.zinfo is None or self.zinfo.is_file():
+            return None
+        if self.fetch is None or not first or self.trust == UNBOUND:
+            self._fetch_zinfo()
+            return None
+        path = self.later.profile_zinfo
+        try:
+            index = parse_index(path.read_bytes(), name=str(path))
+        except OSError as exc:
+            raise IndexFormatError(f"{path}: cannot read: {exc.strerror}") from exc
+        return LazyWindows(index, first, load=self._load_zinfo, on_failure=self.fail,
+                           name=str(self.zinfo))
+
+    def _fetch_zinfo(self) -> Path:
+        assert self.later is not None and self.zinfo is not None
+        with registry_client(self.source, self.registry, what="fetching the zinfo") as client:
+            return fetch_zinfo(client, self.later, self.zinfo)
+
+    def _load_zinfo(self) -> GzipIndex:
+        path = self._fetch_zinfo()
+        return parse_index(path.read_bytes(), name=str(path))
+
+    def _start_fetch(self, first: Sequence[int]) -> None:
         if self.fetch is None or self.device is None:
             return
-        first = profile_spans(self.prefetch, zinfo=self.zinfo)
+        windows = self.windows
         self.fetcher = attach_fetcher(self.device, policy=self.fetch, verify=self._verify_complete,
-                                      on_failure=self.fail, first=first, name=self.label)
+                                      on_failure=self.fail, first=first, name=self.label,
+                                      after_first=windows.load if windows is not None else None)
         if self.fetcher is not None:
             self.fetcher.start()
 
@@ -367,7 +404,7 @@ class LayerDaemon:
     def __init__(self, source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None,
                  registry: RegistryOptions, via: str, paths: StatePaths,
                  trust: str = LOCAL, fetch: FetchPolicy | None = None,
-                 prefetch: Path | None = None) -> None:
+                 prefetch: Path | None = None, later: ZinfoLater | None = None) -> None:
         self.source = source
         self.trust = trust
         self.mountpoint = mountpoint
@@ -381,7 +418,7 @@ class LayerDaemon:
                                 fuse_dir=paths.fuse_dir, nbd_socket=paths.nbd_socket,
                                 backend=str(paths.record), trust=trust,
                                 root_owner=discovered_root_owner(trust), fetch=fetch,
-                                prefetch=prefetch)
+                                prefetch=prefetch, later=later)
         self.record: MountRecord | None = None
 
     def start(self) -> MountRecord:
@@ -438,7 +475,8 @@ def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
               via: str = "auto", ready_fd: int | None = None,
               ready: Callable[[MountRecord], None] | None = None,
               metrics_address: tuple[str, int] | None = None, trust: str = LOCAL,
-              fetch: FetchPolicy | None = None, prefetch: Path | None = None) -> None:
+              fetch: FetchPolicy | None = None, prefetch: Path | None = None,
+              later: ZinfoLater | None = None) -> None:
     """Mount layer `source` in this process and serve until SIGTERM/SIGINT/SIGHUP or an outside
     umount, then unmount everything (the daemon's body, and `mount --foreground`).
 
@@ -448,7 +486,7 @@ def run_mount(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     def make(path: Path, paths: StatePaths) -> DaemonBody:
         return LayerDaemon(source, path, meta=meta, zinfo=zinfo,
                            registry=registry or RegistryOptions(), via=via, paths=paths,
-                           trust=trust, fetch=fetch, prefetch=prefetch)
+                           trust=trust, fetch=fetch, prefetch=prefetch, later=later)
 
     serve_daemon(mountpoint, make, via=via, ready_fd=ready_fd, ready=ready,
                  metrics_address=metrics_address)
@@ -459,7 +497,8 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
                 timeout_s: float = READY_TIMEOUT_S,
                 metrics_address: tuple[str, int] | None = None,
                 trust: str = LOCAL, fetch: FetchPolicy | None = None,
-                prefetch: Path | None = None) -> MountRecord | None:
+                prefetch: Path | None = None,
+                later: ZinfoLater | None = None) -> MountRecord | None:
     """Mount layer `source` (a local layer file or a registry reference) on `mountpoint`.
 
     Background (default): start a daemon (`hybrid-erofs mount --foreground`, new session, its
@@ -468,7 +507,8 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     running. `foreground=True`: serve in this process until a stop signal (run_mount).
     A registry password travels to the daemon through a pipe, never argv or the state record.
     `trust`: how the index was obtained (sources/gate.py); UNBOUND mounts nosuid,nodev and
-    verifies the index against the layer in the background (docs/security.md).
+    verifies the index against the layer in the background (docs/security.md). `later`: the
+    zinfo is not here yet; the daemon starts on the bound profile zinfo and fetches it.
     """
     registry = absolute_options(registry or RegistryOptions())
     if via not in VIAS:
@@ -478,14 +518,15 @@ def mount_layer(source: str, mountpoint: str | os.PathLike[str], *, meta: Path,
     zinfo = Path(os.path.abspath(zinfo)) if zinfo is not None else None
     if foreground:
         run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via,
-                  metrics_address=metrics_address, trust=trust, fetch=fetch, prefetch=prefetch)
+                  metrics_address=metrics_address, trust=trust, fetch=fetch, prefetch=prefetch,
+                  later=later)
         return None
     path, paths = prepare_mount(mountpoint)
 
     def argv(ready_fd: int) -> list[str]:
         return daemon_argv(source, path, meta=meta, zinfo=zinfo, registry=registry, via=via,
                            ready_fd=ready_fd, metrics_address=metrics_address, trust=trust,
-                           fetch=fetch, prefetch=prefetch)
+                           fetch=fetch, prefetch=prefetch, later=later)
 
     return spawn_daemon(argv, path, registry=registry, paths=paths, timeout_s=timeout_s)
 
@@ -493,12 +534,13 @@ def daemon_argv(source: str, mountpoint: Path, *, meta: Path, zinfo: Path | None
                 registry: RegistryOptions, via: str, ready_fd: int,
                 metrics_address: tuple[str, int] | None = None,
                 trust: str = LOCAL, fetch: FetchPolicy | None = None,
-                prefetch: Path | None = None) -> list[str]:
+                prefetch: Path | None = None, later: ZinfoLater | None = None) -> list[str]:
     """The daemon's command line; holds no secret (the password goes through stdin)."""
     argv = [sys.executable, "-m", "hybrid_erofs", "-v", "mount", "--foreground",
             "--_daemon-ready-fd", str(ready_fd), "--meta", str(meta), "--_trust", trust,
             *FetchPolicy.argv(fetch),
-            *(["--_prefetch", str(prefetch)] if prefetch is not None else []), "--via", via]
+            *(["--_prefetch", str(prefetch)] if prefetch is not None else []),
+            *(later.argv() if later is not None else []), "--via", via]
     if zinfo is not None:
         argv += ["--zinfo", str(zinfo)]
     return [*argv, *registry_argv(registry, metrics_address=metrics_address), "--", source,

@@ -50,7 +50,7 @@ from ..oci.client import GZIP_LAYER_TYPES
 from ..oci.image import inspect_manifest
 from ..oci.reference import parse_reference
 from ..sources.gate import BOUND, UNBOUND
-from ..trust.bound import bound_sidecar
+from ..trust.bound import ZinfoLater, bound_sidecar
 from ..trust.policy import TrustPolicy as NodePolicy
 from .hosts import HostsConfig
 
@@ -108,6 +108,7 @@ class LayerIndex:
     bound: bool
     plain_http: bool = False  # `source`'s host is a plain-HTTP mirror (hosts.toml)
     prefetch: Path | None = None  # the layer's prefetch profile, when it is bound (or signed)
+    later: ZinfoLater | None = None  # `zinfo` not here yet: the daemon fetches it (bound.py)
 
 
 class IndexFinder(Protocol):
@@ -216,7 +217,7 @@ class DiscoveryFinder:
                 repository, request.manifest_digest, request.layer_digest, request.labels,
                 registry=replace(self.registry, insecure=self.registry.insecure or plain_http))
         return LayerIndex(found.source, found.meta, found.zinfo, found.origin, bound=True,
-                          plain_http=plain_http, prefetch=found.prefetch)
+                          plain_http=plain_http, prefetch=found.prefetch, later=found.later)
 
     def _discover(self, pinned: str, *, plain_http: bool) -> DiscoveredImage:
         with self._lock:
@@ -285,6 +286,7 @@ class RemoteLayer:
     restricted: bool
     plain_http: bool = False
     prefetch: str | None = None
+    later: dict[str, object] | None = None  # ZinfoLater.to_json(): the zinfo comes later
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -377,7 +379,8 @@ class LazyLayers:
         layer = RemoteLayer(source=index.source, blob=request.layer_digest,
                             meta=str(index.meta), zinfo=str(index.zinfo), index=index.index,
                             restricted=restricted, plain_http=index.plain_http,
-                            prefetch=str(index.prefetch) if index.prefetch else None)
+                            prefetch=str(index.prefetch) if index.prefetch else None,
+                            later=index.later.to_json() if index.later is not None else None)
         warmup = self._warm_up(layer)
         try:
             self._mount(layer, mountpoint)
@@ -409,7 +412,8 @@ class LazyLayers:
                                          insecure=self.registry.insecure or layer.plain_http),
                         via=self.via, timeout_s=self.timeout_s,
                         trust=UNBOUND if layer.restricted else BOUND, fetch=self.fetch,
-                        prefetch=Path(layer.prefetch) if layer.prefetch else None)
+                        prefetch=Path(layer.prefetch) if layer.prefetch else None,
+                        later=ZinfoLater.from_json(layer.later))
         except (HybridErofsError, OSError) as exc:
             raise LayerFallback(f"{layer.blob}: mounting failed: {exc}",
                                 reason="mount-failed") from exc
@@ -442,7 +446,9 @@ class LazyLayers:
             cleanup_mount(paths, record)
         while mounted_at(mountpoint) is not None:
             umount(mountpoint, lazy=True)
-        if Path(layer.meta).is_file() and Path(layer.zinfo).is_file():
+        later = ZinfoLater.from_json(layer.later)
+        if Path(layer.meta).is_file() and (Path(layer.zinfo).is_file() or (
+                later is not None and later.profile_zinfo.is_file())):
             self._mount(layer, mountpoint)
             return layer
         log.info("layer %s: its index files are gone from the cache; finding the index again",
