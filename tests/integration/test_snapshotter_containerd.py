@@ -459,6 +459,7 @@ def test_a_bound_profile_is_fetched_at_prepare_and_an_unbound_one_is_not_used(
     [entry] = [e for e in _status(node) if "/lab/profiled@" in e["source"]
                and big in _daemon_argv(e)]
     assert "--_prefetch" in _daemon_argv(entry)
+    assert "--_profile-zinfo" in _daemon_argv(entry)  # its zinfo comes after the spans
     deadline = time.monotonic() + 120
     while True:
         [entry] = [e for e in _status(node) if e["daemon_pid"] == entry["daemon_pid"]]
