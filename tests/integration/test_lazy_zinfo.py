@@ -156,7 +156,7 @@ def _wait_fetch(env: dict[str, str], done: Any, timeout_s: float = 60) -> dict[s
         time.sleep(0.2)
 
 
-def test_a_profiled_layer_starts_on_its_profile_zinfo_and_fetches_the_zinfo_after(
+def test_a_profiled_layer_starts_on_its_profile_zinfo_and_fetches_the_zinfo_later(
         published: dict[str, Any], tmp_path: Path, runtime: dict[str, str]) -> None:
     layers = _layers(tmp_path)
     mnt = tmp_path / "mnt"
@@ -169,27 +169,47 @@ def test_a_profiled_layer_starts_on_its_profile_zinfo_and_fetches_the_zinfo_afte
         argv = Path(f"/proc/{_status(runtime)['daemon_pid']}/cmdline").read_text().split("\0")
         assert "--_profile-zinfo" in argv
         entry = _wait_fetch(runtime, lambda entry, fetch: fetch.get("state") == "waiting"
-                    and fetch["spans_local"] >= len(published["spans"]) and zinfo.is_file())
-        # the registry's request log: the profile zinfo before any span, the zinfo's blob
-        # once, after every profile span (the warm-up's and the daemon's requests of them)
-        assert "the full zinfo is here" in Path(entry["log_file"]).read_text()
-        gets = _blob_gets(published["log"], since)
-        files = published["files"]
-        zinfo_blobs = [d for d in gets if d not in (published["blob"], files["sidecar"]["digest"],
-                                                    files["prefetch"]["digest"])]
-        assert len(zinfo_blobs) == 3, gets  # meta, profile zinfo, zinfo (as gzip blobs)
-        first_span = gets.index(published["blob"])
-        zinfo_at = gets.index(zinfo_blobs[-1])
-        assert all(gets.index(d) < first_span for d in zinfo_blobs[:2]), gets
-        assert first_span < zinfo_at and published["blob"] not in gets[zinfo_at:], gets
-        # the profile's files, then a read outside the profile: right bytes
+                            and fetch["spans_local"] >= len(published["spans"]))
+        # the profile's files: read without the zinfo
         contents = published["contents"]
         assert (mnt / "etc/hello.txt").read_bytes() == contents["etc/hello.txt"]
         with open(mnt / "data/random.bin", "rb") as handle:
             handle.seek(400 * 4096)
             assert handle.read(8192) == contents["data/random.bin"][400 * 4096:402 * 4096]
+        assert not zinfo.exists()
+        profiled = _blob_gets(published["log"], since)
+        # a read outside the profile: waits for the zinfo, right bytes
         assert (mnt / "data/random.bin").read_bytes() == contents["data/random.bin"]
+        assert zinfo.is_file()
+        assert "the full zinfo is here" in Path(entry["log_file"]).read_text()
         assert _status(runtime)["stats"]["trust"]["state"] != "failed"
+        # the registry's request log: the profile zinfo before any span, the zinfo's blob
+        # once, after every profile span (the warm-up's and the daemon's requests of them)
+        gets = _blob_gets(published["log"], since)
+        files = published["files"]
+        index_blobs = [d for d in gets if d not in (published["blob"], files["sidecar"]["digest"],
+                                                    files["prefetch"]["digest"])]
+        assert len(index_blobs) == 3, gets  # meta, profile zinfo, zinfo (as gzip blobs)
+        assert index_blobs[2] not in profiled and published["blob"] in profiled, profiled
+        first_span = gets.index(published["blob"])
+        assert all(gets.index(d) < first_span for d in index_blobs[:2]), gets
+        assert gets.index(index_blobs[2]) >= len(profiled), gets
+    finally:
+        layers.unmount(layer, mnt)
+
+
+def test_the_background_fetch_completes_and_verifies_a_profiled_layer(
+        published: dict[str, Any], tmp_path: Path, runtime: dict[str, str]) -> None:
+    layers = LazyLayers(registry=RegistryOptions(cache_dir=tmp_path / "cache"),
+                        policy=TrustPolicy(), via="fuse", fetch=FetchPolicy(delay_s=0.5))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    layer = layers.mount(_request(published, published["annotations"]), mnt)
+    try:
+        assert layer.later is not None
+        _wait_fetch(runtime, lambda entry, fetch: fetch.get("state") == "verified")
+        assert Path(layer.zinfo).is_file()
+        assert (mnt / "data/random.bin").read_bytes() == published["contents"]["data/random.bin"]
     finally:
         layers.unmount(layer, mnt)
 
@@ -225,13 +245,17 @@ def test_a_tampered_zinfo_fails_the_layer_with_eio(
     try:
         layer = layers.mount(_request(published, published["annotations"]), mnt)
         try:
+            # a read outside the profile needs the zinfo: it comes tampered
+            with pytest.raises(OSError) as failed:
+                (mnt / "data/random.bin").read_bytes()
+            assert failed.value.errno == errno.EIO
             entry = _wait_fetch(runtime, lambda entry, fetch: (
                 entry["stats"].get("trust") or {}).get("state") == "failed")
             state = entry["stats"]["trust"]
             assert "the full zinfo is refused" in state["detail"], state
             assert "digest mismatch" in state["detail"], state
             assert not Path(layer.zinfo).exists()
-            for name in ("etc/hello.txt", "data/random.bin"):
+            for name in ("etc/hello.txt", "data/random.bin"):  # every read fails from now on
                 with pytest.raises(OSError) as failed:
                     (mnt / name).read_bytes()
                 assert failed.value.errno == errno.EIO

@@ -192,7 +192,7 @@ def test_the_background_fetch_loads_the_zinfo_after_the_profile_spans(tmp_path: 
 
     fetcher = BackgroundFetcher(layer, policy=FetchPolicy(delay_s=0.0, idle_s=0.01, rate=None,
                                                           workers=1),
-                                first=REAL, after_first=after)
+                                first=REAL, before_rest=after)
     fetcher.start()
     assert fetcher.join(30)
     assert fetcher.order[:3] == list(REAL) and seen == [sorted(REAL)]

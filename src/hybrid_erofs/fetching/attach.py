@@ -35,12 +35,12 @@ def attach_fetcher(device: MeteredSource, *, policy: FetchPolicy,
                    verify: Callable[[], None] | None = None, first: Sequence[int] = (),
                    on_failure: Callable[[str], None] | None = None,
                    name: str = "layer",
-                   after_first: Callable[[], object] | None = None) -> BackgroundFetcher | None:
+                   before_rest: Callable[[], object] | None = None) -> BackgroundFetcher | None:
     """A fetcher (not started) for the layer under `device`; None when the layer has no
     store to fill (a local file, an index without a sidecar, or an unbound index: its
     decoded spans are kept out of the shared store). `verify` checks the complete layer
-    (LayerMount: trust/verifier.py) and raises to fail it; `after_first` runs after the
-    `first` spans (BackgroundFetcher)."""
+    (LayerMount: trust/verifier.py) and raises to fail it; `before_rest` runs before the
+    spans after the quiet period (BackgroundFetcher)."""
     stages = list(iter_stages(device))
     layer = next((s for s in stages if isinstance(s, StoredLayerSource)), None)
     if layer is None:
@@ -53,7 +53,7 @@ def attach_fetcher(device: MeteredSource, *, policy: FetchPolicy,
                                 limit=lambda: cache_limit_reason(cache, layer), name=name,
                                 exact=cache.exact_reads if cache is not None else nullcontext,
                                 held=gzip.ahead_held if gzip is not None else nullcontext,
-                                after_first=after_first)
+                                before_rest=before_rest)
     layer.progress = fetcher.progress  # reported with the layer's metrics
     return fetcher
 

@@ -131,9 +131,10 @@ class BackgroundFetcher:
     stays lazy, reads go on). `limit()` is asked before each span: a reason (the cache
     limit cannot hold the layer) stops the fetch and is shown. Each span is loaded inside
     `exact()` (the chunk cache's exact_reads: nothing is read ahead past the spans asked for).
-    `after_first()` runs once the `first` spans are in (a layer mounted on a profile zinfo
-    fetches its zinfo there, gzindex/lazy.py); a failure of it is logged, and the spans that
-    need it meet it again.
+    `before_rest()` runs once the quiet period is over, before the other spans (a layer
+    mounted on a profile zinfo fetches its zinfo there, gzindex/lazy.py: after the profile's
+    spans, and after those of the other layers that start with it); a failure of it is
+    logged, and the spans that need it meet it again.
 
     When every span is stored, `verify()` runs once (unless the store says the layer was
     verified already); it raises to say the layer is not what the index says, and then
@@ -149,9 +150,9 @@ class BackgroundFetcher:
                  clock: Callable[[], float] = time.monotonic,
                  exact: Callable[[], AbstractContextManager[None]] = nullcontext,
                  held: Callable[[], AbstractContextManager[None]] = nullcontext,
-                 after_first: Callable[[], object] | None = None) -> None:
+                 before_rest: Callable[[], object] | None = None) -> None:
         self.layer = layer
-        self._after_first = after_first
+        self._before_rest = before_rest
         self._exact = exact  # around each span's load: no readahead past it (chunk cache)
         self._held = held  # around the profile's spans: readers' ahead-work held (GzipSource)
         self.policy = policy or FetchPolicy()
@@ -221,26 +222,26 @@ class BackgroundFetcher:
                         if not self._fetch(self._first, pause=False):
                             return
                     self._set("waiting")
-                self._run_after_first()
                 if not self._quiet_period():
                     return
+                self._run_before_rest()
                 self._set("fetching")
                 rest = [n for n in range(store.span_count) if not store.has_span(n)]
                 if not self._fetch(rest, pause=True):
                     return
                 store.flush()
             else:
-                self._run_after_first()
+                self._run_before_rest()
             self._finish()
         except Exception as exc:  # a bug must not kill the daemon: stop and say why
             log.error("%s: background fetch stopped: %r", self.name, exc, exc_info=True)
             self._set("stopped", f"internal error: {exc!r}")
 
-    def _run_after_first(self) -> None:
-        if self._after_first is None or self._stop.is_set():
+    def _run_before_rest(self) -> None:
+        if self._before_rest is None or self._stop.is_set():
             return
         try:
-            self._after_first()
+            self._before_rest()
         except HybridErofsError as exc:
             log.warning("%s: %s", self.name, exc)
 

@@ -167,7 +167,7 @@ class LayerMount:
         windows = self.windows
         self.fetcher = attach_fetcher(self.device, policy=self.fetch, verify=self._verify_complete,
                                       on_failure=self.fail, first=first, name=self.label,
-                                      after_first=windows.load if windows is not None else None)
+                                      before_rest=windows.load if windows is not None else None)
         if self.fetcher is not None:
             self.fetcher.start()
 
