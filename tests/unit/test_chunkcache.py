@@ -144,9 +144,11 @@ def test_sequential_reads_prefetch_a_growing_window(open_cache: Open) -> None:
     expected = [
         (2 * CHUNK, [(2 * CHUNK, 3 * CHUNK)], 3),  # window 2: chunks 3-4
         (3 * CHUNK, [(3 * CHUNK, 5 * CHUNK)], 6),  # window 4: chunks 4-7, 4 already there
-        (4 * CHUNK, [(CHUNK, 8 * CHUNK)], 7),  # window capped at readahead=4: chunks 5-8
-        (5 * CHUNK, [(CHUNK, 9 * CHUNK)], 8),  # chunks 6-9
-        (6 * CHUNK, [(1234, 10 * CHUNK)], 9),  # chunks 7-10: stops at the blob's end
+        # The window is full (readahead=4) from here: fetched in batches of at least half of
+        # it, so a forward reader sends a few larger requests.
+        (4 * CHUNK, [], 6),  # chunks 5-8: only 8 absent, not a batch yet
+        (5 * CHUNK, [(2 * CHUNK, 8 * CHUNK)], 8),  # chunks 6-9: 8 and 9 in one request
+        (6 * CHUNK, [], 8),  # chunks 7-10: only 10 absent
     ]
     for offset, calls, total in expected:
         inner.calls.clear()
@@ -154,7 +156,24 @@ def test_sequential_reads_prefetch_a_growing_window(open_cache: Open) -> None:
         _wait_readahead(source, total)
         assert inner.calls == calls
     assert source.pread(len(DATA) - 7 * CHUNK, 7 * CHUNK) == DATA[7 * CHUNK :]
-    assert inner.calls == calls  # all of it was already there
+    assert inner.calls == [(1234, 10 * CHUNK)]  # the rest was there; the last chunk is read
+
+
+def test_a_full_window_fetches_at_once_when_the_next_chunk_is_absent(open_cache: Open) -> None:
+    blob = bytes(range(256)) * (20 * CHUNK // 256)
+    inner = CountingSource(blob)
+    source = open_cache(inner, readahead=8)  # batches of at least 4 chunks
+    for number, total in ((0, 0), (1, 1), (2, 3), (3, 6), (4, 11)):  # chunks 2-12 ahead
+        source.pread(CHUNK, number * CHUNK)
+        _wait_readahead(source, total)
+    inner.calls.clear()
+    source.pread(CHUNK, 5 * CHUNK)
+    _wait_readahead(source, 11)  # chunks 6-13: only 13 absent, no request
+    assert inner.calls == []
+    source.invalidate(CHUNK, 7 * CHUNK)  # chunk 7, right after the next read, is gone
+    assert source.pread(CHUNK, 6 * CHUNK) == blob[6 * CHUNK : 7 * CHUNK]
+    _wait_readahead(source, 14)  # chunks 7, 13, 14: fewer than a batch, but 7 comes next
+    assert sorted(inner.calls, key=lambda c: c[1]) == [(CHUNK, 7 * CHUNK), (2 * CHUNK, 13 * CHUNK)]
 
 
 def test_random_reads_do_not_trigger_readahead(open_cache: Open) -> None:

@@ -657,14 +657,21 @@ class ChunkCacheSource:
             if self._streak < 1 or self._readahead_busy or start >= stop or self._closed:
                 return
             self._readahead_busy = True
-        self._submit(self._background, start, stop, True)
+        # A full window is fetched in batches of at least half of it (unless the chunk right
+        # after the read is missing): a forward reader then sends a few large GETs instead of
+        # one per read step (a registry spends milliseconds per request).
+        batch = window // 2 if window == readahead else 0
+        self._submit(self._background, start, stop, True, batch)
 
-    def _background(self, start: int, stop: int, is_readahead: bool) -> None:
-        """Fetch the absent chunks of start..stop-1; errors only logged (a read will retry)."""
+    def _background(self, start: int, stop: int, is_readahead: bool, batch: int = 0) -> None:
+        """Fetch the absent chunks of start..stop-1, unless fewer than `batch` are absent and
+        `start` is not; errors only logged (a read will retry)."""
         try:
             store = self._store
             missing = [n for n in range(start, stop)
                        if self._cached_in_memory(n) is None and (store is None or not store.has(n))]
+            if len(missing) < batch and missing and missing[0] != start:
+                return
             got = self._fetch(missing, background=True)
             self._hand_off(got)
             self._count(readahead_chunks=len(got))
