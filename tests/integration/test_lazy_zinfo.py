@@ -35,6 +35,7 @@ from hybrid_erofs.snapshotter.remote import (
     LABEL_LAYER_DIGEST,
     LABEL_MANIFEST_DIGEST,
     LABEL_SNAPSHOT_REF,
+    DiscoveryFinder,
     LayerRequest,
     LazyLayers,
     TrustPolicy,
@@ -88,13 +89,15 @@ def published(rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     manifest_digest = pull_ref.rsplit("@", 1)[1]
     with RegistryClient(parse_reference(pull_ref)) as client:
         manifest = client.get_manifest(manifest_digest, expected_digest=manifest_digest)
+        original = client.get_manifest("1").digest  # the tag: its index only attached
     [descriptor] = manifest.data["layers"]
     annotations = dict(descriptor["annotations"])
     assert annotations[PREFETCH_ZINFO_DIGEST] == files["prefetch_zinfo"]["digest"]
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(rig.images["amd64"].layer))) as tar:
         contents = {name: tar.extractfile(name).read()  # type: ignore[union-attr]
                     for name in ("etc/hello.txt", "data/random.bin")}
-    return {"ref": ref, "manifest": manifest_digest, "blob": descriptor["digest"],
+    return {"ref": ref, "manifest": manifest_digest, "original": original,
+            "blob": descriptor["digest"],
             "annotations": annotations, "spans": profile["spans"], "files": files,
             "contents": contents, "log": rig.workdir / "registry-plain.log", "rig": rig}
 
@@ -284,6 +287,12 @@ def test_a_profile_zinfo_is_used_only_when_bound_with_its_profile(
     found = resolve(alone, "b")
     assert found.later is None and found.prefetch is None and found.zinfo.is_file()
     assert not list((tmp_path / "b").rglob("prefetch-zinfo-*"))
+    # the index found through the referrers (unbound): its profile and profile zinfo are
+    # listed in the artifact, and neither is used
+    request = replace(_request(published, {}), manifest_digest=published["original"])
+    unbound = DiscoveryFinder(replace(options, cache_dir=tmp_path / "c")).find(request)
+    assert not unbound.bound and unbound.later is None and unbound.prefetch is None
+    assert unbound.zinfo.is_file()
 
 
 def test_an_image_published_before_profile_zinfos_mounts_as_before(

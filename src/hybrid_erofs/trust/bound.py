@@ -212,11 +212,16 @@ class ZinfoLater:
 
     @classmethod
     def from_json(cls, data: Mapping[str, object] | None) -> ZinfoLater | None:
+        """From to_json() (the snapshotter's store row); None for a row without it."""
         if not data:
             return None
-        blob, plain = (Descriptor(str(raw[0]), str(raw[1]), int(raw[2]))  # type: ignore[index]
-                       for raw in (data["blob"], data["plain"]))
-        return cls(Path(str(data["profile_zinfo"])), blob, plain)
+        found = []
+        for key in ("blob", "plain"):
+            raw = data.get(key)
+            if not isinstance(raw, list) or len(raw) != 3:
+                raise TrustError(f"malformed zinfo-later record: {key} {raw!r}")
+            found.append(Descriptor(str(raw[0]), str(raw[1]), int(raw[2])))
+        return cls(Path(str(data["profile_zinfo"])), found[0], found[1])
 
 
 def fetch_zinfo(client: RegistryClient, later: ZinfoLater, target: Path) -> Path:
