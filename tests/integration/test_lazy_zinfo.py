@@ -86,6 +86,8 @@ def published(rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     files = layer["files"]
     assert set(files) == {"zinfo", "sidecar", "meta", "prefetch", "prefetch_zinfo"}
     profile = json.loads((index_dir / files["prefetch"]["name"]).read_text())
+    times = profile["first_read_ms"]  # when each span was first read, first read first
+    assert len(times) == len(profile["spans"]) and times[0] == 0 and times == sorted(times)
     manifest_digest = pull_ref.rsplit("@", 1)[1]
     with RegistryClient(parse_reference(pull_ref)) as client:
         manifest = client.get_manifest(manifest_digest, expected_digest=manifest_digest)

@@ -130,6 +130,49 @@ def test_profile_spans_come_first(indexed: Indexed, tmp_path: Path) -> None:
     layer.close()
 
 
+def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_following_a_warm_up_loads_each_profile_span_once_it_is_there(
+        indexed: Indexed, tmp_path: Path) -> None:
+    layer, _ = _stack(indexed, tmp_path)
+    arrived: set[int] = set()
+    fetcher = BackgroundFetcher(layer, policy=replace(FAST, workers=1, follow_s=60.0),
+                                first=[4, 2], present=arrived.__contains__)
+    fetcher.start()
+    time.sleep(0.3)
+    assert fetcher.order == [] and fetcher.progress().state == "prefetching"
+    # a reader never waits on the warm-up: it fetches what it needs
+    length, start = layer.store.span_range(6)
+    assert layer.pread(length, start) == indexed.layer_data[start:start + length]
+    arrived.add(4)
+    _until(lambda: fetcher.order == [4])
+    time.sleep(0.2)
+    assert fetcher.order == [4]  # span 2 has not come yet
+    arrived.add(2)
+    assert fetcher.join(30)
+    assert fetcher.order[:2] == [4, 2] and fetcher.progress().spans_local == layer.store.span_count
+    layer.close()
+
+
+def test_a_follower_fetches_itself_when_the_warm_up_brings_nothing(indexed: Indexed,
+                                                                     tmp_path: Path) -> None:
+    layer, _ = _stack(indexed, tmp_path)
+    started = time.monotonic()
+    fetcher = BackgroundFetcher(layer, policy=replace(FAST, workers=1, follow_s=0.3),
+                                first=[4, 2], present=lambda number: False)
+    fetcher.start()
+    _until(lambda: len(fetcher.order) > 0)
+    assert time.monotonic() - started >= 0.3
+    assert fetcher.join(30)
+    assert fetcher.order[:2] == [4, 2] and fetcher.progress().state == "complete"
+    layer.close()
+
+
 def test_readers_ahead_work_is_held_during_the_profile_spans_only(indexed: Indexed,
                                                                    tmp_path: Path) -> None:
     layer, _ = _stack(indexed, tmp_path)
@@ -282,7 +325,8 @@ def test_the_check_passes_a_layer_that_is_what_its_index_says(indexed: Indexed,
 
 
 @pytest.mark.parametrize("policy", [FetchPolicy(delay_s=1.5, rate=1000), None,
-                                    FetchPolicy(delay_s=0.0, rate=None)], ids=str)
+                                    FetchPolicy(delay_s=0.0, rate=None),
+                                    FetchPolicy(rate=1000, follow_s=5.0)], ids=str)
 def test_the_policy_reaches_the_daemon_and_a_reattach(policy: FetchPolicy | None) -> None:
     import click
     from click.testing import CliRunner

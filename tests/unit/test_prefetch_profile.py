@@ -37,6 +37,27 @@ def test_round_trip_is_deterministic() -> None:
     assert dump_profile(parse_profile(data, name="p")) == data
 
 
+def test_first_read_times_round_trip_and_are_optional() -> None:
+    timed = PrefetchProfile(PROFILE.blob, PROFILE.zinfo_sha256, (7, 0, 3),
+                            first_read_ms=(0, 12, 950))
+    data = dump_profile(timed)
+    assert json.loads(data)["first_read_ms"] == [0, 12, 950]
+    assert parse_profile(data, name="p") == timed
+    assert timed.timed() == [(0.0, 7), (12.0, 0), (950.0, 3)]
+    # a profile without them (an older one): its own order, by place
+    assert "first_read_ms" not in json.loads(dump_profile(PROFILE))
+    assert parse_profile(dump_profile(PROFILE), name="p").first_read_ms is None
+    assert PROFILE.timed() == [(0.0, 7), (1.0, 0), (2.0, 3)]
+
+
+def test_first_read_times_are_relative_to_the_images_first_read() -> None:
+    from hybrid_erofs.fetching.record import first_read_ms
+
+    assert first_read_ms([[10.5, 10.75], [], [10.25, 12.0]]) == [(250, 500), (), (0, 1750)]
+    # a daemon that does not report them (older): no times in any profile
+    assert first_read_ms([[10.5], None]) == [None, None]
+
+
 @pytest.mark.parametrize("raw, message", [
     (b"not json", "malformed prefetch profile"),
     (b'{"format": "other"}', "not a prefetch profile"),
@@ -45,7 +66,12 @@ def test_round_trip_is_deterministic() -> None:
      b'"zinfo_sha256": "y", "spans": [1, -2]}', "'spans' must be"),
     (b'{"format": "hybrid-erofs/prefetch-profile", "version": 1, "spans": []}',
      "malformed prefetch profile"),
-], ids=["json", "format", "version", "negative-span", "missing-field"])
+    (b'{"format": "hybrid-erofs/prefetch-profile", "version": 1, "blob": "x", '
+     b'"zinfo_sha256": "y", "spans": [1, 2], "first_read_ms": [0]}', "'first_read_ms' must be"),
+    (b'{"format": "hybrid-erofs/prefetch-profile", "version": 1, "blob": "x", '
+     b'"zinfo_sha256": "y", "spans": [1], "first_read_ms": [-1]}', "'first_read_ms' must be"),
+], ids=["json", "format", "version", "negative-span", "missing-field", "times-count",
+        "negative-time"])
 def test_bad_profiles_are_refused_in_one_line(raw: bytes, message: str) -> None:
     with pytest.raises(IndexFormatError, match=message) as caught:
         parse_profile(raw, name="prof.json")

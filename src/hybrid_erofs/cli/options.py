@@ -334,16 +334,20 @@ def fetch_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--fetch-rate", type=SizeType(), default=str(defaults.rate),
                      show_default="64MiB", metavar="SIZE",
                      help="Compressed bytes per second the background fetch takes at most."),
+        # the snapshotter's daemons: the profile's spans come through its warm-up
+        click.option("--_follow-warmup", "follow_s", type=click.FloatRange(min=0),
+                     default=None, hidden=True),
     ]
 
     @functools.wraps(func)
     def wrapper(*args: Any, no_background_fetch: bool, fetch_delay_s: float, fetch_rate: int,
-                **kwargs: Any) -> Any:
+                follow_s: float | None, **kwargs: Any) -> Any:
         if fetch_delay_s < 0:
             raise click.BadParameter(f"must be >= 0 (got {fetch_delay_s})",
                                      param_hint="--fetch-delay")
         kwargs["fetch"] = (None if no_background_fetch else
-                           FetchPolicy(delay_s=fetch_delay_s, rate=fetch_rate))
+                           FetchPolicy(delay_s=fetch_delay_s, rate=fetch_rate,
+                                       follow_s=follow_s))
         return func(*args, **kwargs)
 
     for option in reversed(options):

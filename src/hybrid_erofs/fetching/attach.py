@@ -12,7 +12,7 @@ from ..gzindex.source import GzipSource
 from ..sources.chunkcache import ChunkCacheSource
 from ..sources.metered import MeteredSource, iter_stages
 from ..sources.stored import StoredLayerSource
-from .background import BackgroundFetcher, FetchPolicy
+from .background import BackgroundFetcher, FetchPolicy, blob_ranges
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,20 @@ def attach_fetcher(device: MeteredSource, *, policy: FetchPolicy,
                                 limit=lambda: cache_limit_reason(cache, layer), name=name,
                                 exact=cache.exact_reads if cache is not None else nullcontext,
                                 held=gzip.ahead_held if gzip is not None else nullcontext,
-                                before_rest=before_rest)
+                                before_rest=before_rest,
+                                present=_present(cache, blob_ranges(layer))
+                                if cache is not None else None)
     layer.progress = fetcher.progress  # reported with the layer's metrics
     return fetcher
+
+
+def _present(cache: ChunkCacheSource,
+             ranges: list[tuple[int, int]]) -> Callable[[int], bool]:
+    """Span number -> its compressed bytes are in `cache` (what a followed warm-up brings)."""
+    def present(number: int) -> bool:
+        offset, length = ranges[number]
+        return cache.holds(length, offset)
+    return present
 
 
 __all__ = ["attach_fetcher", "cache_limit_reason"]

@@ -20,6 +20,12 @@ from ..sources.stored import StoredLayerSource
 
 log = logging.getLogger(__name__)
 
+# How long a daemon following the snapshotter's warm-up waits for the next profile span to
+# arrive before it fetches the rest itself (the warm-up died, or is busy with other layers'
+# spans for that long).
+FOLLOW_S = 5.0
+FOLLOW_POLL_S = 0.02
+
 STATES = ("waiting", "prefetching", "fetching", "verifying", "complete", "verified", "stopped",
           "failed")
 
@@ -35,6 +41,10 @@ class FetchPolicy:
     workers: spans fetched and decoded at once.
     attempts: tries per span before the fetch stops (transient errors only).
     retry_s: wait before trying a failed span again.
+    follow_s: the profile's spans are being fetched into the chunk cache by someone else
+        (the snapshotter's warm-up, fetching/warmup.py): decode each once its compressed
+        bytes are there, in the warm-up's order, and fetch one itself only when none has
+        arrived for this long (None: fetch them at once).
     """
 
     delay_s: float = 5.0
@@ -43,6 +53,7 @@ class FetchPolicy:
     workers: int = 2
     attempts: int = 3
     retry_s: float = 2.0
+    follow_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -51,6 +62,8 @@ class FetchPolicy:
             raise ValueError(f"'rate' must be >= 1 (got {self.rate})")
         if self.attempts < 1:
             raise ValueError(f"'attempts' must be >= 1 (got {self.attempts})")
+        if self.follow_s is not None and self.follow_s < 0:
+            raise ValueError(f"'follow_s' must be >= 0 (got {self.follow_s})")
 
     @staticmethod
     def argv(policy: FetchPolicy | None) -> list[str]:
@@ -58,7 +71,8 @@ class FetchPolicy:
         if policy is None:
             return ["--no-background-fetch"]
         rate = [] if policy.rate is None else ["--fetch-rate", str(policy.rate)]
-        return ["--fetch-delay", repr(policy.delay_s), *rate]
+        follow = [] if policy.follow_s is None else ["--_follow-warmup", repr(policy.follow_s)]
+        return ["--fetch-delay", repr(policy.delay_s), *rate, *follow]
 
     @staticmethod
     def from_argv(argv: Sequence[str]) -> FetchPolicy | None:
@@ -68,8 +82,10 @@ class FetchPolicy:
         values = dict(zip(argv[::2], argv[1::2], strict=False))
         defaults = FetchPolicy()
         rate = values.get("--fetch-rate")
+        follow = values.get("--_follow-warmup")
         return FetchPolicy(delay_s=float(values.get("--fetch-delay", defaults.delay_s)),
-                           rate=int(rate) if rate is not None else None if argv else defaults.rate)
+                           rate=int(rate) if rate is not None else None if argv else defaults.rate,
+                           follow_s=float(follow) if follow is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +136,15 @@ def fetch_status(values: dict[str, Any]) -> dict[str, Any] | None:
             "failed": bool(number("index_verification_failed"))}
 
 
+def blob_ranges(layer: StoredLayerSource) -> list[tuple[int, int]]:
+    """(offset, length) of each span's compressed bytes in the blob (as the index sidecar
+    counts them: from the byte its first bits are in to the next span's)."""
+    checkpoints = layer.inner.index.checkpoints
+    starts = [cp.in_offset - 1 if cp.bits else cp.in_offset for cp in checkpoints]
+    ends = [*starts[1:], layer.inner.blob_size]
+    return [(start, max(0, end - start)) for start, end in zip(starts, ends, strict=True)]
+
+
 class BackgroundFetcher:
     """Fetches and decodes every span of `layer` that is not stored yet, on its own threads.
 
@@ -150,8 +175,10 @@ class BackgroundFetcher:
                  clock: Callable[[], float] = time.monotonic,
                  exact: Callable[[], AbstractContextManager[None]] = nullcontext,
                  held: Callable[[], AbstractContextManager[None]] = nullcontext,
-                 before_rest: Callable[[], object] | None = None) -> None:
+                 before_rest: Callable[[], object] | None = None,
+                 present: Callable[[int], bool] | None = None) -> None:
         self.layer = layer
+        self._present = present  # span number -> its compressed bytes are in the chunk cache
         self._before_rest = before_rest
         self._exact = exact  # around each span's load: no readahead past it (chunk cache)
         self._held = held  # around the profile's spans: readers' ahead-work held (GzipSource)
@@ -171,11 +198,7 @@ class BackgroundFetcher:
         self._bytes = 0
         self._thread: threading.Thread | None = None
         self.order: list[int] = []  # spans in the order they were handed to workers (tests)
-        index = layer.inner.index
-        blob_size = layer.inner.blob_size
-        ends = [cp.in_offset for cp in index.checkpoints[1:]] + [blob_size]
-        self._compressed = [max(0, end - cp.in_offset) for cp, end in
-                            zip(index.checkpoints, ends, strict=True)]
+        self._compressed = [length for _offset, length in blob_ranges(layer)]
 
     # -- control ----------------------------------------------------------------------------
 
@@ -219,7 +242,7 @@ class BackgroundFetcher:
                 if self._first:
                     self._set("prefetching")
                     with self._held():
-                        if not self._fetch(self._first, pause=False):
+                        if not self._fetch(self._first, pause=False, follow=True):
                             return
                     self._set("waiting")
                 if not self._quiet_period():
@@ -263,10 +286,29 @@ class BackgroundFetcher:
             self._stop.wait(self.policy.idle_s)
         return False
 
-    def _fetch(self, numbers: Iterable[int], *, pause: bool) -> bool:
-        """Fetch `numbers` with `workers` in flight; False when stopped (state says why)."""
+    def _arrived(self, number: int, last: list[float]) -> bool:
+        """Following a warm-up: wait until span `number`'s compressed bytes are in the chunk
+        cache, or none has arrived for `follow_s` (`last`: [when one last did]); then it is
+        loaded (fetched, if it is not there). False when stopped."""
+        follow_s, present = self.policy.follow_s, self._present
+        if follow_s is None or present is None:
+            return True
+        while not self._stop.is_set():
+            now = self._clock()
+            if present(number):
+                last[0] = now
+                return True
+            if now - last[0] >= follow_s:
+                return True
+            self._stop.wait(FOLLOW_POLL_S)
+        return False
+
+    def _fetch(self, numbers: Iterable[int], *, pause: bool, follow: bool = False) -> bool:
+        """Fetch `numbers` with `workers` in flight (`follow`: each once the warm-up has
+        brought it, `_arrived`); False when stopped (state says why)."""
         store = self.layer.store
         seen = [float(self._activity()), self._clock()]  # reads may have come just now
+        arrival = [self._clock()]
         pending = [n for n in numbers if not store.has_span(n)]
         next_at = self._clock()
         tries: dict[int, int] = {}
@@ -286,9 +328,12 @@ class BackgroundFetcher:
                     delay = next_at - self._clock()
                     if pause and delay > 0 and self._stop.wait(delay):
                         break
-                    number = pending.pop(0)
-                    if store.has_span(number):
+                    if store.has_span(pending[0]):  # a reader's, meanwhile
+                        pending.pop(0)
                         continue
+                    if follow and not self._arrived(pending[0], arrival):
+                        break
+                    number = pending.pop(0)
                     self.order.append(number)
                     running[pool.submit(self._load, number)] = number
                     if self.policy.rate is not None:
@@ -347,5 +392,5 @@ class BackgroundFetcher:
         self._set("verified")
 
 
-__all__ = ["STATES", "BackgroundFetcher", "FetchPolicy", "FetchProgress", "fetch_status",
+__all__ = ["FOLLOW_S", "STATES", "BackgroundFetcher", "blob_ranges", "FetchPolicy", "FetchProgress", "fetch_status",
            "progress_samples"]

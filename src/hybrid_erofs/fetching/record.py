@@ -94,17 +94,31 @@ def record_profile(reference: str, index_dir: Path, command: Sequence[str], *,
         raise HybridErofsError(f"profile: the mount reported {len(per_layer)} layers, "
                                f"expected {len(plan.layers)}")
     return _write(index_dir, plan.manifest, [layer.blob or "" for layer in plan.layers],
-                  [list(layer.get("spans_read") or []) for layer in per_layer], command)
+                  [list(layer.get("spans_read") or []) for layer in per_layer], command,
+                  first_read_ms([layer.get("spans_read_at") for layer in per_layer]))
+
+
+def first_read_ms(times: list[object]) -> list[tuple[int, ...] | None]:
+    """Per layer, when each span was first read, in ms since the first read of any layer
+    (the daemon's monotonic times); all None when a layer's times are missing (an older
+    daemon): its profiles are written without them."""
+    if not all(isinstance(one, list) and all(isinstance(t, (int, float)) for t in one)
+               for one in times):
+        return [None] * len(times)
+    lists = [list(one) for one in times if isinstance(one, list)]
+    start = min((min(one) for one in lists if one), default=0.0)
+    return [tuple(max(0, round((t - start) * 1000)) for t in one) for one in lists]
 
 
 def _write(index_dir: Path, manifest: str, blobs: list[str], spans_read: list[list[int]],
-           command: Sequence[str]) -> list[RecordedLayer]:
+           command: Sequence[str],
+           times: list[tuple[int, ...] | None]) -> list[RecordedLayer]:
     index = load_image_index(index_dir)
     image = next(image for image in index.images if image.manifest == manifest)
     refs: dict[str, FileRef | None] = {}
     zinfo_refs: dict[str, FileRef | None] = {}
     recorded = []
-    for blob, spans in zip(blobs, spans_read, strict=True):
+    for blob, spans, ms in zip(blobs, spans_read, times, strict=True):
         entry = next(layer for layer in image.layers if layer.digest == blob)
         assert entry.zinfo is not None and entry.status == INDEXED
         count = _span_count(index_dir / entry.zinfo.name)
@@ -113,7 +127,8 @@ def _write(index_dir: Path, manifest: str, blobs: list[str], spans_read: list[li
             recorded.append(RecordedLayer(blob, (), count, None))
             continue
         profile = PrefetchProfile(blob=blob, zinfo_sha256=entry.zinfo.digest.removeprefix(
-            "sha256:"), spans=tuple(spans), command=tuple(command))
+            "sha256:"), spans=tuple(spans), command=tuple(command),
+            first_read_ms=ms if ms is not None and len(ms) == len(spans) else None)
         data = dump_profile(profile)
         path = index_dir / prefetch_file_name(blob)
         write_atomic(path, data)
@@ -143,4 +158,4 @@ def _span_count(zinfo: Path) -> int:
         return int.from_bytes(handle.read(4), "little")  # zinfo v2: <le32 count> first
 
 
-__all__ = ["RecordedLayer", "record_profile"]
+__all__ = ["RecordedLayer", "first_read_ms", "record_profile"]

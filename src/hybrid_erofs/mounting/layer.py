@@ -181,12 +181,16 @@ class LayerMount:
 
     def details(self) -> dict[str, Any]:
         """What `status` shows of this layer beyond its metrics: the spans reads touched
-        (first read first: what `profile` records) and why a background fetch stopped."""
+        (first read first, and when: what `profile` records) and why a background fetch
+        stopped."""
         details: dict[str, Any] = {}
         stored = next((stage for stage in iter_stages(self.device)
                        if isinstance(stage, StoredLayerSource)), None)
         if stored is not None:
-            details["spans_read"] = stored.spans_read()
+            reads = stored.first_reads()
+            details["spans_read"] = [number for number, _when in reads]
+            # time.monotonic(): comparable across the layers (and daemons) of one host
+            details["spans_read_at"] = [when for _number, when in reads]
         if self.fetcher is not None:
             details["fetch_reason"] = self.fetcher.progress().reason
         return details

@@ -27,8 +27,8 @@ from ..errors import (
     MountError,
     RegistryError,
 )
-from ..fetching.background import FetchPolicy
-from ..fetching.warmup import ProfileWarmup
+from ..fetching.background import FOLLOW_S, FetchPolicy
+from ..fetching.warmup import ImageWarmup, profile_warm_spans, registry_target
 from ..indexing.publish import registry_client
 from ..mounting.discovery import (
     DiscoveredImage,
@@ -321,6 +321,9 @@ class LazyLayers:
         self.timeout_s = timeout_s
         self._plans: OrderedDict[str, tuple[PlannedLayer, ...]] = OrderedDict()
         self._plans_lock = threading.Lock()
+        # One warm-up per image (manifest digest): its layers' profile spans in first-read
+        # order across them (the layers ahead are mounted at the same time).
+        self._warmups: OrderedDict[str, ImageWarmup] = OrderedDict()
 
     def ahead(self, request: LayerRequest) -> Sequence[LayerRequest]:
         """The Prepare requests containerd's unpacker will make for the layers above
@@ -381,28 +384,43 @@ class LazyLayers:
                             restricted=restricted, plain_http=index.plain_http,
                             prefetch=str(index.prefetch) if index.prefetch else None,
                             later=index.later.to_json() if index.later is not None else None)
-        warmup = self._warm_up(layer)
+        warmup = self._warm_up(layer, request.manifest_digest)
         try:
-            self._mount(layer, mountpoint)
+            self._mount(layer, mountpoint, follow=warmup is not None)
         except BaseException:
             if warmup is not None:
-                warmup.stop()
+                warmup.drop(layer.blob)
             raise
         return layer
 
-    def _warm_up(self, layer: RemoteLayer) -> ProfileWarmup | None:
-        """A bound profile's spans start coming in now, while the daemon starts (it goes on
-        with them: fetching/warmup.py); None without a profile or background fetch."""
+    def _warm_up(self, layer: RemoteLayer, image: str) -> ImageWarmup | None:
+        """A bound profile's spans start coming in now, while the daemon starts, in the
+        image's first-read order across its layers (fetching/warmup.py; the daemon follows
+        it); None without a profile or background fetch."""
         if self.fetch is None or layer.prefetch is None or layer.restricted:
             return None
-        warmup = ProfileWarmup(layer.source, layer.blob, zinfo=Path(layer.zinfo),
-                               prefetch=Path(layer.prefetch), workers=self.fetch.workers,
-                               registry=replace(self.registry, insecure=self.registry.insecure
-                                                or layer.plain_http))
-        warmup.start()
+        try:
+            spans = profile_warm_spans(layer.blob, zinfo=Path(layer.zinfo),
+                                       prefetch=Path(layer.prefetch))
+        except (HybridErofsError, OSError) as exc:
+            log.info("%s: no warm-up of the prefetch profile: %s", layer.blob, exc)
+            return None
+        if not spans:
+            return None
+        with self._plans_lock:
+            warmup = self._warmups.get(image)
+            if warmup is None:
+                warmup = self._warmups[image] = ImageWarmup(workers=self.fetch.workers,
+                                                            name=image.removeprefix("sha256:"))
+            self._warmups.move_to_end(image)
+            while len(self._warmups) > 16:
+                self._warmups.popitem(last=False)
+        warmup.add(layer.blob, spans, registry_target(
+            layer.source, layer.blob,
+            replace(self.registry, insecure=self.registry.insecure or layer.plain_http)))
         return warmup
 
-    def _mount(self, layer: RemoteLayer, mountpoint: Path) -> None:
+    def _mount(self, layer: RemoteLayer, mountpoint: Path, *, follow: bool = False) -> None:
         try:
             # An unbound index: the layer's own mount is nosuid,nodev too, and verified
             # against the layer in the background (reads fail with EIO on a mismatch).
@@ -411,7 +429,10 @@ class LazyLayers:
                                          platform=None,
                                          insecure=self.registry.insecure or layer.plain_http),
                         via=self.via, timeout_s=self.timeout_s,
-                        trust=UNBOUND if layer.restricted else BOUND, fetch=self.fetch,
+                        trust=UNBOUND if layer.restricted else BOUND,
+                        # warmed up: the daemon decodes the profile's spans as they come
+                        fetch=(replace(self.fetch, follow_s=FOLLOW_S)
+                               if follow and self.fetch is not None else self.fetch),
                         prefetch=Path(layer.prefetch) if layer.prefetch else None,
                         later=ZinfoLater.from_json(layer.later))
         except (HybridErofsError, OSError) as exc:

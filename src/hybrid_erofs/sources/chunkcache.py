@@ -267,6 +267,20 @@ class ChunkCacheSource:
         views[0], views[-1] = views[0][start:], views[-1][:end]
         return b"".join(views)
 
+    def holds(self, length: int, offset: int) -> bool:
+        """True when every chunk of this range is here (stored, possibly by another process,
+        or in memory): a read of it fetches nothing. Cheap enough to poll."""
+        check_range(self, length, offset)
+        if length == 0:
+            return True
+        chunk_size = self._chunk_size
+        for number in range(offset // chunk_size, (offset + length - 1) // chunk_size + 1):
+            if self._store is not None and self._store.has(number):
+                continue
+            if self._cached_in_memory(number) is None:
+                return False
+        return True
+
     @contextlib.contextmanager
     def exact_reads(self) -> Iterator[None]:
         """Reads of this thread meanwhile fetch what they ask for and start no readahead

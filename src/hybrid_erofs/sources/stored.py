@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
@@ -50,9 +51,10 @@ class StoredLayerSource:
         inner.on_span = self._keep
         self._starts = [cp.out_offset for cp in inner.index.checkpoints]
         self._lock = threading.Lock()
-        # Spans in the order reads first touched them (a prefetch profile is made of this);
-        # background fetches and decode-ahead do not read through here.
-        self._read_order: dict[int, None] = {}
+        # Spans in the order reads first touched them, with the monotonic time of that first
+        # read (a prefetch profile is made of this); background fetches and decode-ahead do
+        # not read through here.
+        self._read_order: dict[int, float] = {}
         self._recent_ends: deque[int] = deque(maxlen=8)
         self._advised_end = 0
         self.progress: Callable[[], object] | None = None  # a BackgroundFetcher's progress()
@@ -66,6 +68,11 @@ class StoredLayerSource:
         """Span numbers in the order reads first touched them."""
         with self._lock:
             return list(self._read_order)
+
+    def first_reads(self) -> list[tuple[int, float]]:
+        """(span, when: time.monotonic()) in the order reads first touched them."""
+        with self._lock:
+            return list(self._read_order.items())
 
     def _read_ahead(self, length: int, offset: int) -> None:
         """A stored read that continues a recent one: have the next READAHEAD bytes read
@@ -91,9 +98,10 @@ class StoredLayerSource:
         order = self._read_order
         if first in order and last in order:
             return
+        now = time.monotonic()
         with self._lock:
             for number in range(first, last + 1):
-                order.setdefault(number, None)
+                order.setdefault(number, now)
 
     @property
     def size(self) -> int:
