@@ -123,3 +123,16 @@ def test_a_local_blob_has_nothing_to_warm() -> None:
     warmup.add("local", _spans("local", [0, 1]), lambda: None)
     warmup.join(10)
     assert warmup.fetched == 0
+
+
+def test_a_layer_added_again_keeps_both_sets() -> None:
+    log: list[tuple[str, int]] = []
+    gate = threading.Event()
+    old, new = Target("old", log, gate=gate), Target("new", log)
+    warmup = ImageWarmup(workers=1)
+    warmup.add("layer", _spans("layer", [0, 10]), lambda: old)
+    warmup.add("layer", _spans("layer", [5, 15]), lambda: new)  # mounted again
+    gate.set()
+    warmup.join(10)
+    assert log == [("old", 0), ("new", 5), ("old", 10), ("new", 15)]
+    assert old.closed and new.closed

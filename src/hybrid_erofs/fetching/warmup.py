@@ -69,7 +69,7 @@ class ImageWarmup:
         self.name = name
         self.order: list[WarmSpan] = []  # spans in the order they were started (tests)
         self.fetched = 0  # spans read through the caches (from the registry, or found there)
-        self._heap: list[tuple[float, int, WarmSpan]] = []
+        self._heap: list[tuple[float, int, WarmSpan, _Layer]] = []
         self._seq = itertools.count()
         self._layers: dict[str, _Layer] = {}
         self._threads: list[threading.Thread] = []
@@ -81,10 +81,11 @@ class ImageWarmup:
         (None: nothing to fetch, a local blob)."""
         if not spans:
             return
+        entry = _Layer(open_target, len(spans))
         with self._lock:
-            self._layers[layer] = _Layer(open_target, len(spans))
+            self._layers[layer] = entry
             for span in spans:
-                heapq.heappush(self._heap, (span.at, next(self._seq), span))
+                heapq.heappush(self._heap, (span.at, next(self._seq), span, entry))
             self._threads = [t for t in self._threads if t.is_alive()]
             while len(self._threads) < self.workers:
                 thread = threading.Thread(target=self._work, daemon=True,
@@ -111,8 +112,7 @@ class ImageWarmup:
             with self._lock:
                 if not self._heap:
                     return
-                span = heapq.heappop(self._heap)[2]
-                entry = self._layers[span.layer]
+                _at, _seq, span, entry = heapq.heappop(self._heap)
                 if not entry.dropped:
                     self.order.append(span)
             if not entry.dropped:
@@ -134,6 +134,10 @@ class ImageWarmup:
                 self.fetched += 1
         except (HybridErofsError, OSError) as exc:
             log.info("%s: warm-up of the prefetch profile stopped: %s", span.layer, exc)
+            entry.dropped = True
+        except Exception as exc:  # a bug must not end the other layers' warm-up
+            log.error("%s: warm-up of the prefetch profile stopped: %r", span.layer, exc,
+                      exc_info=True)
             entry.dropped = True
 
     def _done(self, layer: str, entry: _Layer) -> None:
