@@ -460,6 +460,8 @@ def test_a_bound_profile_is_fetched_at_prepare_and_an_unbound_one_is_not_used(
                and big in _daemon_argv(e)]
     assert "--_prefetch" in _daemon_argv(entry)
     assert "--_profile-zinfo" in _daemon_argv(entry)  # its zinfo comes after the spans
+    # the snapshotter's warm-up fetches the spans; the daemon decodes them as they arrive
+    assert "--_follow-warmup" in _daemon_argv(entry)
     deadline = time.monotonic() + 120
     while True:
         [entry] = [e for e in _status(node) if e["daemon_pid"] == entry["daemon_pid"]]
@@ -489,4 +491,5 @@ def test_a_bound_profile_is_fetched_at_prepare_and_an_unbound_one_is_not_used(
     unbound = [e for e in _status(node) if "/lab/profiled@" in e["source"]]
     assert len(unbound) == len(debian.layer_digests)
     # (no byte count here: an unbound index is verified by reading the whole blob at once)
-    assert not any("--_prefetch" in _daemon_argv(e) for e in unbound)
+    assert not any("--_prefetch" in _daemon_argv(e) or "--_follow-warmup" in _daemon_argv(e)
+                   for e in unbound)
