@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 from hybrid_erofs.errors import SourceIOError
@@ -96,6 +97,11 @@ def test_workers_bound_the_spans_in_flight_in_total() -> None:
     for name in ("a", "b", "c"):
         target = Counting(name, log, gate=gate)
         warmup.add(name, _spans(name, [1, 2, 3, 4]), lambda target=target: target)
+    deadline = time.monotonic() + 10
+    while inflight[0] < 2:  # both threads hold a span
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)  # a third would be in by now
     gate.set()
     warmup.join(10)
     assert len(log) == 12 and peak[0] == 2
