@@ -392,5 +392,5 @@ class BackgroundFetcher:
         self._set("verified")
 
 
-__all__ = ["FOLLOW_S", "STATES", "BackgroundFetcher", "blob_ranges", "FetchPolicy", "FetchProgress", "fetch_status",
-           "progress_samples"]
+__all__ = ["FOLLOW_S", "STATES", "BackgroundFetcher", "FetchPolicy", "FetchProgress",
+           "blob_ranges", "fetch_status", "progress_samples"]

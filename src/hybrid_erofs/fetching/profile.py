@@ -64,9 +64,10 @@ def parse_profile(data: bytes, *, name: str) -> PrefetchProfile:
         if not isinstance(spans, list) or not all(
                 isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in spans):
             raise IndexFormatError(f"{name}: 'spans' must be a list of span numbers")
-        times = raw.get("first_read_ms")
-        if times is not None and (not isinstance(times, list) or len(times) != len(spans) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in times)):
+        times = raw.get("first_read_ms")  # optional (profiles before it have none)
+        if times is not None and (
+                not isinstance(times, list) or len(times) != len(spans) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in times)):
             raise IndexFormatError(f"{name}: 'first_read_ms' must be a list of milliseconds, "
                                    f"one per span")
         return PrefetchProfile(blob=str(raw["blob"]), zinfo_sha256=str(raw["zinfo_sha256"]),

@@ -1,7 +1,6 @@
 """ImageWarmup: the snapshotter fetches the prefetch-profile spans of an image's layers into the
-chunk cache while their mount daemons start, in the order the container first read them across
-all layers (a profile's `first_read_ms`), a few at a time in total, so the link brings in first
-what the container needs first (the daemons follow: fetching/background.py).
+chunk cache while their daemons start, in the container's first-read order across all layers
+(`first_read_ms`), a few in flight in total; the daemons follow it (fetching/background.py).
 
 Only compressed bytes, and under the chunk store's cross-process fetch locks: a daemon's own
 fetch of the same spans finds them on disk or waits for them, never fetches them twice, and
