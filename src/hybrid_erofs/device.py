@@ -32,7 +32,7 @@ from .sources.cachedir import default_cache_dir, default_cache_limit
 from .sources.chunkcache import ChunkCacheSource
 from .sources.concat import open_disk
 from .sources.failmemory import DEFAULT_TTL_S, FailureMemorySource
-from .sources.layerstore import LayerStore
+from .sources.layerstore import LayerStore, store_key
 from .sources.registry import open_registry_blob
 from .sources.retry import RetrySource
 from .sources.stored import StoredLayerSource
@@ -297,9 +297,13 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
                  "layer: decoded spans are not kept", name, blob.max_bytes, limit)
         return layer
     try:
+        # Keyed by the index that decodes it: spans decoded through another index of this
+        # blob (a forged window in an index bound to some other image) are never served here.
+        key = store_key(sidecar.zinfo_digest, *([windows.digest] if windows is not None else []))
         store = LayerStore(store_dir, size=layer.size,
                            starts=[cp.out_offset for cp in index.checkpoints],
-                           budget=blob.reserve if isinstance(blob, ChunkCacheSource) else None)
+                           budget=blob.reserve if isinstance(blob, ChunkCacheSource) else None,
+                           index=key)
     except CacheError as exc:
         log.warning("%s; decoded spans are not kept", exc)
         return layer

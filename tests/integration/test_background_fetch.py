@@ -30,6 +30,7 @@ from hybrid_erofs.gzindex.sidecar import (
     write_sidecar,
 )
 from hybrid_erofs.indexing.layer import index_layer
+from hybrid_erofs.sources.cachedir import decoded_files
 from hybrid_erofs.trust.binding import stamp_meta
 from tests.conftest import ci_required
 from tests.fault_registry import FaultRegistry
@@ -155,6 +156,11 @@ def test_a_mounted_layer_is_fetched_verified_and_kept(rig: Rig, tmp_path: Path,
         blob_file.with_name("gone").rename(blob_file)
 
 
+def _decoded(cache: Path) -> list[Path]:
+    """The layer stores' data files in a cache (one per blob and index)."""
+    return [blob / name for blob in cache.glob("chunks-v1/sha256/*") for name in decoded_files(blob)]
+
+
 def test_no_background_fetch_leaves_the_layer_lazy(rig: Rig, tmp_path: Path,
                                                    env: dict[str, str]) -> None:
     image = rig.images["amd64"]
@@ -172,7 +178,7 @@ def test_no_background_fetch_leaves_the_layer_lazy(rig: Rig, tmp_path: Path,
         # A full read decodes every span, and writes none of it to the layer store: without
         # background fetch the layer stays lazy (only its compressed chunks are cached).
         assert _files(mnt) == _expected(tmp_path / "blob.tar.gz")
-        stored = list((tmp_path / "cache").glob("chunks-v1/sha256/*/layer"))
+        stored = _decoded(tmp_path / "cache")
         assert len(stored) == 1 and stored[0].stat().st_blocks == 0
     finally:
         assert _run(["umount", str(mnt)], env).returncode == 0
@@ -199,7 +205,7 @@ def test_serve_reads_keep_only_compressed_chunks(rig: Rig, tmp_path: Path,
             time.sleep(0.05)
         disk = (fuse_dir / "disk.img").read_bytes()
         assert disk == meta.read_bytes() + gzip.decompress(image.layer)
-        stored = list((tmp_path / "cache").glob("chunks-v1/sha256/*/layer"))
+        stored = _decoded(tmp_path / "cache")
         assert all(path.stat().st_blocks == 0 for path in stored), stored
     finally:
         proc.send_signal(15)

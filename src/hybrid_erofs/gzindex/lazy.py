@@ -59,8 +59,10 @@ class LazyWindows:
 
     def __init__(self, index: GzipIndex, real: Iterable[int], *,
                  load: Callable[[], GzipIndex],
-                 on_failure: Callable[[str], None] | None = None, name: str = "zinfo") -> None:
+                 on_failure: Callable[[str], None] | None = None, name: str = "zinfo",
+                 digest: str = "") -> None:
         self.index = index
+        self.digest = digest  # the profile zinfo's sha256 digest (what keys decoded spans)
         self.real = frozenset(n for n in real if 0 <= n < len(index))
         self.on_failure = on_failure
         self.name = name

@@ -24,10 +24,10 @@ from ..fetching.background import BackgroundFetcher, FetchPolicy
 from ..fetching.profile import profile_spans
 from ..gzindex.format import GzipIndex, parse_index
 from ..gzindex.lazy import LazyWindows
+from ..gzindex.sidecar import sha256_digest
 from ..indexing.publish import registry_client
 from ..source import ByteSource
 from ..sources.gate import LOCAL, NOT_VERIFIED, UNBOUND, VERIFIED, VERIFYING, GateSource
-from ..sources.layerstore import DATA_NAME
 from ..sources.metered import MeteredSource, iter_stages
 from ..sources.registry import RegistryBlobSource
 from ..sources.stored import StoredLayerSource
@@ -146,11 +146,12 @@ class LayerMount:
             return None
         path = self.later.profile_zinfo
         try:
-            index = parse_index(path.read_bytes(), name=str(path))
+            data = path.read_bytes()
         except OSError as exc:
             raise IndexFormatError(f"{path}: cannot read: {exc.strerror}") from exc
-        return LazyWindows(index, first, load=self._load_zinfo, on_failure=self.fail,
-                           name=str(self.zinfo))
+        return LazyWindows(parse_index(data, name=str(path)), first, load=self._load_zinfo,
+                           on_failure=self.fail, name=str(self.zinfo),
+                           digest=sha256_digest(data))
 
     def _fetch_zinfo(self) -> Path:
         assert self.later is not None and self.zinfo is not None
@@ -204,7 +205,7 @@ class LayerMount:
             return False
         try:
             mount_erofs(self.meta, self.target, restricted=self.restricted,
-                        extra_device=stored.store.directory / DATA_NAME)
+                        extra_device=stored.store.data_path)
         except KernelMountError as exc:
             log.info("%s; serving the stored layer through FUSE", exc)
             return False

@@ -90,13 +90,24 @@ def _in_use(directory: Path) -> bool:
     return False
 
 
+def decoded_files(directory: Path) -> list[str]:
+    """The decoded-layer data files in a blob directory (one per index: layerstore.data_name),
+    without their span records."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(name for name in names if (name == LAYER_DATA or name.startswith(
+        LAYER_DATA + "-")) and ".spans-" not in name)
+
+
 def _info(directory: Path, digest: str, *, count: bool) -> BlobInfo:
     """Describe one blob directory without opening it as a store."""
     size = chunk_size = present = 0
     disk = 0
     last = 0.0
     # chunks, their records and last-use times, decoded layer
-    for name in ("data", "index", "access", LAYER_DATA):
+    for name in ("data", "index", "access", *decoded_files(directory)):
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(directory / name)
             disk += st.st_blocks * 512

@@ -8,6 +8,7 @@ room for decoded spans. Blobs left without chunks and not in use are removed who
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -16,7 +17,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cachedir import remove_blob, scan_blobs, try_lock, unused
+from .cachedir import decoded_files, remove_blob, scan_blobs, try_lock, unused
 from .chunkstore import (
     FORMAT_DIR,
     ChunkStore,
@@ -158,10 +159,11 @@ def _foreign_stamps(directory: Path, count: int) -> list[int]:
 
 
 def _decoded_bytes(directory: Path) -> int:
-    try:
-        return os.stat(directory / LAYER_DATA).st_blocks * 512
-    except OSError:
-        return 0
+    total = 0
+    for name in decoded_files(directory):
+        with contextlib.suppress(OSError):
+            total += os.stat(directory / name).st_blocks * 512
+    return total
 
 
 def _drop_decoded(directory: Path) -> bool:
@@ -170,9 +172,10 @@ def _drop_decoded(directory: Path) -> bool:
     with unused(directory) as free:
         if not free:
             return False
-        for path in directory.glob(f"{LAYER_DATA}.spans-*"):  # the records first
+        for path in directory.glob(f"{LAYER_DATA}*.spans-*"):  # the records first
             path.unlink(missing_ok=True)
-        (directory / LAYER_DATA).unlink(missing_ok=True)
+        for name in decoded_files(directory):
+            (directory / name).unlink(missing_ok=True)
         return True
 
 

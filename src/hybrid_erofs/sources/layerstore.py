@@ -1,6 +1,6 @@
 """LayerStore: a blob's decoded layer data on local disk, filled span by span as GzipSource
-completes them; `layer` (sparse, the layer's size) plus `layer.spans-<geometry>` (which spans
-are in it, and whether the whole layer was verified), in the blob's cache directory.
+completes them; `layer-<index>` (sparse, the layer's size) plus `layer-<index>.spans-<geometry>`
+(which spans are in it, and whether the whole layer was verified), in the blob's cache directory.
 """
 
 from __future__ import annotations
@@ -28,11 +28,25 @@ _HEADER_SIZE = 64
 FLUSH_EVERY_S = 5.0
 
 
-def spans_name(size: int, starts: Sequence[int]) -> str:
+def data_name(index: str) -> str:
+    """The data file of the spans decoded through index `index` (store_key): decoded bytes
+    are a function of the blob AND the index (its windows), so two indexes of one blob never
+    share them: a forged index, even one bound to an image of its own, cannot put its
+    bytes under another image's mount of the same blob."""
+    return f"{DATA_NAME}-{index}" if index else DATA_NAME
+
+
+def store_key(*digests: str) -> str:
+    """The key of a layer store: the digests of the index files whose windows decode it
+    (the zinfo's; and the profile zinfo's when the mount starts on it, gzindex/lazy.py)."""
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:32]
+
+
+def spans_name(size: int, starts: Sequence[int], index: str = "") -> str:
     """The record's file name: one per span geometry (two zinfos of one blob may cut it
     differently; the data file is the same layer data either way)."""
     geometry = hashlib.sha256(struct.pack(f"<Q{len(starts)}Q", size, *starts)).hexdigest()
-    return f"{DATA_NAME}.spans-{geometry[:16]}"
+    return f"{data_name(index)}.spans-{geometry[:16]}"
 
 
 class LayerStore:
@@ -51,22 +65,25 @@ class LayerStore:
         starts: uncompressed offset of each span (the zinfo's checkpoints).
         budget: asked before a span is written, with its size: False (the cache is at its
             limit, ChunkCacheSource.reserve) leaves the span unstored. None: no limit.
+        index: store_key() of the index files that decode the spans (device.py always
+            gives it; "" names the store of no index in particular, for tests).
 
     Thread-safe. `close()` flushes.
     """
 
     def __init__(self, directory: Path, *, size: int, starts: Sequence[int],
-                 budget: Callable[[int], bool] | None = None) -> None:
+                 budget: Callable[[int], bool] | None = None, index: str = "") -> None:
         self.directory = directory
+        self.data_path = directory / data_name(index)
         self._budget = budget
         self._refused = False  # a write failed or the budget said no: logged once
         self.size = size
         self._starts = list(starts)
         self._count = len(self._starts)
-        self.spans_path = directory / spans_name(size, self._starts)
+        self.spans_path = directory / spans_name(size, self._starts, index)
         try:
             directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            self._fd = os.open(directory / DATA_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+            self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                                FILE_MODE)
         except OSError as exc:
             raise CacheError(f"{directory}: cannot open the layer store: "
@@ -246,4 +263,4 @@ class LayerStore:
             self.flush()
 
 
-__all__ = ["DATA_NAME", "LayerStore", "spans_name"]
+__all__ = ["DATA_NAME", "LayerStore", "data_name", "spans_name", "store_key"]
