@@ -4,12 +4,16 @@ instead of the zinfo, reads of the profile's files need nothing more, the zinfo 
 the profile's spans (the registry's request log), a read outside the profile gets right bytes,
 a tampered zinfo fails the layer with EIO and says so, a profile zinfo that is not bound
 with its profile is not used, and an image published before profile zinfos mounts as before.
+A daemon killed (SIGKILL) before the zinfo came is restored lazily by `mount --reattach` and
+the snapshotter's restore (every file compared with the layer's tar), using cached index files
+only with their bound digests.
 """
 
 from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -27,6 +31,7 @@ import pytest
 
 from hybrid_erofs.device import RegistryOptions
 from hybrid_erofs.fetching.background import FetchPolicy, fetch_status
+from hybrid_erofs.gzindex.format import parse_index
 from hybrid_erofs.mounting.discovery import resolve_layer_index
 from hybrid_erofs.oci.client import RegistryClient
 from hybrid_erofs.oci.reference import parse_reference
@@ -311,3 +316,183 @@ def test_an_image_published_before_profile_zinfos_mounts_as_before(
         assert (mnt / "data/random.bin").read_bytes() == published["contents"]["data/random.bin"]
     finally:
         layers.unmount(layer, mnt)
+
+
+# -- a daemon that died before the zinfo came: `mount --reattach` ------------------------------
+
+def _layer_tree(published: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The oracle: every entry of the layer's tar (and the directories its names imply),
+    name -> (kind, sha256 of the contents or the link target)."""
+    rig: Rig = published["rig"]
+    tree: dict[str, tuple[str, str]] = {}
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(rig.images["amd64"].layer))) as tar:
+        for member in tar:
+            name = member.name.strip("/").removeprefix("./")
+            parts = name.split("/")
+            for depth in range(1, len(parts)):
+                tree.setdefault("/".join(parts[:depth]), ("dir", ""))
+            if member.isfile():
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                tree[name] = ("file", hashlib.sha256(data).hexdigest())
+            elif member.issym():
+                tree[name] = ("symlink", member.linkname)
+            elif member.isdir():
+                tree[name] = ("dir", "")
+    assert sum(kind == "file" for kind, _ in tree.values()) >= 2
+    return tree
+
+
+def _mounted_tree(mnt: Path) -> dict[str, tuple[str, str]]:
+    """What the mount shows, as _layer_tree has it (every file read in full)."""
+    tree: dict[str, tuple[str, str]] = {}
+    for directory, dirs, files in os.walk(mnt):
+        for name in dirs + files:
+            path = Path(directory) / name
+            relative = str(path.relative_to(mnt))
+            if path.is_symlink():
+                tree[relative] = ("symlink", os.readlink(path))
+            elif path.is_dir():
+                tree[relative] = ("dir", "")
+            else:
+                tree[relative] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+    return tree
+
+
+def _kill_daemon(env: dict[str, str]) -> int:
+    """SIGKILL the mount's daemon, by the pid its state record names; wait until it is gone."""
+    pid = int(_status(env)["daemon_pid"])
+    os.kill(pid, 9)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and "zombie" not in Path(
+            f"/proc/{pid}/status").read_text(errors="replace").lower():
+        assert time.monotonic() < deadline, f"daemon {pid} did not die"
+        time.sleep(0.05)
+    return pid
+
+
+def _daemon_argv(env: dict[str, str]) -> list[str]:
+    return Path(f"/proc/{_status(env)['daemon_pid']}/cmdline").read_text().split("\0")
+
+
+@pytest.fixture
+def killed(published: dict[str, Any], tmp_path: Path,
+           runtime: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """A profiled layer mounted as the snapshotter does (on its profile zinfo, its daemon
+    following the image's warm-up), whose daemon got SIGKILL once the profile's spans were in
+    and before the zinfo came (no background fetch beyond the profile for 10 minutes)."""
+    layers = _layers(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    layer = layers.mount(_request(published, published["annotations"]), mnt)
+    try:
+        assert layer.later is not None
+        assert "--_follow-warmup" in _daemon_argv(runtime)  # followed the snapshotter's warm-up
+        entry = _wait_fetch(runtime, lambda entry, fetch: fetch.get("state") == "waiting"
+                            and fetch["spans_local"] >= len(published["spans"]))
+        dead = _kill_daemon(runtime)
+        assert not Path(layer.zinfo).exists()
+        yield {"layers": layers, "layer": layer, "mnt": mnt, "dead": dead,
+               "zinfo": Path(layer.zinfo), "log": Path(entry["log_file"])}
+    finally:
+        layers.unmount(layer, mnt)
+
+
+def _reattach(mnt: Path, env: dict[str, str]) -> None:
+    proc = subprocess.run([*CLI, "mount", "--reattach", str(mnt)], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr  # no warning, no traceback
+
+
+@pytest.mark.parametrize("how", ["mount --reattach", "snapshotter restore"])
+def test_a_layer_whose_daemon_died_before_its_zinfo_came_is_restored_lazily(
+        published: dict[str, Any], killed: dict[str, Any], runtime: dict[str, str],
+        how: str) -> None:
+    """`mount --reattach` (and the snapshotter's restore) mounts the layer lazily again on
+    the profile zinfo, without waiting for the warm-up that is gone, and every file reads
+    back as the layer's tar has it: the new daemon fetches the zinfo by its bound digest,
+    once, when reads need it."""
+    mnt, zinfo = killed["mnt"], killed["zinfo"]
+    since = _lines(published["log"])
+    if how == "mount --reattach":
+        _reattach(mnt, runtime)
+    else:
+        killed["layers"].restore(killed["layer"], mnt, {})
+    entry = _status(runtime)
+    assert entry["daemon_pid"] != killed["dead"] and entry["state"] == "mounted", entry
+    argv = _daemon_argv(runtime)
+    assert "--_profile-zinfo" in argv and "--_follow-warmup" not in argv, argv
+    record = json.loads(Path(runtime["HYBRID_EROFS_RUNTIME_DIR"], "mounts",
+                             Path(entry["log_file"]).name.removesuffix(".log") + ".json")
+                        .read_text())
+    assert "--_follow-warmup" not in record["fetch"] and record["later"], record
+    # lazily again: the profile's files are read without the zinfo
+    contents = published["contents"]
+    assert (mnt / "etc/hello.txt").read_bytes() == contents["etc/hello.txt"]
+    assert not zinfo.exists()
+    # every file, compared with the layer's tar
+    assert _mounted_tree(mnt) == _layer_tree(published)
+    assert zinfo.is_file()
+    zinfo_blob = published["annotations"][PREFIX + "zinfo.gzip.digest"]
+    assert _blob_gets(published["log"], since).count(zinfo_blob) == 1
+    assert _status(runtime)["stats"]["trust"]["state"] != "failed"
+
+
+def test_a_reattach_uses_the_zinfo_that_came_before_the_daemon_died(
+        published: dict[str, Any], tmp_path: Path, runtime: dict[str, str]) -> None:
+    layers = _layers(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    layer = layers.mount(_request(published, published["annotations"]), mnt)
+    try:
+        # a read outside the profile: the zinfo comes
+        assert (mnt / "data/random.bin").read_bytes() == published["contents"]["data/random.bin"]
+        assert Path(layer.zinfo).is_file()
+        dead = _kill_daemon(runtime)
+        since = _lines(published["log"])
+        _reattach(mnt, runtime)
+        entry = _status(runtime)
+        assert entry["daemon_pid"] != dead and "--_follow-warmup" not in _daemon_argv(runtime)
+        assert _mounted_tree(mnt) == _layer_tree(published)
+        zinfo_blob = published["annotations"][PREFIX + "zinfo.gzip.digest"]
+        assert zinfo_blob not in _blob_gets(published["log"], since)  # not fetched again
+    finally:
+        layers.unmount(layer, mnt)
+
+
+@pytest.mark.parametrize("tampered", ["profile zinfo", "zinfo"])
+def test_a_reattach_uses_only_index_files_with_their_bound_digests(
+        published: dict[str, Any], killed: dict[str, Any], runtime: dict[str, str],
+        tampered: str) -> None:
+    """What the cache holds after the daemon died is checked as the first mount checked it:
+    a profile zinfo that is not the bound one is not used (the zinfo is fetched first), a
+    zinfo file that is not the one the sidecar names is fetched again; right bytes."""
+    mnt, zinfo = killed["mnt"], killed["zinfo"]
+    later = killed["layer"].later
+    profile_zinfo = Path(str(later["profile_zinfo"]))
+    good = profile_zinfo.read_bytes()
+    if tampered == "profile zinfo":
+        # a real window of one of the profile's spans, changed: it would decode wrong bytes
+        index = parse_index(good, name="profile zinfo")
+        window = next(cp.window for n, cp in enumerate(index.checkpoints)
+                      if n in published["spans"] and cp.window.strip(b"\0"))
+        at = good.index(window) + len(window) // 2
+        forged = bytearray(good)
+        forged[at] ^= 0xFF
+        profile_zinfo.write_bytes(bytes(forged))
+        said = "not the profile zinfo the image binds"
+    else:
+        # the profile zinfo's checkpoint table with zero windows, where the zinfo goes
+        zinfo.write_bytes(good)
+        said = "not the zinfo its sidecar names"
+    try:
+        _reattach(mnt, runtime)
+        if tampered == "profile zinfo":
+            assert zinfo.is_file()  # fetched first, before the mount answered
+        assert _mounted_tree(mnt) == _layer_tree(published)
+        assert hashlib.sha256(zinfo.read_bytes()).hexdigest() == str(
+            later["plain"][1]).removeprefix("sha256:")
+        assert said in Path(_status(runtime)["log_file"]).read_text()
+        assert _status(runtime)["stats"]["trust"]["state"] != "failed"
+    finally:
+        profile_zinfo.write_bytes(good)

@@ -349,6 +349,18 @@ def test_the_policy_reaches_the_daemon_and_a_reattach(policy: FetchPolicy | None
     assert FetchPolicy.from_argv(()) == FetchPolicy()  # records from before: the default
 
 
+def test_a_restart_does_not_follow_a_warm_up_that_is_gone() -> None:
+    """A daemon that followed the snapshotter's warm-up does not keep the flag in its
+    record, and a restart from a record of an earlier release that kept it drops it."""
+    policy = FetchPolicy(delay_s=2.0, rate=1000, follow_s=5.0)
+    unfollowed = FetchPolicy(delay_s=2.0, rate=1000)
+    assert "--_follow-warmup" not in FetchPolicy.recorded(policy)
+    assert FetchPolicy.restored(FetchPolicy.recorded(policy)) == unfollowed
+    assert FetchPolicy.restored(FetchPolicy.argv(policy)) == unfollowed  # an older record
+    assert FetchPolicy.restored(FetchPolicy.recorded(None)) is None
+    assert FetchPolicy.restored(()) == FetchPolicy()
+
+
 def test_bad_policies_are_refused() -> None:
     with pytest.raises(ValueError, match="'workers' must be >= 1"):
         FetchPolicy(workers=0)

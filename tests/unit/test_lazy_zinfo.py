@@ -230,3 +230,22 @@ def test_zinfo_later_travels_in_argv_and_json() -> None:
     assert ZinfoLater.from_json(None) is None and ZinfoLater.from_argv(None, None) is None
     with pytest.raises(TrustError, match="malformed --_zinfo-blob"):
         ZinfoLater.from_argv(Path("p"), "a,b")
+
+
+def test_zinfo_later_keeps_the_profile_zinfo_digest_in_argv_and_json() -> None:
+    """The profile zinfo's bound digest travels to the daemon and into records, so a daemon
+    started again from one checks the file as the first mount did."""
+    later = ZinfoLater(Path("/c/p.zinfo"), Descriptor(ZINFO_GZIP_MEDIA_TYPE, "sha256:" + "a" * 64,
+                                                      12),
+                       Descriptor(ZINFO_MEDIA_TYPE, "sha256:" + "b" * 64, 34),
+                       "sha256:" + "c" * 64)
+    options = dict(zip(later.argv()[::2], later.argv()[1::2], strict=True))
+    assert ZinfoLater.from_argv(Path(options["--_profile-zinfo"]), options["--_zinfo-blob"],
+                                options["--_profile-zinfo-digest"]) == later
+    assert ZinfoLater.from_json(later.to_json()) == later
+    old = {k: v for k, v in later.to_json().items() if k != "profile_digest"}  # before it
+    assert ZinfoLater.from_json(old) == replace(later, profile_digest=None)
+    for broken in ({**old, "profile_zinfo": None}, {**old, "plain": ["m", "d", "34"]}):
+        with pytest.raises(TrustError, match="malformed zinfo-later record"):
+            ZinfoLater.from_json(broken)
+

@@ -10,6 +10,7 @@ import socket
 import stat
 import struct
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,68 @@ def test_unknown_fields_are_ignored_and_garbage_is_an_error(tmp_path: Path) -> N
     assert again == record
     with pytest.raises(MountError, match="x: unreadable state record"):
         MountRecord.from_json(b"{not json", name="x")
+
+
+LATER = {"profile_zinfo": "/c/prefetch-zinfo-sha256-c.zinfo",
+         "blob": ["application/vnd.hybrid-erofs.zinfo.v2+gzip", "sha256:" + "a" * 64, 12],
+         "plain": ["application/vnd.hybrid-erofs.zinfo.v2", "sha256:" + "b" * 64, 34],
+         "profile_digest": "sha256:" + "c" * 64}
+
+
+def test_a_layer_record_keeps_its_profile_and_its_zinfo_to_come(tmp_path: Path) -> None:
+    paths, record = _record(tmp_path)
+    paths.save(record.with_changes(prefetch="/c/p.json", later=LATER))
+    loaded = paths.load()
+    assert loaded is not None and loaded.prefetch == "/c/p.json" and loaded.later == LATER
+    raw = json.loads(record.to_json())
+    for key in ("prefetch", "later"):  # a record of an earlier release
+        del raw[key]
+    older = MountRecord.from_json(json.dumps(raw).encode(), name="x")
+    assert older.prefetch is None and older.later is None
+    with pytest.raises(MountError, match="x: unreadable state record: 'later' must be"):
+        MountRecord.from_json(json.dumps({**raw, "later": ["x"]}).encode(), name="x")
+
+
+@pytest.mark.parametrize("kind", ["layer", "image"])
+def test_a_reattach_mounts_again_from_all_the_record_holds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """The profile and the zinfo to come (a layer started on its profile zinfo) go to the
+    new daemon; a follow flag an earlier release recorded does not (the warm-up is gone)."""
+    from hybrid_erofs.fetching.background import FetchPolicy
+    from hybrid_erofs.mounting import reattach as module
+    from hybrid_erofs.trust.bound import ZinfoLater
+
+    paths, record = _record(tmp_path)
+    followed = FetchPolicy(delay_s=600.0, follow_s=5.0)
+    record = record.with_changes(registry=replace(record.registry, password_from=None),
+                                 fetch=tuple(FetchPolicy.argv(followed)))
+    if kind == "layer":
+        record = record.with_changes(prefetch="/c/p.json", later=LATER)
+    else:
+        record = record.with_changes(kind=IMAGE, meta=None, zinfo=None, layers=(
+            LayerState("reg/app:1", "/m0", "/z0", blob="sha256:" + "d" * 64,
+                       prefetch="/c/p0.json"),))
+    got: dict[str, object] = {}
+
+    def mounted(*args: object, **kwargs: object) -> MountRecord:
+        got.update(kwargs, args=args)
+        return record
+
+    monkeypatch.setattr(module, "require_root", lambda _what: None)
+    monkeypatch.setattr(module, "find_mount", lambda _mnt: (Path(record.mountpoint), paths,
+                                                            record))
+    monkeypatch.setattr(module, "daemon_alive", lambda _record: False)
+    monkeypatch.setattr(module, "cleanup_mount", lambda _paths, _record: None)
+    monkeypatch.setattr(module, "mount_layer", mounted)
+    monkeypatch.setattr(module, "mount_image", mounted)
+    module.reattach(record.mountpoint)
+    assert got["fetch"] == FetchPolicy(delay_s=600.0)
+    if kind == "layer":
+        assert got["prefetch"] == Path("/c/p.json")
+        assert got["later"] == ZinfoLater.from_json(LATER)
+    else:
+        [layer] = got["args"][2]  # type: ignore[index]
+        assert layer.prefetch == Path("/c/p0.json")
 
 
 def test_list_and_remove(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ from .options import fetch_options, metrics_address_option, registry_options, tr
               hidden=True)
 @click.option("--_profile-zinfo", "profile_zinfo",
               type=click.Path(dir_okay=False, path_type=Path), hidden=True)
+@click.option("--_profile-zinfo-digest", "profile_zinfo_digest", hidden=True)
 @click.option("--_zinfo-blob", "zinfo_blob", hidden=True)
 @registry_options
 @trust_options
@@ -53,7 +54,7 @@ from .options import fetch_options, metrics_address_option, registry_options, tr
 def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
           via: str, foreground: bool, reattach: bool, timeout_s: float, ready_fd: int | None,
           trust: str, prefetch: Path | None, profile_zinfo: Path | None,
-          zinfo_blob: str | None, metrics_address: tuple[str, int] | None,
+          profile_zinfo_digest: str | None, zinfo_blob: str | None, metrics_address: tuple[str, int] | None,
           registry: RegistryOptions, policy: TrustPolicy, fetch: FetchPolicy | None) -> None:
     """Mount layer REF (a registry reference or a local .tar.gz) read-only on MOUNTPOINT.
 
@@ -110,7 +111,7 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
         run_mount(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry, via=via,
                   ready_fd=ready_fd, metrics_address=metrics_address, trust=trust,
                   fetch=fetch, prefetch=prefetch,
-                  later=ZinfoLater.from_argv(profile_zinfo, zinfo_blob))
+                  later=ZinfoLater.from_argv(profile_zinfo, zinfo_blob, profile_zinfo_digest))
         return
     record = mount_layer(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
                          via=via, timeout_s=timeout_s, metrics_address=metrics_address,

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..errors import HybridErofsError, is_transient
@@ -66,6 +66,14 @@ class FetchPolicy:
             raise ValueError(f"'follow_s' must be >= 0 (got {self.follow_s})")
 
     @staticmethod
+    def recorded(policy: FetchPolicy | None) -> list[str]:
+        """argv() of `policy` as a mount's state record keeps it, for a restart of its daemon
+        (`mount --reattach`): without `follow_s`, since the warm-up a daemon followed belonged
+        to its first start (the snapshotter's Prepare), and a restart that waited for it would
+        wait `follow_s` for nothing."""
+        return FetchPolicy.argv(None if policy is None else replace(policy, follow_s=None))
+
+    @staticmethod
     def argv(policy: FetchPolicy | None) -> list[str]:
         """The `mount` options that give a daemon `policy` (None: off)."""
         if policy is None:
@@ -73,6 +81,13 @@ class FetchPolicy:
         rate = [] if policy.rate is None else ["--fetch-rate", str(policy.rate)]
         follow = [] if policy.follow_s is None else ["--_follow-warmup", repr(policy.follow_s)]
         return ["--fetch-delay", repr(policy.delay_s), *rate, *follow]
+
+    @staticmethod
+    def restored(argv: Sequence[str]) -> FetchPolicy | None:
+        """The policy a mount record keeps (`recorded()`), for its daemon's restart: a follow
+        flag that records of earlier releases kept is dropped (the warm-up is gone)."""
+        policy = FetchPolicy.from_argv(argv)
+        return None if policy is None else replace(policy, follow_s=None)
 
     @staticmethod
     def from_argv(argv: Sequence[str]) -> FetchPolicy | None:

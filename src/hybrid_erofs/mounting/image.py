@@ -155,12 +155,13 @@ class _ImageDaemon:
         states = tuple(LayerState(source=layer.source, meta=str(layer.meta),
                                   zinfo=str(layer.zinfo) if layer.zinfo else None,
                                   blob=layer.blob, erofs_dir=str(paths.layer_dir(n)),
-                                  trust=layer.trust)
+                                  trust=layer.trust,
+                                  prefetch=str(layer.prefetch) if layer.prefetch else None)
                        for n, layer in enumerate(self.planned))
         record = initial_record(self.source, self.mountpoint, meta=None, zinfo=None,
                                 registry=self.registry, via=self.via, paths=paths).with_changes(
             kind=IMAGE, image_dir=str(paths.image_dir), layers=states,
-            fetch=tuple(FetchPolicy.argv(self.fetch)))
+            fetch=tuple(FetchPolicy.recorded(self.fetch)))
         paths.save(record)  # first, so that umount can clean up after a crash from here on
         transports: list[str] = []
         for n, layer in enumerate(self.planned):

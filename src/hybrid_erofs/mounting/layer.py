@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..device import RegistryOptions, open_device, open_layer_blob
-from ..errors import IndexFormatError, LayerVerificationError, MountBusy, MountError
+from ..errors import LayerVerificationError, MountBusy, MountError
 from ..fetching.attach import attach_fetcher
 from ..fetching.background import BackgroundFetcher, FetchPolicy
 from ..fetching.profile import profile_spans
@@ -26,6 +26,7 @@ from ..gzindex.format import GzipIndex, parse_index
 from ..gzindex.lazy import LazyWindows
 from ..gzindex.sidecar import sha256_digest
 from ..indexing.publish import registry_client
+from ..oci.artifact import has_content
 from ..source import ByteSource
 from ..sources.gate import LOCAL, NOT_VERIFIED, UNBOUND, VERIFIED, VERIFYING, GateSource
 from ..sources.metered import MeteredSource, iter_stages
@@ -138,20 +139,39 @@ class LayerMount:
         """A layer whose zinfo is to come later (`later`, bound with its profile): started on
         the profile zinfo, the zinfo fetched after the profile's spans by the background
         fetch, or at once by a read that needs a window the profile zinfo lacks. Without a
-        profile in use or a background fetch, the zinfo is fetched here, before anything."""
-        if self.later is None or self.zinfo is None or self.zinfo.is_file():
+        profile in use or a background fetch, the zinfo is fetched here, before anything.
+
+        A daemon started again from its record (`mount --reattach`, the snapshotter's restore)
+        goes the same way: a zinfo that came meanwhile is used when it has the digest the
+        sidecar names (else it is fetched again, as the first mount would), and the profile
+        zinfo only when it has its bound digest (else, or when it is gone, the zinfo is
+        fetched first)."""
+        later = self.later
+        if later is None or self.zinfo is None:
             return None
+        if self.zinfo.is_file():
+            if has_content(self.zinfo, later.plain):
+                return None
+            log.warning("%s: not the zinfo its sidecar names (%s): fetched again", self.zinfo,
+                        later.plain.digest)
         if self.fetch is None or not first or self.trust == UNBOUND:
             self._fetch_zinfo()
             return None
-        path = self.later.profile_zinfo
+        path = later.profile_zinfo
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise IndexFormatError(f"{path}: cannot read: {exc.strerror}") from exc
+            log.warning("%s: cannot read: %s; the zinfo is fetched first", path, exc.strerror)
+            self._fetch_zinfo()
+            return None
+        digest = sha256_digest(data)
+        if later.profile_digest is not None and digest != later.profile_digest:
+            log.warning("%s: not the profile zinfo the image binds (%s, this file is %s): the "
+                        "zinfo is fetched first", path, later.profile_digest, digest)
+            self._fetch_zinfo()
+            return None
         return LazyWindows(parse_index(data, name=str(path)), first, load=self._load_zinfo,
-                           on_failure=self.fail, name=str(self.zinfo),
-                           digest=sha256_digest(data))
+                           on_failure=self.fail, name=str(self.zinfo), digest=digest)
 
     def _fetch_zinfo(self) -> Path:
         assert self.later is not None and self.zinfo is not None
@@ -430,7 +450,9 @@ class LayerDaemon:
         record = initial_record(self.source, self.mountpoint, meta=self.meta, zinfo=self.zinfo,
                                 registry=self.registry, via=self.via,
                                 paths=self.paths).with_changes(
-            trust=self.trust, fetch=tuple(FetchPolicy.argv(self.fetch)))
+            trust=self.trust, fetch=tuple(FetchPolicy.recorded(self.fetch)),
+            prefetch=str(self.layer.prefetch) if self.layer.prefetch is not None else None,
+            later=self.layer.later.to_json() if self.layer.later is not None else None)
         self.paths.save(record)  # first, so that umount can clean up after a crash from here on
         transport = self.layer.start(self.via)
         os.listdir(self.mountpoint)  # the mount answers

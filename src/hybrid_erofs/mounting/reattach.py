@@ -9,6 +9,7 @@ from pathlib import Path
 from ..device import RegistryOptions
 from ..errors import MountError
 from ..fetching.background import FetchPolicy
+from ..trust.bound import ZinfoLater
 from .image import ImageLayer, mount_image
 from .layer import mount_layer
 from .lifecycle import (
@@ -61,21 +62,26 @@ def reattach(mountpoint: str | os.PathLike[str], *, password: str | None = None,
         retry_delay_s=settings.retry_delay_s, failure_ttl_s=settings.failure_ttl_s,
         memory_cache_bytes=settings.memory_cache_bytes)
     metrics = split_address(record.metrics_address) if record.metrics_address else None
+    # Not the warm-up a daemon of the snapshotter followed: it belonged to the first start.
+    fetch = FetchPolicy.restored(record.fetch)
     if record.is_image:
         layers = [ImageLayer(layer.source, Path(layer.meta),
                              Path(layer.zinfo) if layer.zinfo else None, layer.blob,
-                             trust=layer.trust)
+                             trust=layer.trust,
+                             prefetch=Path(layer.prefetch) if layer.prefetch else None)
                   for layer in record.layers]
         again = mount_image(record.source, path, layers, registry=registry, via=record.via,
-                            timeout_s=timeout_s, metrics_address=metrics,
-                            fetch=FetchPolicy.from_argv(record.fetch))
+                            timeout_s=timeout_s, metrics_address=metrics, fetch=fetch)
         assert again is not None
         return again
     assert record.meta is not None
+    # A layer started on its profile zinfo whose zinfo had not come yet starts on it again
+    # (the new daemon fetches the zinfo by its bound digest), or on the zinfo if it came.
     remounted = mount_layer(record.source, path, meta=Path(record.meta),
                             zinfo=Path(record.zinfo) if record.zinfo else None,
                             registry=registry, via=record.via, timeout_s=timeout_s,
-                            metrics_address=metrics, trust=record.trust,
-                            fetch=FetchPolicy.from_argv(record.fetch))
+                            metrics_address=metrics, trust=record.trust, fetch=fetch,
+                            prefetch=Path(record.prefetch) if record.prefetch else None,
+                            later=ZinfoLater.from_json(record.later))
     assert remounted is not None
     return remounted

@@ -77,6 +77,7 @@ class LayerState:
     nbd_device: str | None = None
     nbd_socket: str | None = None
     trust: str = "local"  # how its index was obtained (sources/gate.py, docs/security.md)
+    prefetch: str | None = None  # its prefetch profile (fetching/profile.py), if one is used
 
 
 LAYER = "layer"  # MountRecord.kind: one layer's EROFS on the mountpoint (`mount`)
@@ -109,7 +110,11 @@ class MountRecord:
     layers: tuple[LayerState, ...] = ()  # an image's layers, bottom first
     metrics_address: str | None = None  # HOST:PORT of /metrics (the port bound, when 0 asked)
     trust: str = "local"  # a layer mount's: how its index was obtained (sources/gate.py)
-    fetch: tuple[str, ...] = ()  # the background fetch options the daemon got (FetchPolicy.argv)
+    fetch: tuple[str, ...] = ()  # the background fetch options (FetchPolicy.recorded)
+    prefetch: str | None = None  # a layer mount's prefetch profile, if one is used
+    # A layer mount started on its profile zinfo (ZinfoLater.to_json()): a restart before
+    # the zinfo came starts on it again and fetches the zinfo by its bound digest.
+    later: dict[str, Any] | None = None
 
     @property
     def is_image(self) -> bool:
@@ -132,6 +137,8 @@ class MountRecord:
             values["registry"] = RegistrySettings(**values.get("registry", {}))
             values["layers"] = tuple(LayerState(**layer) for layer in values.get("layers", ()))
             values["fetch"] = tuple(str(option) for option in values.get("fetch", ()))
+            if not isinstance(values.get("later") or {}, dict):
+                raise TypeError(f"'later' must be an object (got {values['later']!r})")
             return cls(**values)
         except (ValueError, TypeError) as exc:
             raise MountError(f"{name}: unreadable state record: {exc}") from exc

@@ -230,7 +230,7 @@ def fetch_blob_file(client: RegistryClient, descriptor: Descriptor, target: Path
                     max_size: int = 4 << 30) -> Path:
     """Blob `descriptor` as the file `target`: kept when it is there with the right size and
     digest, else streamed to a temporary file, checked, and renamed into place."""
-    if not _has_content(target, descriptor):
+    if not has_content(target, descriptor):
         _download(client, descriptor, target, max_size)
     return target
 
@@ -241,7 +241,7 @@ def fetch_gzip_blob_file(client: RegistryClient, compressed: Descriptor, plain: 
     kept when `target` already holds it; else the blob is streamed to an unnamed temporary
     file and its digest checked, and only then inflated into `target`, at most plain.size
     bytes, which must hash to plain.digest (IndexFormatError otherwise, no file left)."""
-    if _has_content(target, plain):
+    if has_content(target, plain):
         return target
     if plain.size > max_size:
         raise RegistryError(f"{compressed.digest}: inflates to {plain.size} bytes, more than "
@@ -354,7 +354,7 @@ def _add_to_referrers_tag(client: RegistryClient, subject_digest: str,
     return True
 
 
-def _has_content(path: Path, descriptor: Descriptor) -> bool:
+def has_content(path: Path, descriptor: Descriptor) -> bool:
     """True when `path` is a regular file (not a link) with the descriptor's size and digest."""
     try:
         info = path.lstat()

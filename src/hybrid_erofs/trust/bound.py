@@ -184,44 +184,59 @@ class BoundFiles:
 class ZinfoLater:
     """A layer mounted before its zinfo is fetched: the bound profile zinfo it starts on,
     and the blob its zinfo is fetched as later (`fetch_zinfo`): the bound gzip blob, or the
-    plain zinfo; `plain` is the zinfo itself as the sidecar names it."""
+    plain zinfo; `plain` is the zinfo itself as the sidecar names it. `profile_digest`: the
+    profile zinfo's bound digest, checked again whenever a daemon starts on the file (a
+    restart from a mount record); None in records of releases before it was kept."""
 
     profile_zinfo: Path
     blob: Descriptor
     plain: Descriptor
+    profile_digest: str | None = None
 
     def argv(self) -> list[str]:
         """For the mount daemon's command line (no secret in it)."""
-        return ["--_profile-zinfo", str(self.profile_zinfo), "--_zinfo-blob",
+        digest = ([] if self.profile_digest is None else
+                  ["--_profile-zinfo-digest", self.profile_digest])
+        return ["--_profile-zinfo", str(self.profile_zinfo), *digest, "--_zinfo-blob",
                 ",".join(f"{d.media_type},{d.digest},{d.size}" for d in (self.blob, self.plain))]
 
     @classmethod
-    def from_argv(cls, profile_zinfo: Path | None, blobs: str | None) -> ZinfoLater | None:
+    def from_argv(cls, profile_zinfo: Path | None, blobs: str | None,
+                  profile_digest: str | None = None) -> ZinfoLater | None:
         if profile_zinfo is None or blobs is None:
             return None
         parts = blobs.split(",")
         if len(parts) != 6:
             raise TrustError(f"malformed --_zinfo-blob {blobs!r}")
         blob, plain = (Descriptor(parts[n], parts[n + 1], int(parts[n + 2])) for n in (0, 3))
-        return cls(profile_zinfo, blob, plain)
+        return cls(profile_zinfo, blob, plain, profile_digest)
 
     def to_json(self) -> dict[str, object]:
-        return {"profile_zinfo": str(self.profile_zinfo),
-                "blob": [self.blob.media_type, self.blob.digest, self.blob.size],
-                "plain": [self.plain.media_type, self.plain.digest, self.plain.size]}
+        data: dict[str, object] = {
+            "profile_zinfo": str(self.profile_zinfo),
+            "blob": [self.blob.media_type, self.blob.digest, self.blob.size],
+            "plain": [self.plain.media_type, self.plain.digest, self.plain.size]}
+        if self.profile_digest is not None:
+            data["profile_digest"] = self.profile_digest
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, object] | None) -> ZinfoLater | None:
-        """From to_json() (the snapshotter's store row); None for a row without it."""
+        """From to_json() (the snapshotter's store row, a mount's state record); None for
+        one without it."""
         if not data:
             return None
         found = []
         for key in ("blob", "plain"):
             raw = data.get(key)
-            if not isinstance(raw, list) or len(raw) != 3:
+            if not isinstance(raw, list) or len(raw) != 3 or not isinstance(raw[2], int):
                 raise TrustError(f"malformed zinfo-later record: {key} {raw!r}")
-            found.append(Descriptor(str(raw[0]), str(raw[1]), int(raw[2])))
-        return cls(Path(str(data["profile_zinfo"])), found[0], found[1])
+            found.append(Descriptor(str(raw[0]), str(raw[1]), raw[2]))
+        path, digest = data.get("profile_zinfo"), data.get("profile_digest")
+        if not isinstance(path, str) or not isinstance(digest, str | None):
+            raise TrustError(f"malformed zinfo-later record: profile_zinfo {path!r}, "
+                             f"profile_digest {digest!r}")
+        return cls(Path(path), found[0], found[1], digest)
 
 
 def fetch_zinfo(client: RegistryClient, later: ZinfoLater, target: Path) -> Path:
@@ -270,7 +285,7 @@ def fetch_bound_files(client: RegistryClient, layer_digest: str, sidecar: Descri
             fetch_gzip_blob_file(client, compressed, prefetch_zinfo, target,
                                  max_size=MAX_INDEX_FILE))
         later = ZinfoLater(profile_zinfo, (transit or {}).get("zinfo", plain["zinfo"]),
-                           plain["zinfo"])
+                           plain["zinfo"], prefetch_zinfo.digest)
         del plain["zinfo"]
     paths = {"zinfo": directory / names["zinfo"]}
     for kind, descriptor in plain.items():
