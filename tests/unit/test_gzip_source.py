@@ -13,12 +13,34 @@ from pathlib import Path
 import pytest
 
 from hybrid_erofs.errors import SourceIOError
+from hybrid_erofs.gzindex import source as source_module
 from hybrid_erofs.gzindex.build import build_index
 from hybrid_erofs.gzindex.format import GzipIndex
 from hybrid_erofs.gzindex.source import GzipSource
 from hybrid_erofs.source import FileSource, MemorySource
 
 from ..doubles import CountingSource, FlakySource
+
+
+@pytest.fixture(autouse=True, params=["igzip", "isal_zlib", "stdlib"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test with each inflate engine GzipSource can use: isal's IgzipDecompressor (the
+    default), a zlib-style decompressobj (isal_zlib's; zlib-ng's is the same interface) and
+    the stdlib's zlib (no isal or zlib-ng wheel)."""
+    if request.param != "igzip":
+        monkeypatch.setattr(source_module, "_igzip", None)
+    if request.param == "stdlib":
+        monkeypatch.setattr(source_module, "_codec", zlib)
+    return str(request.param)
+
+
+def test_the_default_decoder_releases_the_gil(decoder: str) -> None:
+    """isal's IgzipDecompressor is what GzipSource uses when isal is installed (its
+    decompressobj holds the GIL: decode-ahead threads would take turns on one core)."""
+    if decoder != "igzip":
+        return
+    assert source_module.CODEC_NAME == "isal.igzip_lib"
+    assert type(source_module._new_decoder(b"")).__name__ == "_IgzipDecoder"
 
 
 def mixed(seed: int, size: int) -> bytes:

@@ -26,7 +26,9 @@ from .prime import primed_start
 log = logging.getLogger(__name__)
 
 def _load_codec() -> ModuleType:
-    """Fastest first; all three honour zdict for raw inflate and release the GIL."""
+    """Fastest first; all three honour zdict for raw inflate. (Their decompressobj holds the
+    GIL while it inflates, except the stdlib's: spans decode on one core at a time. isal's
+    IgzipDecompressor releases it and is used instead when isal is here: _new_decoder.)"""
     try:
         from isal import isal_zlib
 
@@ -41,11 +43,89 @@ def _load_codec() -> ModuleType:
         return _stdlib_zlib
 
 
-_codec = _load_codec()
+def _load_igzip() -> Any:
+    try:
+        from isal import igzip_lib
+    except ImportError:  # pragma: no cover - depends on the platform's wheels
+        return None
+    return igzip_lib
 
-CODEC_NAME: str = _codec.__name__
+
+_codec = _load_codec()
+_igzip = _load_igzip()
+
+CODEC_NAME: str = "isal.igzip_lib" if _igzip is not None else _codec.__name__
 _crc32 = _codec.crc32
-_CODEC_ERRORS: tuple[type[BaseException], ...] = (_codec.error, _stdlib_zlib.error)
+_CODEC_ERRORS: tuple[type[BaseException], ...] = (
+    _codec.error, _stdlib_zlib.error, EOFError,
+    *((_igzip.IsalError,) if _igzip is not None else ()))
+
+
+class _IgzipDecoder:
+    """Raw inflate with isal's IgzipDecompressor, which releases the GIL while it inflates
+    (isal_zlib.decompressobj does not): decode-ahead threads use both cores. Input it could
+    not use yet (output capped by `max_length`) stays inside it: `holds_input`."""
+
+    __slots__ = ("_inflater", "_stalled")
+
+    def __init__(self, zdict: bytes | None) -> None:
+        assert _igzip is not None
+        self._inflater = _igzip.IgzipDecompressor(flag=_igzip.DECOMP_DEFLATE, hist_bits=15,
+                                                  zdict=zdict or b"")
+        self._stalled = False
+
+    @property
+    def eof(self) -> bool:
+        return bool(self._inflater.eof)
+
+    @property
+    def unused_data(self) -> bytes:
+        return bytes(self._inflater.unused_data)
+
+    @property
+    def holds_input(self) -> bool:
+        """More output can come without new input (call `decompress(b"", n)`)."""
+        return not (self._inflater.needs_input or self._inflater.eof or self._stalled)
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        out: bytes = self._inflater.decompress(data, max_length)
+        self._stalled = not data and not out  # never ask for held input that gives nothing
+        return out
+
+
+class _ZlibDecoder:
+    """The same interface over a zlib-style decompressobj (zlib-ng, the stdlib's)."""
+
+    __slots__ = ("_inflater",)
+
+    def __init__(self, zdict: bytes | None) -> None:
+        self._inflater = (_codec.decompressobj(-15, zdict=zdict) if zdict is not None
+                          else _codec.decompressobj(-15))
+
+    @property
+    def eof(self) -> bool:
+        return bool(self._inflater.eof)
+
+    @property
+    def unused_data(self) -> bytes:
+        return bytes(self._inflater.unused_data)
+
+    @property
+    def holds_input(self) -> bool:
+        return bool(self._inflater.unconsumed_tail)
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        out: bytes = self._inflater.decompress(data or self._inflater.unconsumed_tail,
+                                               max_length)
+        return out
+
+
+def _new_decoder(zdict: bytes | None = None) -> _IgzipDecoder | _ZlibDecoder:
+    """A raw-deflate decoder primed with `zdict` (a checkpoint's window), or none (a member
+    start). Its input comes from `decompress(data, n)`; when `holds_input`, the next call
+    passes b"" to go on with what it holds."""
+    return _IgzipDecoder(zdict) if _igzip is not None else _ZlibDecoder(zdict)
+
 
 _UNKNOWN = 1 << 62
 FIRST_PIECE = 64 << 10
@@ -389,7 +469,7 @@ class GzipSource:
         span.piece = FIRST_PIECE * 2
         span.crc = 0 if cp.out_offset == 0 else None
         # A window of zeros at out=0 is harmless: nothing can refer back before the start.
-        span.decoder = _codec.decompressobj(-15, zdict=window)
+        span.decoder = _new_decoder(window)
         self.spans_decoded += 1
 
     def _piece(self, span: _Span) -> int:
@@ -434,8 +514,8 @@ class GzipSource:
                             "(blob truncated, or zinfo/size not for this blob)"
                         )
                     continue
-                data = span.pending or span.decoder.unconsumed_tail
-                if not data:
+                data = span.pending
+                if not data and not span.decoder.holds_input:
                     data = self._fetch(self._piece(span), span.next_in)
                     if not data:
                         raise SourceIOError(
@@ -541,7 +621,7 @@ class GzipSource:
                 f"gzip blob: garbage instead of a gzip member header after uncompressed offset "
                 f"{span.start + len(span.data)}"
             )
-        span.decoder = _codec.decompressobj(-15)
+        span.decoder = _new_decoder()
         span.pending = bytes(buf[header:])
         span.crc = 0
         span.boundary = len(span.data)
@@ -565,8 +645,8 @@ class GzipSource:
         # A checkpoint exactly at a member start carries no usable window (erofs' rule adds
         # one there). If the decoder is at its member's end, that is what this is.
         if not extra and not decoder.eof:
-            tail = span.pending or decoder.unconsumed_tail
-            if not tail:
+            tail = span.pending
+            if not tail and not decoder.holds_input:
                 tail = self._fetch(FIRST_PIECE, span.next_in)
                 span.next_in += len(tail)
             span.pending = b""
@@ -584,8 +664,8 @@ class GzipSource:
         span.decoder = decoder
         try:
             while not decoder.eof:
-                data = span.pending or decoder.unconsumed_tail
-                if not data:
+                data = span.pending
+                if not data and not decoder.holds_input:
                     data = self._fetch(FIRST_PIECE, span.next_in)
                     if not data:
                         raise SourceIOError("gzip blob: truncated: no trailer after the layer data")
