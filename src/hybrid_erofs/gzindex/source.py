@@ -190,8 +190,9 @@ class GzipSource:
             them (a profile zinfo, gzindex/lazy.py): a decode waits for a window not known
             yet, and a span's end is checked against the next window only when it is known.
 
-    Thread-safe: concurrent readers of different spans decode in parallel (the codecs release
-    the GIL); readers of the same span wait for one decode.
+    Thread-safe: concurrent readers of different spans decode in parallel (isal's
+    IgzipDecompressor and the stdlib's zlib release the GIL; zlib-ng's decompressobj does
+    not); readers of the same span wait for one decode.
     """
 
     def __init__(self, inner: ByteSource, index: GzipIndex, *, size: int | None = None,
