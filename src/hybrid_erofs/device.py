@@ -12,6 +12,7 @@ open_device(): meta || layer data, checked against each other.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from .erofs.reader import ErofsImage
 from .errors import CacheError, ErofsFormatError, IndexFormatError, InvalidInput
 from .filekind import EROFS_IMAGE, GZIP, TAR, ZINFO, check_kind, detect_format
 from .gzindex.format import parse_index, validate_index
-from .gzindex.lazy import LazyWindows
-from .gzindex.sidecar import load_sidecar, sidecar_path
+from .gzindex.lazy import LazyWindows, check_profile_index
+from .gzindex.sidecar import load_sidecar, sha256_digest, sidecar_path
 from .gzindex.source import GzipSource
 from .oci.layout import is_layout_reference, open_layout_blob
 from .source import ByteSource, FileSource
@@ -307,7 +308,28 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
     except CacheError as exc:
         log.warning("%s; decoded spans are not kept", exc)
         return layer
+    if windows is not None:
+        windows.when_complete(functools.partial(_adopt_zinfo_store, store, Path(zinfo),
+                                                sidecar.zinfo_digest, windows))
     return StoredLayerSource(layer, store, store_reads=store_reads)
+
+
+def _adopt_zinfo_store(store: LayerStore, zinfo: Path, zinfo_digest: str,
+                       windows: LazyWindows) -> None:
+    """A store started on a profile zinfo, once the full zinfo came and agrees with it
+    (LazyWindows.when_complete, never when it was refused): every span decoded through the
+    profile zinfo is what the zinfo decodes, so the store becomes the zinfo's own
+    (store_key of its digest alone), where later mounts through the zinfo find it: no
+    second decode, and a complete verified layer mounts `via local`. Checked once more on
+    the file those mounts read: the digest the sidecar names, and agreement with the
+    profile zinfo's table and windows (gzindex/lazy.py check_profile_index)."""
+    data = zinfo.read_bytes()
+    if sha256_digest(data) != zinfo_digest:
+        log.warning("%s: not the zinfo the sidecar names: the decoded spans stay apart", zinfo)
+        return
+    check_profile_index(windows.index, parse_index(data, name=str(zinfo)), windows.real,
+                        name=str(zinfo))
+    store.rekey(store_key(zinfo_digest))
 
 
 def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:

@@ -1,5 +1,7 @@
 """Decoded spans are keyed by the index that decoded them: a forged index of a blob (bound to
-an image of its own) never puts its bytes under another index's mount of that blob."""
+an image of its own) never puts its bytes under another index's mount of that blob. A store
+started on a profile zinfo becomes the zinfo's once the zinfo comes and agrees (rekey), never
+when it is refused."""
 
 from __future__ import annotations
 
@@ -12,13 +14,18 @@ import random
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from hybrid_erofs.device import open_gzip_layer
+from hybrid_erofs.errors import SourceIOError
 from hybrid_erofs.gzindex.format import Checkpoint, GzipIndex, dump_index, load_index
 from hybrid_erofs.gzindex.lazy import LazyWindows, profile_index
 from hybrid_erofs.gzindex.sidecar import load_sidecar, sidecar_path, write_sidecar
 from hybrid_erofs.indexing.layer import index_layer
 from hybrid_erofs.source import FileSource
-from hybrid_erofs.sources.cachedir import decoded_files
+from hybrid_erofs.sources.cachedir import decoded_files, scan_blobs
+from hybrid_erofs.sources.eviction import _decoded_bytes
+from hybrid_erofs.sources.layerstore import LayerStore, data_name, spans_name
 from hybrid_erofs.sources.stored import StoredLayerSource
 
 SPAN = 64 << 10
@@ -122,3 +129,205 @@ def test_spans_decoded_through_a_forged_profile_zinfo_are_not_served_to_the_zinf
     assert _read_tail(blob, zinfo, store)[8:] == tar[start:]
     assert os.path.basename(lazy_store) in decoded_files(store)
     assert len(decoded_files(store)) == 2
+
+
+def _profiled(zinfo: Path, real: list[int], *, forge: int | None = None,
+              full: GzipIndex | None = None) -> LazyWindows:
+    """LazyWindows over the profile zinfo of `zinfo` with the windows of `real` (checkpoint
+    `forge`'s changed: a forged profile zinfo), loading `full` (default: the zinfo)."""
+    index = load_index(zinfo)
+    checkpoints = list(index.checkpoints)
+    if forge is not None:
+        checkpoints[forge] = dataclasses.replace(
+            checkpoints[forge], window=bytes(b ^ 0x5A for b in checkpoints[forge].window))
+    profile = profile_index(GzipIndex(index.span, tuple(checkpoints)), real)
+    loaded = full if full is not None else index
+    return LazyWindows(profile, real, load=lambda: loaded, name=str(zinfo),
+                       digest="sha256:" + hashlib.sha256(dump_index(profile)).hexdigest())
+
+
+def _open(blob: Path, zinfo: Path, store: Path,
+          windows: LazyWindows | None = None) -> StoredLayerSource:
+    layer = open_gzip_layer(FileSource(blob), zinfo=zinfo, name=str(blob), store_dir=store,
+                            windows=windows)
+    assert isinstance(layer, StoredLayerSource)
+    return layer
+
+
+def test_a_store_started_on_an_agreeing_profile_zinfo_becomes_the_zinfo_store(
+        tmp_path: Path) -> None:
+    """Mounted on its profile zinfo, read in full (the full zinfo comes and agrees), closed;
+    opened again through the zinfo: every span is there, none is decoded again."""
+    blob, tar = _layer(tmp_path)
+    zinfo = tmp_path / "layer.zinfo"
+    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
+    store = tmp_path / "blob-cache"
+    windows = _profiled(zinfo, [1])
+    layer = _open(blob, zinfo, store, windows)
+    try:
+        lazy_name = layer.store.data_path.name
+        assert layer.pread(layer.size, 0) == tar  # windows beyond span 1: the full zinfo
+        assert windows.complete and layer.store.complete
+        layer.store.mark_verified()  # what the background fetch does next
+    finally:
+        layer.close()
+    again = _open(blob, zinfo, store)
+    try:
+        assert again.store.complete and again.store.verified  # what `via local` needs
+        assert again.pread(again.size, 0) == tar
+        assert again.inner.spans_decoded == 0
+        assert again.store.data_path == layer.store.data_path  # one store, on disk once
+    finally:
+        again.close()
+    assert decoded_files(store) == [again.store.data_path.name] != [lazy_name]
+
+
+def test_spans_stored_after_the_rekey_are_recorded_under_the_zinfo_store(
+        tmp_path: Path) -> None:
+    """The full zinfo comes before the rest is read: the spans stored from then on (and the
+    record's flushes) go to the zinfo's store."""
+    blob, tar = _layer(tmp_path)
+    zinfo = tmp_path / "layer.zinfo"
+    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
+    store = tmp_path / "blob-cache"
+    windows = _profiled(zinfo, [1])
+    layer = _open(blob, zinfo, store, windows)
+    try:
+        length, offset = layer.store.span_range(1)
+        assert layer.pread(length, offset) == tar[offset:offset + length]
+        layer.store.flush()
+        assert not windows.complete
+        windows.load()
+        last = layer.store.span_count - 1
+        length, offset = layer.store.span_range(last)
+        assert layer.pread(length, offset) == tar[offset:]
+        layer.store.flush()
+        assert [p.name for p in store.iterdir() if ".spans-" in p.name] == [
+            layer.store.spans_path.name]
+    finally:
+        layer.close()
+    again = _open(blob, zinfo, store)
+    try:
+        assert again.store.has_span(1) and again.store.has_span(last)
+        assert again.store.spans_present() == 2
+    finally:
+        again.close()
+
+
+def test_a_forged_profile_zinfo_never_becomes_the_zinfo_store(tmp_path: Path) -> None:
+    """A profile zinfo with a forged window: its spans are decoded and stored, the full
+    zinfo comes and is refused; the store stays its own, and the zinfo's mount decodes the
+    right bytes into a store of its own."""
+    blob, tar = _layer(tmp_path)
+    zinfo = tmp_path / "layer.zinfo"
+    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
+    last = len(load_index(zinfo)) - 1
+    store = tmp_path / "blob-cache"
+    windows = _profiled(zinfo, [last], forge=last)
+    layer = _open(blob, zinfo, store, windows)
+    try:
+        start = layer.store.span_range(last)[1]
+        assert layer.pread(layer.size - start, start) != tar[start:]
+        with pytest.raises(SourceIOError, match="refused"):
+            windows.load()
+        windows.when_complete(lambda: pytest.fail("called for a refused zinfo"))
+        lazy = layer.store.data_path
+    finally:
+        layer.close()
+    assert lazy.name in decoded_files(store)
+    genuine = _open(blob, zinfo, store)
+    try:
+        assert genuine.store.data_path != lazy and not genuine.store.has_span(last)
+        assert genuine.pread(genuine.size - start, start) == tar[start:]
+    finally:
+        genuine.close()
+    assert len(decoded_files(store)) == 2
+
+
+def test_a_zinfo_file_other_than_the_sidecar_names_is_not_adopted(tmp_path: Path) -> None:
+    """The full zinfo LazyWindows was given agrees, but the file the zinfo's mounts read is
+    not the one the sidecar names: the store stays the profile zinfo's."""
+    blob, _tar = _layer(tmp_path)
+    zinfo = tmp_path / "layer.zinfo"
+    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
+    store = tmp_path / "blob-cache"
+    windows = _profiled(zinfo, [1])
+    layer = _open(blob, zinfo, store, windows)
+    try:
+        lazy = layer.store.data_path
+        zinfo.write_bytes(zinfo.read_bytes() + b"\0")
+        windows.load()
+        assert layer.store.data_path == lazy
+    finally:
+        layer.close()
+
+
+def test_a_store_is_kept_apart_from_an_existing_zinfo_store(tmp_path: Path) -> None:
+    """The zinfo's store exists already (a mount through the zinfo made it meanwhile): never
+    replaced; both stores go on serving their own spans."""
+    blob, tar = _layer(tmp_path)
+    zinfo = tmp_path / "layer.zinfo"
+    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
+    store = tmp_path / "blob-cache"
+    plain = _open(blob, zinfo, store)
+    length, offset = plain.store.span_range(0)
+    assert plain.pread(length, offset) == tar[:length]
+    plain.close()
+    windows = _profiled(zinfo, [1])
+    layer = _open(blob, zinfo, store, windows)
+    try:
+        lazy = layer.store.data_path
+        assert layer.pread(layer.size, 0) == tar
+        assert windows.complete and layer.store.data_path == lazy
+    finally:
+        layer.close()
+    assert sorted(decoded_files(store)) == sorted([lazy.name, plain.store.data_path.name])
+    again = _open(blob, zinfo, store)
+    try:
+        assert again.store.spans_present() == 1
+    finally:
+        again.close()
+
+
+def test_rekey_waits_for_the_only_open_store_and_moves_its_record(tmp_path: Path) -> None:
+    """While another opener has the store open (here a second LayerStore: a file
+    description of its own, as another process has), rekey keeps it; alone, it moves the
+    data and the record (with the verified flag), leaving no record behind."""
+    starts = [0, 4096, 8192]
+    one = LayerStore(tmp_path, size=12288, starts=starts, index="p")
+    other = LayerStore(tmp_path, size=12288, starts=starts, index="p")
+    for number in range(3):
+        one.put(number, bytes([number + 1]) * 4096)
+    one.mark_verified()
+    assert not one.rekey("z")
+    assert one.data_path.name == data_name("p")
+    other.close()
+    assert one.rekey("z")
+    assert sorted(os.listdir(tmp_path)) == [data_name("z"), spans_name(12288, starts, "z")]
+    assert one.rekey("z")  # already
+    one.close()
+    moved = LayerStore(tmp_path, size=12288, starts=starts, index="z")
+    try:
+        assert moved.complete and moved.verified
+        assert os.pread(moved.fd, 4096, 8192) == b"\3" * 4096
+    finally:
+        moved.close()
+    fresh = LayerStore(tmp_path, size=12288, starts=starts, index="p")
+    try:
+        assert fresh.spans_present() == 0
+    finally:
+        fresh.close()
+
+
+def test_the_cache_counts_a_store_with_two_names_once(tmp_path: Path) -> None:
+    """Between rekey's link and unlink (or after a crash there) the data file has two
+    names: eviction and `cache ls` count its blocks once."""
+    directory = tmp_path / "chunks-v1" / "sha256" / ("ab" * 32)
+    directory.mkdir(parents=True)
+    data = directory / data_name("p")
+    data.write_bytes(b"x" * 65536)
+    before = _decoded_bytes(directory)
+    [info] = scan_blobs(tmp_path, count=False)
+    os.link(data, directory / data_name("z"))
+    assert _decoded_bytes(directory) == before > 0
+    assert scan_blobs(tmp_path, count=False)[0].disk_bytes == info.disk_bytes

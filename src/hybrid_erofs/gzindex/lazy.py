@@ -55,7 +55,8 @@ class LazyWindows:
     the profile zinfo (check_profile_index). A full zinfo that does not is a failure for
     good: `on_failure(reason)` is called once (the mount fails every read) and every window
     asked for after raises SourceIOError. A transient failure to fetch it (the registry)
-    raises SourceIOError and is tried again by the next caller. Thread-safe."""
+    raises SourceIOError and is tried again by the next caller. Callbacks given to
+    `when_complete` run once the full zinfo is here and agrees, never otherwise. Thread-safe."""
 
     def __init__(self, index: GzipIndex, real: Iterable[int], *,
                  load: Callable[[], GzipIndex],
@@ -70,11 +71,28 @@ class LazyWindows:
         self._full: GzipIndex | None = None
         self._failed: str | None = None
         self._lock = threading.Lock()
+        self._on_complete: list[Callable[[], object]] = []
 
     @property
     def complete(self) -> bool:
         """The full zinfo is here (every window is known)."""
         return self._full is not None
+
+    def when_complete(self, callback: Callable[[], object]) -> None:
+        """Call `callback()` once the full zinfo is here and agrees with the profile zinfo
+        (at once when it is already): device.py rekeys the layer store there. Never called
+        when the full zinfo is refused; an error it raises is logged, not passed on."""
+        with self._lock:
+            if self._full is None:
+                self._on_complete.append(callback)
+                return
+        self._call(callback)
+
+    def _call(self, callback: Callable[[], object]) -> None:
+        try:
+            callback()
+        except Exception as exc:  # noqa: BLE001 - an extra: the windows are served anyway
+            log.warning("%s: after the full zinfo came: %r", self.name, exc)
 
     def known(self, number: int) -> bytes | None:
         """Checkpoint `number`'s window when it is known already, else None."""
@@ -91,6 +109,7 @@ class LazyWindows:
     def load(self) -> GzipIndex:
         """The full zinfo, fetched once (callers wait for one fetch); SourceIOError when it
         cannot be had or does not agree with the profile zinfo."""
+        reason: str | None = None
         with self._lock:
             if self._full is not None:
                 return self._full
@@ -108,11 +127,15 @@ class LazyWindows:
             else:
                 self._full = full
                 log.info("%s: the full zinfo is here (%d checkpoints)", self.name, len(full))
-                return full
-        log.error("%s: %s", self.name, reason)
-        if self.on_failure is not None:
-            self.on_failure(reason)
-        raise SourceIOError(f"{self.name}: {reason}")
+                callbacks, self._on_complete = self._on_complete, []
+        if reason is not None:
+            log.error("%s: %s", self.name, reason)
+            if self.on_failure is not None:
+                self.on_failure(reason)
+            raise SourceIOError(f"{self.name}: {reason}")
+        for callback in callbacks:  # outside the lock: windows are served meanwhile
+            self._call(callback)
+        return full
 
 
 __all__ = ["LazyWindows", "check_profile_index", "profile_index"]

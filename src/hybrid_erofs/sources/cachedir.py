@@ -106,10 +106,14 @@ def _info(directory: Path, digest: str, *, count: bool) -> BlobInfo:
     size = chunk_size = present = 0
     disk = 0
     last = 0.0
+    seen: set[int] = set()  # a layer store being rekeyed has two names for a moment
     # chunks, their records and last-use times, decoded layer
     for name in ("data", "index", "access", *decoded_files(directory)):
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(directory / name)
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
             disk += st.st_blocks * 512
             if name == "index":  # stores touch it on open, on reads and when adding chunks
                 last = st.st_mtime

@@ -160,9 +160,13 @@ def _foreign_stamps(directory: Path, count: int) -> list[int]:
 
 def _decoded_bytes(directory: Path) -> int:
     total = 0
+    seen: set[int] = set()  # a layer store being rekeyed has two names for a moment
     for name in decoded_files(directory):
         with contextlib.suppress(OSError):
-            total += os.stat(directory / name).st_blocks * 512
+            st = os.stat(directory / name)
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
     return total
 
 

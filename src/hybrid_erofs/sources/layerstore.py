@@ -1,6 +1,7 @@
 """LayerStore: a blob's decoded layer data on local disk, filled span by span as GzipSource
 completes them; `layer-<index>` (sparse, the layer's size) plus `layer-<index>.spans-<geometry>`
 (which spans are in it, and whether the whole layer was verified), in the blob's cache directory.
+A store started on a profile zinfo becomes its zinfo's store once that agrees (`rekey`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _MAGIC = b"HELAYER1"
 _HEADER = struct.Struct("<8sQIB")  # magic, layer size, span count, verified
 _HEADER_SIZE = 64
 FLUSH_EVERY_S = 5.0
+_OPEN_ATTEMPTS = 8
 
 
 def data_name(index: str) -> str:
@@ -83,12 +85,14 @@ class LayerStore:
         self.spans_path = directory / spans_name(size, self._starts, index)
         try:
             directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            self._fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                               FILE_MODE)
+            self._fd = self._open_data()
         except OSError as exc:
             raise CacheError(f"{directory}: cannot open the layer store: "
                              f"{exc.strerror or exc}") from exc
         self._lock = threading.Lock()
+        # Held while the record is merged, and while rekey() moves the files: a flush never
+        # writes a record under a name whose data file is gone.
+        self._flush_lock = threading.Lock()
         self._present = bytearray(self._count)
         self._durable = bytearray(self._count)  # what the record on disk says (or will)
         self._verified = False
@@ -104,6 +108,29 @@ class LayerStore:
             os.close(self._fd)
             raise CacheError(f"{directory}: cannot open the layer store: "
                              f"{exc.strerror or exc}") from exc
+
+    def _open_data(self) -> int:
+        """The data file, with a shared flock held for as long as it is open (every process
+        that has this store open holds one): `rekey` moves the files only when it alone holds
+        it. Checked, once locked, to be still the file of its name: one opened just before a
+        rekey moved it is given up and the name opened again."""
+        for _attempt in range(_OPEN_ATTEMPTS):
+            fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                st = os.fstat(fd)
+                try:
+                    named = os.stat(self.data_path)
+                except FileNotFoundError:
+                    named = None
+            except BaseException:
+                os.close(fd)
+                raise
+            if named is not None and (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino):
+                return fd
+            os.close(fd)
+        raise OSError(f"{self.data_path.name} was replaced {_OPEN_ATTEMPTS} times while "
+                      "being opened")
 
     @property
     def fd(self) -> int:
@@ -187,6 +214,10 @@ class LayerStore:
 
     def flush(self) -> None:
         """Make stored spans durable, then merge them into the record (under its flock)."""
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             if not self._dirty or self._closed:
                 return
@@ -212,6 +243,70 @@ class LayerStore:
         if flusher is not None:  # gone before its file descriptor is
             flusher.join()
         os.close(self._fd)
+
+    def rekey(self, index: str) -> bool:
+        """Become the store of index `index` (store_key): the data file and its record are
+        given that index's names, and this store's later writes, flushes and records go there
+        (the open file descriptor is the same file). For a store started on a profile zinfo,
+        called once the full zinfo agrees with it (device.py): every span decoded through
+        the profile zinfo is then what the zinfo decodes.
+
+        Never replaces anything: when `index`'s store exists already (another mount made
+        it meanwhile) the two are kept apart, and so they are while another process has this
+        store open (it would go on recording under the old names). True when this store is
+        `index`'s now."""
+        new_data = self.directory / data_name(index)
+        new_spans = self.directory / spans_name(self.size, self._starts, index)
+        with self._flush_lock:
+            self._flush()  # what the record says moves with it
+            with self._lock:
+                if self._closed:
+                    return False
+            if new_data == self.data_path:
+                return True
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)  # a failed conversion may drop ours
+                log.info("%s: %s is open in another process: kept apart from %s",
+                         self.directory, self.data_path.name, new_data.name)
+                return False
+            try:
+                return self._move(new_data, new_spans)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def _move(self, new_data: Path, new_spans: Path) -> bool:
+        """rekey() with the exclusive flock held: link, move the record, unlink. Every step
+        leaves a record only beside its own data file (a record without it would say that
+        spans of a new, empty file are there), whatever fails or crashes in between."""
+        try:
+            os.link(self.data_path, new_data)  # never replaces
+        except FileExistsError:
+            log.info("%s: %s exists already: %s kept apart from it", self.directory,
+                     new_data.name, self.data_path.name)
+            return False
+        except OSError as exc:
+            log.warning("%s: cannot link %s to %s: %s", self.directory, self.data_path.name,
+                        new_data.name, exc.strerror or exc)
+            return False
+        try:
+            # Any record under the new name is stale (its data file did not exist): replaced.
+            os.rename(self.spans_path, new_spans)
+        except FileNotFoundError:
+            new_spans.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("%s: cannot rename %s: %s", self.directory, self.spans_path.name,
+                        exc.strerror or exc)
+            with contextlib.suppress(OSError):
+                new_data.unlink()
+            return False
+        old = self.data_path
+        self.data_path, self.spans_path = new_data, new_spans
+        with contextlib.suppress(OSError):  # else both names are the one file: still right
+            old.unlink()
+        log.info("%s: %s is now %s", self.directory, old.name, new_data.name)
+        return True
 
     # -- the record -------------------------------------------------------------------------
 
