@@ -45,6 +45,7 @@ from hybrid_erofs.snapshotter.remote import (
     LazyLayers,
     TrustPolicy,
 )
+from hybrid_erofs.sources.cachedir import decoded_files
 from hybrid_erofs.trust.bound import (
     PREFETCH_DIGEST,
     PREFETCH_SIZE,
@@ -222,6 +223,42 @@ def test_the_background_fetch_completes_and_verifies_a_profiled_layer(
         assert (mnt / "data/random.bin").read_bytes() == published["contents"]["data/random.bin"]
     finally:
         layers.unmount(layer, mnt)
+
+
+def _decoded(cache: Path) -> list[str]:
+    """The layer stores' data files in a cache (one per blob and index)."""
+    return [name for blob in cache.glob("chunks-v1/sha256/*") for name in decoded_files(blob)]
+
+
+def test_a_profiled_layer_mounted_again_through_its_zinfo_decodes_nothing_again(
+        published: dict[str, Any], tmp_path: Path, runtime: dict[str, str]) -> None:
+    """Started on its profile zinfo, fetched and verified in the background, unmounted, and
+    mounted again with its zinfo here (a remount, a snapshotter's restore): the layer store
+    the first mount filled is the zinfo's by then, so no span is decoded again, the kernel
+    reads the stored layer itself (`via local`) and the layer is on disk once."""
+    layers = LazyLayers(registry=RegistryOptions(cache_dir=tmp_path / "cache"),
+                        policy=TrustPolicy(), via="fuse", fetch=FetchPolicy(delay_s=0.5))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    request = _request(published, published["annotations"])
+    layer = layers.mount(request, mnt)
+    try:
+        assert layer.later is not None
+        _wait_fetch(runtime, lambda entry, fetch: fetch.get("state") == "verified")
+    finally:
+        layers.unmount(layer, mnt)
+    [store] = _decoded(tmp_path / "cache")
+    again = layers.mount(request, mnt)
+    try:
+        assert again.later is None  # the zinfo is here now
+        entry = _wait_fetch(runtime, lambda entry, fetch: fetch.get("state") == "verified",
+                            timeout_s=20)
+        assert entry["via"] == "local", Path(entry["log_file"]).read_text()[-3000:]
+        assert (mnt / "data/random.bin").read_bytes() == published["contents"]["data/random.bin"]
+        assert _status(runtime)["stats"]["layers"][0]["spans_decoded"] == 0
+    finally:
+        layers.unmount(again, mnt)
+    assert _decoded(tmp_path / "cache") == [store]
 
 
 def test_a_read_outside_the_profile_waits_for_the_zinfo(
