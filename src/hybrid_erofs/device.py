@@ -311,6 +311,8 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
     if windows is not None:
         windows.when_complete(functools.partial(_adopt_zinfo_store, store, Path(zinfo),
                                                 sidecar.zinfo_digest, windows))
+        # Refused: its spans may be wrong bytes, and this mount fails every read from now on.
+        windows.when_refused(store.discard)
     return StoredLayerSource(layer, store, store_reads=store_reads)
 
 

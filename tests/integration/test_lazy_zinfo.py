@@ -302,6 +302,8 @@ def test_a_tampered_zinfo_fails_the_layer_with_eio(
             assert "the full zinfo is refused" in state["detail"], state
             assert "digest mismatch" in state["detail"], state
             assert not Path(layer.zinfo).exists()
+            # the profile's spans stored through the profile zinfo: removed, not the zinfo's
+            assert _decoded(tmp_path / "cache") == []
             for name in ("etc/hello.txt", "data/random.bin"):  # every read fails from now on
                 with pytest.raises(OSError) as failed:
                     (mnt / name).read_bytes()

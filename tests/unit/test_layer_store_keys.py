@@ -25,7 +25,7 @@ from hybrid_erofs.indexing.layer import index_layer
 from hybrid_erofs.source import FileSource
 from hybrid_erofs.sources.cachedir import decoded_files, scan_blobs
 from hybrid_erofs.sources.eviction import _decoded_bytes
-from hybrid_erofs.sources.layerstore import LayerStore, data_name, spans_name
+from hybrid_erofs.sources.layerstore import DATA_NAME, LayerStore, data_name, spans_name
 from hybrid_erofs.sources.stored import StoredLayerSource
 
 SPAN = 64 << 10
@@ -216,8 +216,8 @@ def test_spans_stored_after_the_rekey_are_recorded_under_the_zinfo_store(
 
 def test_a_forged_profile_zinfo_never_becomes_the_zinfo_store(tmp_path: Path) -> None:
     """A profile zinfo with a forged window: its spans are decoded and stored, the full
-    zinfo comes and is refused; the store stays its own, and the zinfo's mount decodes the
-    right bytes into a store of its own."""
+    zinfo comes and is refused; the store never becomes the zinfo's (it is removed, nothing
+    else is stored in it), and the zinfo's mount decodes the right bytes into its own."""
     blob, tar = _layer(tmp_path)
     zinfo = tmp_path / "layer.zinfo"
     index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
@@ -232,16 +232,19 @@ def test_a_forged_profile_zinfo_never_becomes_the_zinfo_store(tmp_path: Path) ->
             windows.load()
         windows.when_complete(lambda: pytest.fail("called for a refused zinfo"))
         lazy = layer.store.data_path
+        assert not layer.store.has_span(last) and decoded_files(store) == []
+        layer.store.put(0, tar[:layer.store.span_range(0)[0]])  # stores nothing from now on
+        assert not layer.store.has_span(0)
     finally:
         layer.close()
-    assert lazy.name in decoded_files(store)
+    assert not any(name.startswith(DATA_NAME) for name in os.listdir(store))  # nor a record
     genuine = _open(blob, zinfo, store)
     try:
         assert genuine.store.data_path != lazy and not genuine.store.has_span(last)
         assert genuine.pread(genuine.size - start, start) == tar[start:]
     finally:
         genuine.close()
-    assert len(decoded_files(store)) == 2
+    assert decoded_files(store) == [genuine.store.data_path.name]
 
 
 def test_a_zinfo_file_other_than_the_sidecar_names_is_not_adopted(tmp_path: Path) -> None:
@@ -317,6 +320,19 @@ def test_rekey_waits_for_the_only_open_store_and_moves_its_record(tmp_path: Path
         assert fresh.spans_present() == 0
     finally:
         fresh.close()
+
+
+def test_discard_leaves_a_store_open_elsewhere_to_eviction(tmp_path: Path) -> None:
+    starts = [0, 4096]
+    one = LayerStore(tmp_path, size=8192, starts=starts, index="p")
+    other = LayerStore(tmp_path, size=8192, starts=starts, index="p")
+    one.put(0, b"\1" * 4096)
+    one.flush()
+    assert not one.discard()  # open in another process: its files stay
+    assert not one.has(4096, 0) and not one.rekey("z")
+    assert sorted(os.listdir(tmp_path)) == [data_name("p"), spans_name(8192, starts, "p")]
+    other.close()
+    one.close()
 
 
 def test_the_cache_counts_a_store_with_two_names_once(tmp_path: Path) -> None:

@@ -56,7 +56,8 @@ class LazyWindows:
     good: `on_failure(reason)` is called once (the mount fails every read) and every window
     asked for after raises SourceIOError. A transient failure to fetch it (the registry)
     raises SourceIOError and is tried again by the next caller. Callbacks given to
-    `when_complete` run once the full zinfo is here and agrees, never otherwise. Thread-safe."""
+    `when_complete` run once the full zinfo is here and agrees, never otherwise; those given
+    to `when_refused`, once it is refused. Thread-safe."""
 
     def __init__(self, index: GzipIndex, real: Iterable[int], *,
                  load: Callable[[], GzipIndex],
@@ -72,6 +73,7 @@ class LazyWindows:
         self._failed: str | None = None
         self._lock = threading.Lock()
         self._on_complete: list[Callable[[], object]] = []
+        self._on_refused: list[Callable[[], object]] = []
 
     @property
     def complete(self) -> bool:
@@ -85,6 +87,15 @@ class LazyWindows:
         with self._lock:
             if self._full is None:
                 self._on_complete.append(callback)
+                return
+        self._call(callback)
+
+    def when_refused(self, callback: Callable[[], object]) -> None:
+        """Call `callback()` once the full zinfo is refused (at once when it was already),
+        before `on_failure`: device.py discards the layer store there."""
+        with self._lock:
+            if self._failed is None:
+                self._on_refused.append(callback)
                 return
         self._call(callback)
 
@@ -124,12 +135,16 @@ class LazyWindows:
                                         f"{exc}") from exc
                 self._failed = f"the full zinfo is refused: {exc}"
                 reason = self._failed
+                callbacks, self._on_refused = self._on_refused, []
             else:
                 self._full = full
                 log.info("%s: the full zinfo is here (%d checkpoints)", self.name, len(full))
                 callbacks, self._on_complete = self._on_complete, []
+                self._on_refused.clear()
         if reason is not None:
             log.error("%s: %s", self.name, reason)
+            for callback in callbacks:
+                self._call(callback)
             if self.on_failure is not None:
                 self.on_failure(reason)
             raise SourceIOError(f"{self.name}: {reason}")

@@ -98,6 +98,7 @@ class LayerStore:
         self._verified = False
         self._dirty = False
         self._closed = False
+        self._discarded = False  # discard(): nothing is stored, served or recorded any more
         self._wake = threading.Event()
         self._flusher: threading.Thread | None = None
         try:
@@ -162,7 +163,7 @@ class LayerStore:
 
     def has(self, length: int, offset: int) -> bool:
         """True when every byte of the range is in the store."""
-        if length <= 0 or self._closed:
+        if length <= 0 or self._closed or self._discarded:
             return length == 0
         first = bisect_right(self._starts, offset) - 1
         last = bisect_right(self._starts, offset + length - 1) - 1
@@ -175,7 +176,7 @@ class LayerStore:
         length, offset = self.span_range(number)
         if len(data) != length:
             raise ValueError(f"span {number} has {length} bytes, got {len(data)}")
-        if self._present[number] or self._closed:
+        if self._present[number] or self._closed or self._discarded:
             return
         if self._budget is not None and not self._budget(length):
             self._refuse(logging.INFO, "the cache is at its size limit")
@@ -219,7 +220,7 @@ class LayerStore:
 
     def _flush(self) -> None:
         with self._lock:
-            if not self._dirty or self._closed:
+            if not self._dirty or self._closed or self._discarded:
                 return
             present = bytes(self._present)
             verified = self._verified
@@ -260,7 +261,7 @@ class LayerStore:
         with self._flush_lock:
             self._flush()  # what the record says moves with it
             with self._lock:
-                if self._closed:
+                if self._closed or self._discarded:
                     return False
             if new_data == self.data_path:
                 return True
@@ -306,6 +307,36 @@ class LayerStore:
         with contextlib.suppress(OSError):  # else both names are the one file: still right
             old.unlink()
         log.info("%s: %s is now %s", self.directory, old.name, new_data.name)
+        return True
+
+    def discard(self) -> bool:
+        """The index that decoded these spans was found not to describe the layer (a profile
+        zinfo the full zinfo disagrees with): store, serve and record nothing more, and
+        remove the files unless another process has the store open (then eviction does,
+        later; it never becomes another index's store either way). True when removed."""
+        with self._flush_lock:
+            with self._lock:
+                if self._closed or self._discarded:
+                    return False
+                self._discarded = True
+                self._present[:] = bytes(self._count)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)
+                log.info("%s: %s is open in another process: left to eviction",
+                         self.directory, self.data_path.name)
+                return False
+            try:
+                self.spans_path.unlink(missing_ok=True)  # the record first, as eviction does
+                self.data_path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("%s: cannot remove %s: %s", self.directory, self.data_path.name,
+                            exc.strerror or exc)
+                return False
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)
+        log.info("%s: %s removed: its index was refused", self.directory, self.data_path.name)
         return True
 
     # -- the record -------------------------------------------------------------------------
