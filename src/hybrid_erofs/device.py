@@ -309,14 +309,14 @@ def open_gzip_layer(blob: ByteSource, *, zinfo: str | os.PathLike[str], name: st
         log.warning("%s; decoded spans are not kept", exc)
         return layer
     if windows is not None:
-        windows.when_complete(functools.partial(_adopt_zinfo_store, store, Path(zinfo),
-                                                sidecar.zinfo_digest, windows))
+        windows.when_complete(functools.partial(_adopt_zinfo_store, store, layer,
+                                                Path(zinfo), sidecar.zinfo_digest, windows))
         # Refused: its spans may be wrong bytes, and this mount fails every read from now on.
         windows.when_refused(store.discard)
     return StoredLayerSource(layer, store, store_reads=store_reads)
 
 
-def _adopt_zinfo_store(store: LayerStore, zinfo: Path, zinfo_digest: str,
+def _adopt_zinfo_store(store: LayerStore, layer: GzipSource, zinfo: Path, zinfo_digest: str,
                        windows: LazyWindows) -> None:
     """A store started on a profile zinfo, once the full zinfo came and agrees with it
     (LazyWindows.when_complete, never when it was refused): every span decoded through the
@@ -324,14 +324,17 @@ def _adopt_zinfo_store(store: LayerStore, zinfo: Path, zinfo_digest: str,
     (store_key of its digest alone), where later mounts through the zinfo find it: no
     second decode, and a complete verified layer mounts `via local`. Checked once more on
     the file those mounts read: the digest the sidecar names, and agreement with the
-    profile zinfo's table and windows (gzindex/lazy.py check_profile_index)."""
+    profile zinfo's table and windows (gzindex/lazy.py check_profile_index). Spans whose end
+    was not checked (the next window was not in the profile zinfo) count for the zinfo's
+    store only once the complete layer is verified (LayerStore.rekey `unchecked`)."""
     data = zinfo.read_bytes()
     if sha256_digest(data) != zinfo_digest:
         log.warning("%s: not the zinfo the sidecar names: the decoded spans stay apart", zinfo)
         return
     check_profile_index(windows.index, parse_index(data, name=str(zinfo)), windows.real,
                         name=str(zinfo))
-    store.rekey(store_key(zinfo_digest))
+    # Every window is known by now: no span is added to unchecked_ends() after this.
+    store.rekey(store_key(zinfo_digest), unchecked=layer.unchecked_ends())
 
 
 def _read_zinfo(zinfo: str | os.PathLike[str]) -> bytes:

@@ -236,6 +236,9 @@ class GzipSource:
         # (next checkpoint's window, or the member CRC at the end); a LayerStore keeps them.
         self.on_span: Callable[[int, bytearray], None] | None = None
         self.spans_decoded = 0  # decodes started at a checkpoint
+        # Spans completed while the next checkpoint's window was not known (a profile zinfo):
+        # their end was not checked (unchecked_ends()).
+        self._unchecked: set[int] = set()
         self._size = _UNKNOWN if size is None else size
         if size is None:
             self._size = self._measure()
@@ -299,6 +302,13 @@ class GzipSource:
     @property
     def span_count(self) -> int:
         return len(self._starts)
+
+    def unchecked_ends(self) -> frozenset[int]:
+        """Spans completed (and handed to `on_span`) before the next checkpoint's window was
+        known, so without the check of their end (`windows`: a profile zinfo); none is added
+        once every window is known."""
+        with self._lock:
+            return frozenset(self._unchecked)
 
     def load_span(self, number: int) -> None:
         """Decode span `number` in full (a background fetch): its compressed bytes are fetched
@@ -640,6 +650,8 @@ class GzipSource:
         window = (self._index.checkpoints[number].window if self._windows is None
                   else self._windows.known(number))
         if window is None:  # not here yet (a profile zinfo): the verifier checks it later
+            with self._lock:
+                self._unchecked.add(span.number)
             return extra
         if span.data[size - valid :] == window[WINDOW_SIZE - valid :]:
             return extra

@@ -14,7 +14,7 @@ import os
 import struct
 import threading
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ..errors import CacheError
@@ -95,6 +95,9 @@ class LayerStore:
         self._flush_lock = threading.Lock()
         self._present = bytearray(self._count)
         self._durable = bytearray(self._count)  # what the record on disk says (or will)
+        # Spans served here but kept out of the record until the layer is verified (rekey's
+        # `unchecked`): the record is what later mounts of the new index trust.
+        self._unrecorded = bytearray(self._count)
         self._verified = False
         self._dirty = False
         self._closed = False
@@ -207,9 +210,11 @@ class LayerStore:
                     "read", self.directory, why)
 
     def mark_verified(self) -> None:
-        """The complete layer passed verification: the record says so from the next flush."""
+        """The complete layer passed verification: the record says so from the next flush
+        (and has every span: what rekey kept out of it was checked by the verification)."""
         with self._lock:
             self._verified = True
+            self._unrecorded[:] = bytes(self._count)
             self._dirty = True
         self.flush()
 
@@ -223,6 +228,9 @@ class LayerStore:
             if not self._dirty or self._closed or self._discarded:
                 return
             present = bytes(self._present)
+            if any(self._unrecorded):
+                present = bytes(p & (m ^ 1) for p, m in zip(present, self._unrecorded,
+                                                            strict=True))
             verified = self._verified
             self._dirty = False
         try:
@@ -245,7 +253,7 @@ class LayerStore:
             flusher.join()
         os.close(self._fd)
 
-    def rekey(self, index: str) -> bool:
+    def rekey(self, index: str, *, unchecked: Iterable[int] = ()) -> bool:
         """Become the store of index `index` (store_key): the data file and its record are
         given that index's names, and this store's later writes, flushes and records go there
         (the open file descriptor is the same file). For a store started on a profile zinfo,
@@ -255,7 +263,12 @@ class LayerStore:
         Never replaces anything: when `index`'s store exists already (another mount made
         it meanwhile) the two are kept apart, and so they are while another process has this
         store open (it would go on recording under the old names). True when this store is
-        `index`'s now."""
+        `index`'s now.
+
+        `unchecked`: spans that are right for this store but not known to be for `index`'s
+        (their end was not checked, GzipSource.unchecked_ends): served here, but left out of
+        the new record until `mark_verified` (the verification of the complete layer checks
+        every window); another mount of `index` decodes them itself meanwhile."""
         new_data = self.directory / data_name(index)
         new_spans = self.directory / spans_name(self.size, self._starts, index)
         with self._flush_lock:
@@ -273,11 +286,11 @@ class LayerStore:
                          self.directory, self.data_path.name, new_data.name)
                 return False
             try:
-                return self._move(new_data, new_spans)
+                return self._move(new_data, new_spans, unchecked)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_SH)
 
-    def _move(self, new_data: Path, new_spans: Path) -> bool:
+    def _move(self, new_data: Path, new_spans: Path, unchecked: Iterable[int]) -> bool:
         """rekey() with the exclusive flock held: link, move the record, unlink. Every step
         leaves a record only beside its own data file (a record without it would say that
         spans of a new, empty file are there), whatever fails or crashes in between."""
@@ -306,6 +319,14 @@ class LayerStore:
         self.data_path, self.spans_path = new_data, new_spans
         with contextlib.suppress(OSError):  # else both names are the one file: still right
             old.unlink()
+        with self._lock:
+            if not self._verified:
+                for number in unchecked:
+                    if 0 <= number < self._count:
+                        self._unrecorded[number] = 1
+            mask = bytes(self._unrecorded)
+        if any(mask):
+            self._forget(mask)
         log.info("%s: %s is now %s", self.directory, old.name, new_data.name)
         return True
 
@@ -340,6 +361,36 @@ class LayerStore:
         return True
 
     # -- the record -------------------------------------------------------------------------
+
+    def _forget(self, mask: bytes) -> None:
+        """Clear the spans of `mask` in the record (rekey, the only process with the store
+        open); on failure the record goes, which only costs decoding them again."""
+        try:
+            fd = os.open(self.spans_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                raw = bytearray(os.pread(fd, _HEADER_SIZE + self._count, 0))
+                if self._header(bytes(raw)) is None:
+                    return
+                for number, bit in enumerate(mask):
+                    if bit:
+                        raw[_HEADER_SIZE + number] = 0
+                os.pwrite(fd, bytes(raw), 0)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("%s: cannot update, removed: %s", self.spans_path, exc.strerror or exc)
+            with contextlib.suppress(OSError):
+                self.spans_path.unlink()
+        with self._lock:
+            for number, bit in enumerate(mask):
+                if bit:
+                    self._durable[number] = 0
+            self._dirty = True
 
     def _load(self) -> None:
         with contextlib.suppress(FileNotFoundError), open(self.spans_path, "rb") as record:
