@@ -243,7 +243,7 @@ class LayerStore:
 
     def close(self) -> None:
         self.flush()
-        with self._lock:
+        with self._flush_lock, self._lock:  # after a rekey or discard using the fd
             if self._closed:
                 return
             self._closed = True
@@ -304,6 +304,14 @@ class LayerStore:
             log.warning("%s: cannot link %s to %s: %s", self.directory, self.data_path.name,
                         new_data.name, exc.strerror or exc)
             return False
+        with self._lock:
+            if not self._verified:
+                for number in unchecked:
+                    if 0 <= number < self._count:
+                        self._unrecorded[number] = 1
+            mask = bytes(self._unrecorded)
+        if any(mask):  # out of the record before it gets the new name
+            self._forget(mask)
         try:
             # Any record under the new name is stale (its data file did not exist): replaced.
             os.rename(self.spans_path, new_spans)
@@ -314,19 +322,14 @@ class LayerStore:
                         exc.strerror or exc)
             with contextlib.suppress(OSError):
                 new_data.unlink()
+            with self._lock:  # still this index's store: its spans are recorded again
+                self._unrecorded[:] = bytes(self._count)
+                self._dirty = True
             return False
         old = self.data_path
         self.data_path, self.spans_path = new_data, new_spans
         with contextlib.suppress(OSError):  # else both names are the one file: still right
             old.unlink()
-        with self._lock:
-            if not self._verified:
-                for number in unchecked:
-                    if 0 <= number < self._count:
-                        self._unrecorded[number] = 1
-            mask = bytes(self._unrecorded)
-        if any(mask):
-            self._forget(mask)
         log.info("%s: %s is now %s", self.directory, old.name, new_data.name)
         return True
 
@@ -364,7 +367,8 @@ class LayerStore:
 
     def _forget(self, mask: bytes) -> None:
         """Clear the spans of `mask` in the record (rekey, the only process with the store
-        open); on failure the record goes, which only costs decoding them again."""
+        open), unless it says the layer was verified (then they are checked: the mask goes);
+        on failure the record goes, which only costs decoding them again."""
         try:
             fd = os.open(self.spans_path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -373,7 +377,12 @@ class LayerStore:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 raw = bytearray(os.pread(fd, _HEADER_SIZE + self._count, 0))
-                if self._header(bytes(raw)) is None:
+                header = self._header(bytes(raw))
+                if header is None:
+                    return
+                if header:  # verified by another process, before
+                    with self._lock:
+                        self._unrecorded[:] = bytes(self._count)
                     return
                 for number, bit in enumerate(mask):
                     if bit:
