@@ -361,3 +361,42 @@ def test_the_cache_counts_a_store_with_two_names_once(tmp_path: Path) -> None:
     os.link(data, directory / data_name("z"))
     assert _decoded_bytes(directory) == before > 0
     assert scan_blobs(tmp_path, count=False)[0].disk_bytes == info.disk_bytes
+
+
+def test_a_store_opened_while_it_is_rekeyed_opens_its_name_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another opener of the profile zinfo's store opens its data file, and before it holds
+    its shared lock the store is rekeyed: it must not go on under the old name with the
+    moved file (its records would then claim spans of a new, empty file of that name)."""
+    import hybrid_erofs.sources.layerstore as layerstore
+
+    starts = [0, 4096]
+    one = LayerStore(tmp_path, size=8192, starts=starts, index="p")
+    one.put(0, b"\1" * 4096)
+    one.flush()
+    real_flock = layerstore.fcntl.flock
+    moved: list[bool] = []
+
+    def flock(fd: int, operation: int) -> None:
+        if operation == layerstore.fcntl.LOCK_SH and not moved and fd != one.fd:
+            moved.append(one.rekey("z"))  # between the other's open and its lock
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(layerstore.fcntl, "flock", flock)
+    other = LayerStore(tmp_path, size=8192, starts=starts, index="p")
+    monkeypatch.setattr(layerstore.fcntl, "flock", real_flock)
+    try:
+        assert moved == [True]
+        assert os.fstat(other.fd).st_ino != os.fstat(one.fd).st_ino  # a new file
+        assert other.spans_present() == 0 and one.has_span(0)
+        other.put(1, b"\2" * 4096)
+        other.flush()
+    finally:
+        other.close()
+        one.close()
+    zinfo_store = LayerStore(tmp_path, size=8192, starts=starts, index="z")
+    try:
+        assert zinfo_store.has_span(0) and not zinfo_store.has_span(1)
+        assert os.pread(zinfo_store.fd, 4096, 0) == b"\1" * 4096
+    finally:
+        zinfo_store.close()
