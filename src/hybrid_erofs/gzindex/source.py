@@ -61,12 +61,28 @@ _CODEC_ERRORS: tuple[type[BaseException], ...] = (
     *((_igzip.IsalError,) if _igzip is not None else ()))
 
 
-class _IgzipDecoder:
-    """Raw inflate with isal's IgzipDecompressor, which releases the GIL while it inflates
-    (isal_zlib.decompressobj does not): decode-ahead threads use both cores. Input it could
-    not use yet (output capped by `max_length`) stays inside it: `holds_input`."""
+class _Decoder:
+    """Raw inflate of one deflate stream: `decompress(data, n)` gives at most n bytes; when
+    `holds_input`, more can come without new input (the next call passes b"")."""
 
-    __slots__ = ("_inflater", "_stalled")
+    __slots__ = ("_inflater",)
+    _inflater: Any
+
+    @property
+    def eof(self) -> bool:
+        return bool(self._inflater.eof)
+
+    @property
+    def unused_data(self) -> bytes:
+        return bytes(self._inflater.unused_data)
+
+
+class _IgzipDecoder(_Decoder):
+    """isal's IgzipDecompressor, which releases the GIL while it inflates (isal_zlib's
+    decompressobj does not): decode-ahead threads use both cores. Input it could not use yet
+    (output capped by `max_length`) stays inside it."""
+
+    __slots__ = ("_stalled",)
 
     def __init__(self, zdict: bytes | None) -> None:
         assert _igzip is not None
@@ -75,16 +91,7 @@ class _IgzipDecoder:
         self._stalled = False
 
     @property
-    def eof(self) -> bool:
-        return bool(self._inflater.eof)
-
-    @property
-    def unused_data(self) -> bytes:
-        return bytes(self._inflater.unused_data)
-
-    @property
     def holds_input(self) -> bool:
-        """More output can come without new input (call `decompress(b"", n)`)."""
         return not (self._inflater.needs_input or self._inflater.eof or self._stalled)
 
     def decompress(self, data: bytes, max_length: int) -> bytes:
@@ -93,22 +100,14 @@ class _IgzipDecoder:
         return out
 
 
-class _ZlibDecoder:
-    """The same interface over a zlib-style decompressobj (zlib-ng, the stdlib's)."""
+class _ZlibDecoder(_Decoder):
+    """A zlib-style decompressobj (isal_zlib's, zlib-ng's, the stdlib's)."""
 
-    __slots__ = ("_inflater",)
+    __slots__ = ()
 
     def __init__(self, zdict: bytes | None) -> None:
         self._inflater = (_codec.decompressobj(-15, zdict=zdict) if zdict is not None
                           else _codec.decompressobj(-15))
-
-    @property
-    def eof(self) -> bool:
-        return bool(self._inflater.eof)
-
-    @property
-    def unused_data(self) -> bytes:
-        return bytes(self._inflater.unused_data)
 
     @property
     def holds_input(self) -> bool:
@@ -120,10 +119,9 @@ class _ZlibDecoder:
         return out
 
 
-def _new_decoder(zdict: bytes | None = None) -> _IgzipDecoder | _ZlibDecoder:
+def _new_decoder(zdict: bytes | None = None) -> _Decoder:
     """A raw-deflate decoder primed with `zdict` (a checkpoint's window), or none (a member
-    start). Its input comes from `decompress(data, n)`; when `holds_input`, the next call
-    passes b"" to go on with what it holds."""
+    start)."""
     return _IgzipDecoder(zdict) if _igzip is not None else _ZlibDecoder(zdict)
 
 
