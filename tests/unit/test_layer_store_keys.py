@@ -23,8 +23,7 @@ from hybrid_erofs.gzindex.lazy import LazyWindows, profile_index
 from hybrid_erofs.gzindex.sidecar import load_sidecar, sidecar_path, write_sidecar
 from hybrid_erofs.indexing.layer import index_layer
 from hybrid_erofs.source import FileSource
-from hybrid_erofs.sources.cachedir import decoded_files, scan_blobs
-from hybrid_erofs.sources.eviction import _decoded_bytes
+from hybrid_erofs.sources.cachedir import decoded_bytes, decoded_files, scan_blobs
 from hybrid_erofs.sources.layerstore import DATA_NAME, LayerStore, data_name, spans_name
 from hybrid_erofs.sources.stored import StoredLayerSource
 
@@ -356,10 +355,10 @@ def test_the_cache_counts_a_store_with_two_names_once(tmp_path: Path) -> None:
     directory.mkdir(parents=True)
     data = directory / data_name("p")
     data.write_bytes(b"x" * 65536)
-    before = _decoded_bytes(directory)
+    before = decoded_bytes(directory)
     [info] = scan_blobs(tmp_path, count=False)
     os.link(data, directory / data_name("z"))
-    assert _decoded_bytes(directory) == before > 0
+    assert decoded_bytes(directory) == before > 0
     assert scan_blobs(tmp_path, count=False)[0].disk_bytes == info.disk_bytes
 
 

@@ -101,22 +101,33 @@ def decoded_files(directory: Path) -> list[str]:
         LAYER_DATA + "-")) and ".spans-" not in name)
 
 
+def decoded_bytes(directory: Path) -> int:
+    """Disk bytes of the decoded-layer data files in a blob directory, each file once (a
+    layer store being rekeyed has two names for a moment: LayerStore.rekey)."""
+    total = 0
+    seen: set[int] = set()
+    for name in decoded_files(directory):
+        with contextlib.suppress(OSError):
+            st = os.stat(directory / name)
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
+    return total
+
+
 def _info(directory: Path, digest: str, *, count: bool) -> BlobInfo:
     """Describe one blob directory without opening it as a store."""
     size = chunk_size = present = 0
     disk = 0
     last = 0.0
-    seen: set[int] = set()  # a layer store being rekeyed has two names for a moment
-    # chunks, their records and last-use times, decoded layer
-    for name in ("data", "index", "access", *decoded_files(directory)):
+    # chunks, their records and last-use times; then the decoded layer
+    for name in ("data", "index", "access"):
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(directory / name)
-            if st.st_ino in seen:
-                continue
-            seen.add(st.st_ino)
             disk += st.st_blocks * 512
             if name == "index":  # stores touch it on open, on reads and when adding chunks
                 last = st.st_mtime
+    disk += decoded_bytes(directory)
     try:
         fd = os.open(directory / "index", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -8,7 +8,6 @@ room for decoded spans. Blobs left without chunks and not in use are removed who
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -17,7 +16,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cachedir import decoded_files, remove_blob, scan_blobs, try_lock, unused
+from .cachedir import decoded_bytes, decoded_files, remove_blob, scan_blobs, try_lock, unused
 from .chunkstore import (
     FORMAT_DIR,
     ChunkStore,
@@ -97,7 +96,7 @@ def evict(cache_dir: Path, *, max_bytes: int, target_bytes: int | None = None,
         for blob in blobs:
             candidates += _candidates(blob.path, blob.last_access_s)
             if not blob.in_use:
-                decoded = _decoded_bytes(blob.path)
+                decoded = decoded_bytes(blob.path)
                 if decoded:
                     candidates.append(_Candidate(int(blob.last_access_s * 1000), blob.path,
                                                  DECODED, decoded))
@@ -158,18 +157,6 @@ def _foreign_stamps(directory: Path, count: int) -> list[int]:
         os.close(fd)
 
 
-def _decoded_bytes(directory: Path) -> int:
-    total = 0
-    seen: set[int] = set()  # a layer store being rekeyed has two names for a moment
-    for name in decoded_files(directory):
-        with contextlib.suppress(OSError):
-            st = os.stat(directory / name)
-            if st.st_ino not in seen:
-                seen.add(st.st_ino)
-                total += st.st_blocks * 512
-    return total
-
-
 def _drop_decoded(directory: Path) -> bool:
     """Delete a blob's decoded layer data (LayerStore), only while no process has the blob
     open: a LayerStore serves its bytes without a checksum, so they must not vanish under it."""
@@ -222,7 +209,7 @@ def _evict_one(candidate: _Candidate) -> bool:
 def remove_if_empty(directory: Path) -> bool:
     """Remove a blob with no chunk recorded (or no index at all: a store that could not be
     set up) and no decoded layer data, unless some process has it open."""
-    if _decoded_bytes(directory):
+    if decoded_bytes(directory):
         return False
     try:
         fd = os.open(directory / "index", os.O_RDONLY | os.O_CLOEXEC)
