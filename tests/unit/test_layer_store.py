@@ -6,6 +6,7 @@ import gzip
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,8 @@ def test_decode_ahead_decodes_the_next_spans_of_a_forward_reader() -> None:
     source = GzipSource(MemorySource(BLOB), INDEX, size=len(DATA), decode_ahead=2,
                         decode_workers=2)
 
-    def record(number: int, data: bytearray) -> None:
-        assert bytes(data) == _span(number)
+    def record(number: int, data: Sequence[memoryview]) -> None:
+        assert b"".join(data) == _span(number)
         with lock:
             done.append(number)
 
@@ -103,6 +104,30 @@ def test_layer_store_of_another_geometry_starts_empty(tmp_path: Path) -> None:
     other = LayerStore(tmp_path, size=len(DATA), starts=STARTS[:1] + STARTS[2:])
     assert other.spans_present() == 0
     other.close()
+
+
+def test_layer_store_writes_a_span_given_in_pieces_even_when_pwritev_writes_less(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GzipSource hands a span over as the decoder's outputs: they land in order, all of
+    them, however little each pwritev writes."""
+    real = os.pwritev
+    calls: list[int] = []
+
+    def short_pwritev(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        calls.append(len(buffers))
+        first = memoryview(buffers[0])
+        return real(fd, [first[: max(1, len(first) // 3)]], offset)
+
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    store = LayerStore(tmp_path, size=len(DATA), starts=STARTS)
+    span = _span(1)
+    cuts = [0, 1, 1, 700, len(span) // 2, len(span) - 1, len(span)]
+    store.put(1, [memoryview(span)[a:b] for a, b in zip(cuts, cuts[1:], strict=False)])
+    assert os.pread(store.fd, len(span), STARTS[1]) == span
+    assert len(calls) > 6 and store.has_span(1)
+    with pytest.raises(ValueError, match="span 2 has"):
+        store.put(2, [_span(2), b"x"])
+    store.close()
 
 
 def test_layer_store_refuses_a_span_of_the_wrong_length(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import threading
 import zlib as _stdlib_zlib
 from bisect import bisect_right
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -133,6 +133,67 @@ MIN_OUTPUT = 64 << 10
 TRAILER_SIZE = 8  # RFC 1952: CRC32 and ISIZE after each member's deflate data
 
 
+class _Pieces:
+    """A span's decoded bytes, kept as the decoder handed them out: appending copies nothing
+    (a bytearray copied every output once more, and again each time it grew)."""
+
+    __slots__ = ("_parts", "_starts", "_size")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes | memoryview] = []
+        self._starts: list[int] = []  # offset of each part in the span's data
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes | memoryview) -> None:
+        if len(data):
+            self._starts.append(self._size)
+            self._parts.append(data)
+            self._size += len(data)
+
+    def clear(self) -> None:
+        self._parts.clear()
+        self._starts.clear()
+        self._size = 0
+
+    def copy(self, start: int, length: int) -> bytes:
+        """Bytes `start` to `start + length` (decoded already), in one copy."""
+        end = start + length
+        if start < 0 or end > self._size:
+            raise ValueError(f"bytes {start}..{end} of a span decoded to {self._size}")
+        views: list[memoryview] = []
+        number = bisect_right(self._starts, start) - 1
+        while start < end:
+            part, at = self._parts[number], self._starts[number]
+            stop = min(end, at + len(part))
+            views.append(memoryview(part)[start - at : stop - at])
+            start, number = stop, number + 1
+        if len(views) == 1:
+            return bytes(views[0])
+        return b"".join(views)
+
+    def cut(self, size: int) -> bytes:
+        """Keep the first `size` bytes; return those past it."""
+        if self._size <= size:
+            return b""
+        number = bisect_right(self._starts, size) - 1  # the part holding byte `size`
+        part, at = self._parts[number], self._starts[number]
+        view = memoryview(part)
+        extra = b"".join([view[size - at :], *self._parts[number + 1 :]])
+        del self._parts[number + 1 :], self._starts[number + 1 :]
+        if size > at:
+            self._parts[number] = view[: size - at]
+        else:
+            del self._parts[number], self._starts[number]
+        self._size = size
+        return extra
+
+    def buffers(self) -> list[memoryview]:
+        return [memoryview(part) for part in self._parts]
+
+
 @dataclass(eq=False)
 class _Span:
     """Decoded bytes of one checkpoint's span, and the live decoder that continues it."""
@@ -140,7 +201,7 @@ class _Span:
     number: int
     start: int  # uncompressed offset of the checkpoint
     end: int  # uncompressed offset of the next checkpoint, or the layer size
-    data: bytearray = field(default_factory=bytearray)
+    data: _Pieces = field(default_factory=_Pieces)
     decoder: Any = None
     next_in: int = 0  # blob offset of the next compressed byte to fetch
     piece: int = FIRST_PIECE
@@ -232,7 +293,8 @@ class GzipSource:
         self._closed = False
         # Called with (span number, its bytes) when a span is decoded in full and checked
         # (next checkpoint's window, or the member CRC at the end); a LayerStore keeps them.
-        self.on_span: Callable[[int, bytearray], None] | None = None
+        # The bytes come as the span's pieces, in order (LayerStore.put writes them as one).
+        self.on_span: Callable[[int, Sequence[memoryview]], None] | None = None
         self.spans_decoded = 0  # decodes started at a checkpoint
         # Spans completed while the next checkpoint's window was not known (a profile zinfo):
         # their end was not checked (unchecked_ends()).
@@ -284,9 +346,7 @@ class GzipSource:
             with span.lock:
                 if len(span.data) < rel + take:
                     self._decode(span, rel + take)
-                # One copy out of the span (a bytearray slice would copy twice).
-                with memoryview(span.data) as view, view[rel : rel + take] as piece:
-                    parts.append(bytes(piece))
+                parts.append(span.data.copy(rel, take))
             self._account(span)
             offset += take
         if self._ahead:  # only after a read that worked: a failing source gets no extra load
@@ -538,7 +598,7 @@ class GzipSource:
                 # from its checkpoint, not for the rest of the span.
                 want = min(OUTPUT_CAP, max(need - len(span.data), MIN_OUTPUT))
                 out = span.decoder.decompress(data, want)
-                span.data += out
+                span.data.append(out)
                 self.decoded_bytes += len(out)
                 if span.crc is not None:
                     span.crc = _crc32(out, span.crc)
@@ -563,8 +623,7 @@ class GzipSource:
         try:
             while True:
                 size = span.end - span.start
-                extra = bytes(span.data[size:])
-                del span.data[size:]
+                extra = span.data.cut(size)
                 decoder, span.decoder = span.decoder, None
                 number = span.number + 1
                 if number >= len(self._starts):
@@ -582,7 +641,7 @@ class GzipSource:
                     if number in self._spans:
                         nxt.lock.release()
                         return
-                    nxt.data += extra
+                    nxt.data.append(extra)
                     nxt.decoder = decoder
                     nxt.next_in = span.next_in
                     nxt.piece = span.piece
@@ -601,7 +660,7 @@ class GzipSource:
 
     def _completed(self, span: _Span) -> None:
         if self.on_span is not None:
-            self.on_span(span.number, span.data)
+            self.on_span(span.number, span.data.buffers())
 
     def _next_member(self, span: _Span) -> bool:
         """Skip a member trailer and the next gzip header; False at the end of the blob."""
@@ -651,7 +710,7 @@ class GzipSource:
             with self._lock:
                 self._unchecked.add(span.number)
             return extra
-        if span.data[size - valid :] == window[WINDOW_SIZE - valid :]:
+        if span.data.copy(size - valid, valid) == window[WINDOW_SIZE - valid :]:
             return extra
         # A checkpoint exactly at a member start carries no usable window (erofs' rule adds
         # one there). If the decoder is at its member's end, that is what this is.

@@ -7,6 +7,7 @@ A store started on a profile zinfo becomes its zinfo's store once that agrees (`
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -49,6 +50,23 @@ def spans_name(size: int, starts: Sequence[int], index: str = "") -> str:
     differently; the data file is the same layer data either way)."""
     geometry = hashlib.sha256(struct.pack(f"<Q{len(starts)}Q", size, *starts)).hexdigest()
     return f"{data_name(index)}.spans-{geometry[:16]}"
+
+
+_IOV_MAX = 1024  # Linux's UIO_MAXIOV
+
+
+def _pwrite_all(fd: int, pieces: list[memoryview], offset: int) -> None:
+    """Write `pieces` one after the other at `offset`, all of them (pwritev may write less)."""
+    pieces = [piece for piece in pieces if piece.nbytes]
+    while pieces:
+        written = os.pwritev(fd, pieces[:_IOV_MAX], offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += written
+        while pieces and written >= pieces[0].nbytes:
+            written -= pieces.pop(0).nbytes
+        if written:
+            pieces[0] = pieces[0][written:]
 
 
 class LayerStore:
@@ -173,22 +191,26 @@ class LayerStore:
         present = self._present
         return all(present[first : last + 1])
 
-    def put(self, number: int, data: bytes | bytearray | memoryview) -> None:
-        """Store span `number` (exactly its bytes); a failure to write is logged, not raised
-        (the span is still served from memory by the caller)."""
+    def put(self, number: int,
+            data: bytes | bytearray | memoryview | Sequence[bytes | memoryview]) -> None:
+        """Store span `number` (exactly its bytes, in one buffer or as a list of pieces in
+        order); a failure to write is logged, not raised (the span is still served from
+        memory by the caller)."""
         length, offset = self.span_range(number)
-        if len(data) != length:
-            raise ValueError(f"span {number} has {length} bytes, got {len(data)}")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            pieces = [memoryview(data).cast("B")]
+        else:
+            pieces = [memoryview(piece).cast("B") for piece in data]
+        got = sum(piece.nbytes for piece in pieces)
+        if got != length:
+            raise ValueError(f"span {number} has {length} bytes, got {got}")
         if self._present[number] or self._closed or self._discarded:
             return
         if self._budget is not None and not self._budget(length):
             self._refuse(logging.INFO, "the cache is at its size limit")
             return
         try:
-            view = memoryview(data)
-            done = 0
-            while done < length:
-                done += os.pwrite(self._fd, view[done:], offset + done)
+            _pwrite_all(self._fd, pieces, offset)
         except OSError as exc:
             with contextlib.suppress(OSError):  # give back what was written
                 punch_hole(self._fd, offset, length)

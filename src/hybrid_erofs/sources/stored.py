@@ -10,7 +10,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..errors import SourceIOError
 from ..gzindex.source import GzipSource
@@ -59,7 +59,7 @@ class StoredLayerSource:
         self._advised_end = 0
         self.progress: Callable[[], object] | None = None  # a BackgroundFetcher's progress()
 
-    def _keep(self, number: int, data: bytearray) -> None:
+    def _keep(self, number: int, data: Sequence[memoryview]) -> None:
         """GzipSource's hook: a span decoded in full (and checked) goes to the store."""
         if self.store_reads:
             self.store.put(number, data)
