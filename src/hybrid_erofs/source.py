@@ -52,6 +52,20 @@ class Prefetching(Protocol):
     def prefetch(self, length: int, offset: int) -> None: ...
 
 
+def read_into(source: ByteSource, buffer: memoryview, offset: int) -> None:
+    """Fill `buffer` (writable, format "B") with the bytes of `source` at `offset`, or raise.
+
+    Sources with a `pread_into(buffer, offset)` (same contract) write into it directly; the
+    others are read with `pread` and copied in. On an error the buffer's contents are
+    undefined (the caller never hands a partly filled buffer on).
+    """
+    into = getattr(source, "pread_into", None)
+    if into is not None:
+        into(buffer, offset)
+    else:
+        buffer[:] = source.pread(len(buffer), offset)
+
+
 def check_range(source: ByteSource, length: int, offset: int) -> None:
     """Raise ValueError for a request outside `source` (a caller bug, not I/O)."""
     if length < 0 or offset < 0 or offset + length > source.size:

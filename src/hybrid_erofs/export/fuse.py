@@ -21,12 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType, ModuleType
-from typing import Any, Literal, cast, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 from ..errors import HybridErofsError, already_logged
-from ..source import ByteSource, FileRanged
+from ..source import ByteSource, FileRanged, read_into
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # The content never changes while mounted: let the kernel keep attributes and pages for long.
 CACHE_TIMEOUT_S = 86400.0
@@ -160,11 +161,25 @@ class _DiskOperations:
         length = max(0, min(size, self._size - offset))
         where = None
         if length and self._ranged:
-            where = cast(FileRanged, self._source).file_range(length, offset)
-        data = self._read(length, offset) if where is None and length else b""
+            where = self._guarded(lambda: cast(FileRanged, self._source).file_range(length,
+                                                                                   offset),
+                                  length, offset)
         libc = _get_libc()
+        memory = None
+        if where is None and length:
+            # The source writes the bytes straight into the buffer libfuse sends and frees.
+            memory = libc.malloc(length)
+            if not memory:
+                raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+            try:
+                target = memoryview((ctypes.c_char * length).from_address(memory)).cast("B")
+                self._guarded(lambda: read_into(self._source, target, offset), length, offset)
+            except BaseException:
+                libc.free(memory)
+                raise
         vector = libc.malloc(ctypes.sizeof(_FuseBufvec))
         if not vector:
+            libc.free(memory)
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
         ctypes.memset(vector, 0, ctypes.sizeof(_FuseBufvec))
         view = _FuseBufvec.from_address(vector)
@@ -174,19 +189,19 @@ class _DiskOperations:
         if where is not None:
             buf.flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK
             buf.fd, buf.pos = where
-        elif length:
-            memory = libc.malloc(length)
-            if not memory:
-                libc.free(vector)
-                raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
-            ctypes.memmove(memory, data, length)
+        elif memory:
             buf.mem = memory
         bufpp[0] = ctypes.cast(vector, type(bufpp[0]))
         return 0
 
     def _read(self, length: int, offset: int) -> bytes:
+        return self._guarded(lambda: self._source.pread(length, offset), length, offset)
+
+    @staticmethod
+    def _guarded(call: Callable[[], _T], length: int, offset: int) -> _T:
+        """`call()`, its failures logged and turned into EIO."""
         try:
-            return self._source.pread(length, offset)
+            return call()
         except OSError as exc:
             log.log(logging.DEBUG if already_logged(exc) else logging.WARNING,
                     "read of %d bytes at offset %d failed: %s", length, offset, exc)

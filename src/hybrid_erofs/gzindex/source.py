@@ -174,6 +174,20 @@ class _Pieces:
             return bytes(views[0])
         return b"".join(views)
 
+    def copy_into(self, target: memoryview, start: int) -> None:
+        """Fill `target` with the bytes from `start` on (decoded already)."""
+        end = start + len(target)
+        if start < 0 or end > self._size:
+            raise ValueError(f"bytes {start}..{end} of a span decoded to {self._size}")
+        number = bisect_right(self._starts, start) - 1
+        done = 0
+        while start < end:
+            part, at = self._parts[number], self._starts[number]
+            stop = min(end, at + len(part))
+            target[done : done + stop - start] = memoryview(part)[start - at : stop - at]
+            done += stop - start
+            start, number = stop, number + 1
+
     def cut(self, size: int) -> bytes:
         """Keep the first `size` bytes; return those past it."""
         if self._size <= size:
@@ -337,21 +351,36 @@ class GzipSource:
         if length == 0:
             return b""
         parts: list[bytes] = []
+        self._read(length, offset, lambda data, rel, take, done: parts.append(data.copy(rel, take)))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        """pread into `buffer` (writable, format "B"): one copy from the decoded span."""
+        length = len(buffer)
+        check_range(self, length, offset)
+        if length:
+            self._read(length, offset, lambda data, rel, take, done:
+                       data.copy_into(buffer[done : done + take], rel))
+
+    def _read(self, length: int, offset: int,
+              take: Callable[[_Pieces, int, int, int], object]) -> None:
+        """Decode what `length` bytes at `offset` need, span by span, handing each span's
+        part to `take(span data, offset in the span, length, bytes taken before)` under the
+        span's lock."""
         start, end = offset, offset + length
         while offset < end:
             number = bisect_right(self._starts, offset) - 1
             span = self._span(number)
-            take = min(end, span.end) - offset
+            size = min(end, span.end) - offset
             rel = offset - span.start
             with span.lock:
-                if len(span.data) < rel + take:
-                    self._decode(span, rel + take)
-                parts.append(span.data.copy(rel, take))
+                if len(span.data) < rel + size:
+                    self._decode(span, rel + size)
+                take(span.data, rel, size, offset - start)
             self._account(span)
-            offset += take
+            offset += size
         if self._ahead:  # only after a read that worked: a failing source gets no extra load
             self._decode_ahead(start, length)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     @property
     def blob_size(self) -> int:

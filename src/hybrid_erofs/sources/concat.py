@@ -10,7 +10,7 @@ import struct
 from collections.abc import Sequence
 
 from ..errors import InvalidInput
-from ..source import ByteSource, FileRanged, check_range
+from ..source import ByteSource, FileRanged, check_range, read_into
 
 BLOCK = 512
 PAGE = 4096  # the kernel's page: what it reads (and drops) of the device at a time
@@ -68,6 +68,22 @@ class ConcatSource:
             index += 1
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        length = len(buffer)
+        check_range(self, length, offset)
+        if length == 0:
+            return
+        index = bisect.bisect_right(self._starts, offset) - 1
+        done = 0
+        while done < length:
+            part, start = self._parts[index], self._starts[index]
+            take = min(length - done, start + part.size - offset)
+            if take > 0:
+                read_into(part, buffer[done : done + take], offset - start)
+                offset += take
+                done += take
+            index += 1
+
     def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
         """FileRanged pass-through, when the range lies in one file-backed part."""
         check_range(self, length, offset)
@@ -116,6 +132,14 @@ class PinnedHeadSource:
                 head = self._head = self.inner.pread(self._length, 0)
             return head[offset : offset + length]
         return self.inner.pread(length, offset)
+
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        length = len(buffer)
+        if offset + length <= self._length:
+            buffer[:] = self.pread(length, offset)
+        else:
+            check_range(self, length, offset)
+            read_into(self.inner, buffer, offset)
 
     def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
         check_range(self, length, offset)

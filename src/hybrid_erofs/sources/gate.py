@@ -12,7 +12,7 @@ import time
 
 from ..errors import SourceIOError
 from ..metrics.samples import Sample, gauge
-from ..source import ByteSource, check_range
+from ..source import ByteSource, FileRanged, check_range, read_into
 
 # How a layer's index was obtained (docs/security.md).
 LOCAL = "local"  # files named on the command line, or indexed on this node
@@ -63,13 +63,30 @@ class GateSource:
     def is_closed(self) -> bool:
         return self._closed_reason is not None
 
-    def pread(self, length: int, offset: int) -> bytes:
-        check_range(self, length, offset)
+    def _check_open(self) -> None:
         reason = self._closed_reason
         if reason is not None:
             # Closing the gate was logged once; the EIOs it causes are not logged again.
             raise SourceIOError(f"{self._name}: reads refused: {reason}", logged=True)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        check_range(self, length, offset)
+        self._check_open()
         return self._inner.pread(length, offset)
+
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        check_range(self, len(buffer), offset)
+        self._check_open()
+        read_into(self._inner, buffer, offset)
+
+    def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
+        """FileRanged pass-through (stored spans and the meta go to the kernel by splice),
+        refused like a read once the gate is closed."""
+        check_range(self, length, offset)
+        self._check_open()
+        if not isinstance(self._inner, FileRanged):
+            return None
+        return self._inner.file_range(length, offset)
 
     def set_state(self, state: str, detail: str = "") -> None:
         with self._lock:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..metrics.samples import LatencyHistogram, Sample, counter
-from ..source import ByteSource, FileRanged
+from ..source import ByteSource, FileRanged, read_into
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,37 +48,32 @@ class MeteredSource:
             return ReadStats(self._reads, self._bytes, self._errors)
 
     def pread(self, length: int, offset: int) -> bytes:
-        latency = self._latency
-        if latency is None:
-            return self._pread_counted(length, offset)
-        started = time.perf_counter_ns()
+        started = time.perf_counter_ns() if self._latency is not None else 0
         try:
             data = self.inner.pread(length, offset)
         except BaseException:
-            with self._lock:
-                latency.observe_ns(time.perf_counter_ns() - started)
-                self._reads += 1
-                self._errors += 1
+            self._count(started, 0, failed=True)
             raise
-        with self._lock:
-            latency.observe_ns(time.perf_counter_ns() - started)
-            self._reads += 1
-            self._bytes += len(data)
+        self._count(started, len(data))
         return data
 
-    def _pread_counted(self, length: int, offset: int) -> bytes:
-        """pread without the latency histogram."""
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        started = time.perf_counter_ns() if self._latency is not None else 0
         try:
-            data = self.inner.pread(length, offset)
+            read_into(self.inner, buffer, offset)
         except BaseException:
-            with self._lock:
-                self._reads += 1
-                self._errors += 1
+            self._count(started, 0, failed=True)
             raise
+        self._count(started, len(buffer))
+
+    def _count(self, started: int, served: int, *, failed: bool = False) -> None:
+        latency = self._latency
         with self._lock:
+            if latency is not None:
+                latency.observe_ns(time.perf_counter_ns() - started)
             self._reads += 1
-            self._bytes += len(data)
-        return data
+            self._bytes += served
+            self._errors += failed
 
     def metric_samples(self) -> list[Sample]:
         with self._lock:

@@ -122,6 +122,26 @@ class StoredLayerSource:
             return self.inner.pread(length, offset)  # the file was cut behind our back
         return data
 
+    def pread_into(self, buffer: memoryview, offset: int) -> None:
+        length = len(buffer)
+        check_range(self, length, offset)
+        self._note(length, offset)
+        if not self.store.has(length, offset):
+            self.inner.pread_into(buffer, offset)
+            return
+        self._read_ahead(length, offset)
+        done = 0
+        try:
+            while done < length:
+                got = os.preadv(self.store.fd, [buffer[done:]], offset + done)
+                if got <= 0:  # the file was cut behind our back
+                    self.inner.pread_into(buffer, offset)
+                    return
+                done += got
+        except OSError as exc:
+            raise SourceIOError(f"{self.store.directory}: read of {length} bytes at offset "
+                                f"{offset} of the stored layer failed: {exc.strerror}") from exc
+
     def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
         check_range(self, length, offset)
         if not self.store.has(length, offset):
