@@ -231,3 +231,54 @@ def test_mount_options_cannot_carry_a_comma() -> None:
 
     with pytest.raises(KernelMountError, match="a device path with a comma"):
         mount_erofs("/nonexistent/meta", "/nonexistent/mnt", extra_device="/a,b/layer")
+
+
+def test_a_stored_span_leaves_memory_and_reads_around_it_mix_store_and_decode(
+        tmp_path: Path) -> None:
+    """A span the store took is served from it, not kept in GzipSource's memory as well (it
+    was never read from there again); reads across stored and decoded spans get each part
+    from where it is."""
+    inner = CountingSource(BLOB)
+    gzip_source = GzipSource(inner, INDEX, size=len(DATA))
+    source = StoredLayerSource(gzip_source, LayerStore(tmp_path, size=len(DATA), starts=STARTS))
+    gzip_source.load_span(2)
+    assert source.store.serves(2) and 2 not in gzip_source._spans
+    assert gzip_source._cached == sum(s.accounted for s in gzip_source._spans.values())
+    fetched = len(inner.calls)
+    across = STARTS[3] - STARTS[2] + 2000
+    assert source.pread(across, STARTS[2] - 1000) == DATA[STARTS[2] - 1000 : STARTS[3] + 1000]
+    assert inner.calls[fetched:] and all(offset < INDEX.checkpoints[2].in_offset
+                                         or offset >= INDEX.checkpoints[3].in_offset - 1
+                                         for _, offset in inner.calls[fetched:])
+    source.close()
+    lazy = StoredLayerSource(GzipSource(MemorySource(BLOB), INDEX, size=len(DATA)),
+                             LayerStore(tmp_path / "lazy", size=len(DATA), starts=STARTS),
+                             store_reads=False)
+    lazy.inner.load_span(2)
+    assert not lazy.store.serves(2) and lazy.inner._spans[2].complete  # kept in memory
+    lazy.close()
+
+
+def test_reads_served_from_the_store_keep_decode_ahead_going(tmp_path: Path) -> None:
+    """A forward reader whose reads come from stored spans is still a forward reader: the
+    spans after them are decoded ahead (not the stored ones), so it does not wait for a
+    whole span's decode each time it reaches one that is not stored."""
+    gzip_source = GzipSource(MemorySource(BLOB), INDEX, size=len(DATA), decode_ahead=2)
+    done: list[int] = []
+    source = StoredLayerSource(gzip_source, LayerStore(tmp_path, size=len(DATA), starts=STARTS))
+    for number in (1, 2, 3):
+        gzip_source.load_span(number)
+    keep = source._keep
+
+    def record(number: int, data: Sequence[memoryview]) -> bool:
+        done.append(number)
+        return keep(number, data)
+
+    gzip_source.on_span = record
+    step = 64 << 10
+    for offset in range(STARTS[1], STARTS[3], step):  # all stored: nothing decoded here
+        length = min(step, len(DATA) - offset)
+        assert source.pread(length, offset) == DATA[offset : offset + length]
+    _wait_for(lambda: {4} <= set(done))
+    assert not {1, 2, 3} & set(done)
+    source.close()

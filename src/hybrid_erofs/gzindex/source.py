@@ -308,7 +308,10 @@ class GzipSource:
         # Called with (span number, its bytes) when a span is decoded in full and checked
         # (next checkpoint's window, or the member CRC at the end); a LayerStore keeps them.
         # The bytes come as the span's pieces, in order (LayerStore.put writes them as one).
-        self.on_span: Callable[[int, Sequence[memoryview]], None] | None = None
+        # True back: the span is served from elsewhere from now on (stored): its memory goes.
+        self.on_span: Callable[[int, Sequence[memoryview]], bool] | None = None
+        # Spans served from elsewhere (a LayerStore has them): not decoded ahead.
+        self.kept: Callable[[int], bool] | None = None
         self.spans_decoded = 0  # decodes started at a checkpoint
         # Spans completed while the next checkpoint's window was not known (a profile zinfo):
         # their end was not checked (unchecked_ends()).
@@ -382,6 +385,12 @@ class GzipSource:
         if self._ahead:  # only after a read that worked: a failing source gets no extra load
             self._decode_ahead(start, length)
 
+    def note_read(self, length: int, offset: int) -> None:
+        """A read served from elsewhere (stored spans): a forward reader's run goes on, and
+        the spans ahead of it are decoded as if it had read through here."""
+        if self._ahead and length:
+            self._decode_ahead(offset, length)
+
     @property
     def blob_size(self) -> int:
         return self._inner.size
@@ -424,9 +433,11 @@ class GzipSource:
                 return
             number = bisect_right(self._starts, offset + length - 1) - 1
             wanted = []
+            kept = self.kept
             for ahead in range(number + 1, min(number + 1 + self._ahead, len(self._starts))):
                 span = self._spans.get(ahead)
-                if ahead in self._queued or (span is not None and span.complete):
+                if ahead in self._queued or (span is not None and span.complete) or (
+                        kept is not None and kept(ahead)):
                     continue
                 self._queued.add(ahead)
                 wanted.append(ahead)
@@ -662,6 +673,8 @@ class GzipSource:
                     return
                 extra = self._check_window(span, number, decoder, extra)
                 self._completed(span)
+                if self.kept is not None and self.kept(number):
+                    return  # the next span is read from where it is kept, never decoded here
                 # Sequential reads: the decoder sits exactly at the next span's start, so seed
                 # that span with it instead of restarting from its checkpoint later.
                 nxt = _Span(number, self._starts[number], self._span_end(number))
@@ -688,8 +701,15 @@ class GzipSource:
                 held.lock.release()
 
     def _completed(self, span: _Span) -> None:
-        if self.on_span is not None:
-            self.on_span(span.number, span.data.buffers())
+        if self.on_span is None or not self.on_span(span.number, span.data.buffers()):
+            return
+        # Stored: reads of it are served from the store, its memory goes back (and is reused
+        # for the next spans instead of growing the heap; readers holding it finish with it).
+        with self._lock:
+            if self._spans.get(span.number) is span:
+                del self._spans[span.number]
+                self._cached -= span.accounted
+                span.accounted = 0
 
     def _next_member(self, span: _Span) -> bool:
         """Skip a member trailer and the next gzip header; False at the end of the blob."""

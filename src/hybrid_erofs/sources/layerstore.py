@@ -182,6 +182,10 @@ class LayerStore:
         end = self._starts[number + 1] if number + 1 < self._count else self.size
         return end - self._starts[number], self._starts[number]
 
+    def serves(self, number: int) -> bool:
+        """True when reads of span `number` are answered from the store (has(), one span)."""
+        return bool(self._present[number]) and not (self._closed or self._discarded)
+
     def has(self, length: int, offset: int) -> bool:
         """True when every byte of the range is in the store."""
         if length <= 0 or self._closed or self._discarded:
@@ -192,10 +196,10 @@ class LayerStore:
         return all(present[first : last + 1])
 
     def put(self, number: int,
-            data: bytes | bytearray | memoryview | Sequence[bytes | memoryview]) -> None:
+            data: bytes | bytearray | memoryview | Sequence[bytes | memoryview]) -> bool:
         """Store span `number` (exactly its bytes, in one buffer or as a list of pieces in
-        order); a failure to write is logged, not raised (the span is still served from
-        memory by the caller)."""
+        order); whether the store serves it now. A failure to write is logged, not raised
+        (the caller keeps serving the span from memory)."""
         length, offset = self.span_range(number)
         if isinstance(data, (bytes, bytearray, memoryview)):
             pieces = [memoryview(data).cast("B")]
@@ -205,17 +209,17 @@ class LayerStore:
         if got != length:
             raise ValueError(f"span {number} has {length} bytes, got {got}")
         if self._present[number] or self._closed or self._discarded:
-            return
+            return self.serves(number)
         if self._budget is not None and not self._budget(length):
             self._refuse(logging.INFO, "the cache is at its size limit")
-            return
+            return False
         try:
             _pwrite_all(self._fd, pieces, offset)
         except OSError as exc:
             with contextlib.suppress(OSError):  # give back what was written
                 punch_hole(self._fd, offset, length)
             self._refuse(logging.WARNING, exc.strerror or str(exc))
-            return
+            return False
         with self._lock:
             self._present[number] = 1
             self._dirty = True
@@ -223,6 +227,7 @@ class LayerStore:
                 self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
                                                  name="layer-store-flush")
                 self._flusher.start()
+        return self.serves(number)
 
     def _refuse(self, level: int, why: str) -> None:
         """Log the first span not stored (one line, not one per span)."""

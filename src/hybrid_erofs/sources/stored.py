@@ -49,6 +49,7 @@ class StoredLayerSource:
         self.store = store
         self.store_reads = store_reads
         inner.on_span = self._keep
+        inner.kept = store.serves
         self._starts = [cp.out_offset for cp in inner.index.checkpoints]
         self._lock = threading.Lock()
         # Spans in the order reads first touched them, with the monotonic time of that first
@@ -59,10 +60,10 @@ class StoredLayerSource:
         self._advised_end = 0
         self.progress: Callable[[], object] | None = None  # a BackgroundFetcher's progress()
 
-    def _keep(self, number: int, data: Sequence[memoryview]) -> None:
-        """GzipSource's hook: a span decoded in full (and checked) goes to the store."""
-        if self.store_reads:
-            self.store.put(number, data)
+    def _keep(self, number: int, data: Sequence[memoryview]) -> bool:
+        """GzipSource's hook: a span decoded in full (and checked) goes to the store; True
+        when the store serves it from now on."""
+        return self.store_reads and self.store.put(number, data)
 
     def spans_read(self) -> list[int]:
         """Span numbers in the order reads first touched them."""
@@ -110,44 +111,82 @@ class StoredLayerSource:
     def pread(self, length: int, offset: int) -> bytes:
         check_range(self, length, offset)
         self._note(length, offset)
-        if not self.store.has(length, offset):
+        if not self._stored_any(length, offset):
             return self.inner.pread(length, offset)
-        self._read_ahead(length, offset)
-        try:
-            data = os.pread(self.store.fd, length, offset)
-        except OSError as exc:
-            raise SourceIOError(f"{self.store.directory}: read of {length} bytes at offset "
-                                f"{offset} of the stored layer failed: {exc.strerror}") from exc
-        if len(data) != length:
-            return self.inner.pread(length, offset)  # the file was cut behind our back
-        return data
+        if self.store.has(length, offset):
+            self._served(length, offset)
+            try:
+                data = os.pread(self.store.fd, length, offset)
+            except OSError as exc:
+                raise SourceIOError(f"{self.store.directory}: read of {length} bytes at offset "
+                                    f"{offset} of the stored layer failed: {exc.strerror}") from exc
+            if len(data) != length:
+                return self.inner.pread(length, offset)  # the file was cut behind our back
+            return data
+        buffer = bytearray(length)
+        self._fill(memoryview(buffer), offset)
+        return bytes(buffer)
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:
-        length = len(buffer)
-        check_range(self, length, offset)
-        self._note(length, offset)
-        if not self.store.has(length, offset):
-            self.inner.pread_into(buffer, offset)
-            return
-        self._read_ahead(length, offset)
+        check_range(self, len(buffer), offset)
+        self._note(len(buffer), offset)
+        self._fill(buffer, offset)
+
+    def _stored_any(self, length: int, offset: int) -> bool:
+        first = bisect_right(self._starts, offset) - 1
+        last = bisect_right(self._starts, offset + length - 1) - 1
+        return any(self.store.serves(number) for number in range(first, last + 1))
+
+    def _fill(self, buffer: memoryview, offset: int) -> None:
+        """Fill `buffer` with the layer data at `offset`: runs of stored spans from the store,
+        the others decoded by `inner`, in order (a stored span is not in `inner`'s memory)."""
+        end, done = offset + len(buffer), 0
+        while offset < end:
+            number = bisect_right(self._starts, offset) - 1
+            stored = self.store.serves(number)
+            stop = self._span_end(number)
+            while stop < end and self.store.serves(number + 1) == stored:
+                number += 1
+                stop = self._span_end(number)
+            stop = min(stop, end)
+            piece = buffer[done : done + stop - offset]
+            if not stored or not self._read_stored(piece, offset):
+                self.inner.pread_into(piece, offset)
+            done += stop - offset
+            offset = stop
+
+    def _read_stored(self, buffer: memoryview, offset: int) -> bool:
+        """Read `buffer` from the store; False when the file came back short (cut behind our
+        back: the caller decodes instead)."""
+        self._served(len(buffer), offset)
         done = 0
         try:
-            while done < length:
+            while done < len(buffer):
                 got = os.preadv(self.store.fd, [buffer[done:]], offset + done)
-                if got <= 0:  # the file was cut behind our back
-                    self.inner.pread_into(buffer, offset)
-                    return
+                if got <= 0:
+                    return False
                 done += got
         except OSError as exc:
-            raise SourceIOError(f"{self.store.directory}: read of {length} bytes at offset "
-                                f"{offset} of the stored layer failed: {exc.strerror}") from exc
+            raise SourceIOError(f"{self.store.directory}: read of {len(buffer)} bytes at "
+                                f"offset {offset} of the stored layer failed: "
+                                f"{exc.strerror}") from exc
+        return True
+
+    def _served(self, length: int, offset: int) -> None:
+        """Stored bytes about to be read: the page cache gets those after them, and `inner`'s
+        forward-reader tracking sees the read (its decode-ahead goes on past them)."""
+        self._read_ahead(length, offset)
+        self.inner.note_read(length, offset)
+
+    def _span_end(self, number: int) -> int:
+        return self._starts[number + 1] if number + 1 < len(self._starts) else self.size
 
     def file_range(self, length: int, offset: int) -> tuple[int, int] | None:
         check_range(self, length, offset)
         if not self.store.has(length, offset):
             return None
         self._note(length, offset)
-        self._read_ahead(length, offset)
+        self._served(length, offset)
         return self.store.fd, offset
 
     def metric_samples(self) -> list[Sample]:
