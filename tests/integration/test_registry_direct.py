@@ -171,10 +171,29 @@ def test_tampered_bytes_are_passed_up_unchanged_for_the_verifier(
 
 def test_a_proxy_in_the_environment_keeps_reads_on_httpx(
         faults: FaultRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
-    # httpx sends through the proxy the environment names; the direct path cannot, so it is off.
-    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # httpx itself still reaches the test server
+    # httpx sends through the proxy the environment names; the direct path cannot, so it is
+    # off for that URL: the read goes to the proxy (here a closed port: it fails), never around it.
+    first, descriptor = open_registry_blob(faults.ref)
+    first.close()
+    faults.reset_counters()
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    blob = RegistryBlobSource(RegistryClient(faults.ref), descriptor, close_client=True)
+    with closing(blob), pytest.raises(SourceIOError):
+        blob.pread(1000, 2000)
+    assert blob.direct_reads == 0 and not faults.blob_ranges
+
+
+def test_no_proxy_for_the_registry_keeps_its_reads_direct(
+        faults: FaultRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A proxy for everything else, NO_PROXY naming the registry's host (as httpx reads it):
+    # httpx would connect to it directly, and so does the direct path.
+    faults.reset_counters()
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
     blob, _ = open_registry_blob(faults.ref)
     with closing(blob):
         assert blob.pread(1000, 2000) == faults.layer[2000:3000]
-        assert blob.direct_reads == 0
+        assert blob.direct_reads == 1

@@ -95,8 +95,8 @@ class RangeGetter:
     (certificates verified, SSL_CERT_FILE/SSL_CERT_DIR honoured), the client's timeout for
     connecting and for every receive. A request on a reused connection that the server had
     closed while idle is sent once more on a new one (nothing of its answer was received).
-    Use `usable()` first: with a proxy configured in the environment, httpx's path must be
-    taken (this one connects directly).
+    Ask `direct_for(client, url)` first: where httpx would go through a proxy the
+    environment names, httpx's path must be taken (this one connects directly).
     """
 
     def __init__(self, *, timeout_s: float, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -107,9 +107,16 @@ class RangeGetter:
         self._closed = False
 
     @staticmethod
-    def usable() -> bool:
-        """False when the environment names a proxy (httpx would use it; this cannot)."""
-        return not urllib.request.getproxies()
+    def direct_for(client: httpx.Client, url: httpx.URL) -> bool:
+        """True when `client` would connect to `url` itself: no proxy in the environment, or
+        NO_PROXY names the host (httpx's own reading of the variables decides)."""
+        if not urllib.request.getproxies():
+            return True
+        try:
+            transport_for = client._transport_for_url  # httpx's choice of proxy per URL
+            return transport_for(url) is client._transport
+        except AttributeError:  # another httpx: never bypass a proxy it might use
+            return False
 
     def open(self, request: httpx.Request) -> Answer:
         """Send `request` (a GET without a body) and read the answer's head; raises OSError

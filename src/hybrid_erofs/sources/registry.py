@@ -99,8 +99,7 @@ class RegistryBlobSource:
         self.bytes_received = 0  # blob bytes received by pread, cut-off bodies included
         self.direct_reads = 0  # preads answered on the RangeGetter
         self._getter = (RangeGetter(timeout_s=client.timeout_s)
-                        if direct and client.default_transport and RangeGetter.usable()
-                        else None)
+                        if direct and client.default_transport else None)
 
     @property
     def size(self) -> int:
@@ -193,6 +192,8 @@ class RegistryBlobSource:
         with self._lock:
             url = self._storage_url or self._blob_url
         http = self.client.http
+        if not getter.direct_for(http, url):  # through the proxy the environment names
+            return None if url == self._blob_url else url
         request = http.build_request(
             "GET", url, headers={"Range": f"bytes={offset}-{end}", "Accept-Encoding": "identity"})
         flow = None
