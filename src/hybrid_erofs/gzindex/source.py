@@ -411,6 +411,8 @@ class GzipSource:
         and checked, `on_span` sees it. Raises what a read of it would raise."""
         if not 0 <= number < len(self._starts):
             raise ValueError(f"span {number} is outside 0..{len(self._starts) - 1}")
+        if self.kept is not None and self.kept(number):
+            return  # stored meanwhile (a reader's decode): nothing to fetch or decode
         span = self._span(number)
         with span.lock:
             if not span.complete:

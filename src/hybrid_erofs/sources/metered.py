@@ -91,14 +91,14 @@ class MeteredSource:
         """FileRanged pass-through; a range handed out counts as a read served."""
         if not isinstance(self.inner, FileRanged):
             return None
-        started = time.perf_counter_ns()
-        where = self.inner.file_range(length, offset)
+        started = time.perf_counter_ns() if self._latency is not None else 0
+        try:
+            where = self.inner.file_range(length, offset)
+        except BaseException:  # refused (a closed gate): a read answered with EIO
+            self._count(started, 0, failed=True)
+            raise
         if where is not None:
-            with self._lock:
-                if self._latency is not None:
-                    self._latency.observe_ns(time.perf_counter_ns() - started)
-                self._reads += 1
-                self._bytes += length
+            self._count(started, length)
         return where
 
     def close(self) -> None:
