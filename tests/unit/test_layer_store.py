@@ -282,3 +282,19 @@ def test_reads_served_from_the_store_keep_decode_ahead_going(tmp_path: Path) -> 
     _wait_for(lambda: {4} <= set(done))
     assert not {1, 2, 3} & set(done)
     source.close()
+
+
+def test_load_span_of_a_span_stored_meanwhile_fetches_and_decodes_nothing(
+        tmp_path: Path) -> None:
+    """The background fetcher picked span 2 while a reader's decode stored it: loading it
+    then reads nothing more of the blob (the stored span is not in memory to find)."""
+    inner = CountingSource(BLOB)
+    gzip_source = GzipSource(inner, INDEX, size=len(DATA))
+    source = StoredLayerSource(gzip_source, LayerStore(tmp_path, size=len(DATA), starts=STARTS))
+    length = STARTS[3] - STARTS[2]
+    assert source.pread(length, STARTS[2]) == DATA[STARTS[2] : STARTS[3]]
+    assert source.store.serves(2)
+    calls, decoded = len(inner.calls), gzip_source.spans_decoded
+    gzip_source.load_span(2)
+    assert len(inner.calls) == calls and gzip_source.spans_decoded == decoded
+    source.close()
