@@ -259,11 +259,14 @@ def test_a_stored_span_leaves_memory_and_reads_around_it_mix_store_and_decode(
     lazy.close()
 
 
-def test_reads_served_from_the_store_keep_decode_ahead_going(tmp_path: Path) -> None:
-    """A forward reader whose reads come from stored spans is still a forward reader: the
-    spans after them are decoded ahead (not the stored ones), so it does not wait for a
-    whole span's decode each time it reaches one that is not stored."""
-    gzip_source = GzipSource(MemorySource(BLOB), INDEX, size=len(DATA), decode_ahead=2)
+def test_reads_served_from_the_store_fetch_nothing_and_keep_the_readers_run(
+        tmp_path: Path) -> None:
+    """Reads answered from stored spans start no ahead-work (they fetch nothing: a container
+    served from its profile's spans makes no request), but they continue the reader's forward
+    run: its first read of a span not stored decodes the next ones ahead at once, instead of
+    waiting for another read to find the run again."""
+    inner = CountingSource(BLOB)
+    gzip_source = GzipSource(inner, INDEX, size=len(DATA), decode_ahead=2)
     done: list[int] = []
     source = StoredLayerSource(gzip_source, LayerStore(tmp_path, size=len(DATA), starts=STARTS))
     for number in (1, 2, 3):
@@ -275,11 +278,17 @@ def test_reads_served_from_the_store_keep_decode_ahead_going(tmp_path: Path) -> 
         return keep(number, data)
 
     gzip_source.on_span = record
+    calls = len(inner.calls)
     step = 64 << 10
-    for offset in range(STARTS[1], STARTS[3], step):  # all stored: nothing decoded here
-        length = min(step, len(DATA) - offset)
+    offset = STARTS[1]
+    while offset < STARTS[4]:  # stored spans, then the first read of span 4
+        length = min(step, STARTS[4] - offset)
         assert source.pread(length, offset) == DATA[offset : offset + length]
-    _wait_for(lambda: {4} <= set(done))
+        offset += length
+    time.sleep(0.2)
+    assert done == [] and len(inner.calls) == calls  # nothing fetched, nothing decoded
+    assert source.pread(step, STARTS[4]) == DATA[STARTS[4] : STARTS[4] + step]
+    _wait_for(lambda: {5, 6} <= set(done))
     assert not {1, 2, 3} & set(done)
     source.close()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import zlib as _stdlib_zlib
 from bisect import bisect_right
 from collections import OrderedDict, deque
@@ -130,6 +131,7 @@ FIRST_PIECE = 64 << 10
 MAX_PIECE = 1 << 20
 OUTPUT_CAP = 4 << 20
 MIN_OUTPUT = 64 << 10
+AHEAD_PIECE = 1 << 20  # what a whole-span decode inflates at a time under the span's lock
 TRAILER_SIZE = 8  # RFC 1952: CRC32 and ISIZE after each member's deflate data
 
 
@@ -226,6 +228,7 @@ class _Span:
     # start (checkpoint 0, or after a member boundary); None when it began mid-member.
     crc: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    waiting: int = 0  # readers about to take `lock` (a hint: a whole-span decode lets them in)
 
     @property
     def complete(self) -> bool:
@@ -376,20 +379,36 @@ class GzipSource:
             span = self._span(number)
             size = min(end, span.end) - offset
             rel = offset - span.start
-            with span.lock:
-                if len(span.data) < rel + size:
-                    self._decode(span, rel + size)
-                take(span.data, rel, size, offset - start)
+            span.waiting += 1
+            try:
+                with span.lock:
+                    if len(span.data) < rel + size:
+                        self._decode(span, rel + size)
+                    take(span.data, rel, size, offset - start)
+            finally:
+                span.waiting -= 1
             self._account(span)
             offset += size
         if self._ahead:  # only after a read that worked: a failing source gets no extra load
             self._decode_ahead(start, length)
 
     def note_read(self, length: int, offset: int) -> None:
-        """A read served from elsewhere (stored spans): a forward reader's run goes on, and
-        the spans ahead of it are decoded as if it had read through here."""
+        """A read served from elsewhere (stored spans): it continues a forward reader's run,
+        so that its next read here decodes ahead at once; it starts no ahead-work itself
+        (reads answered locally fetch nothing)."""
         if self._ahead and length:
-            self._decode_ahead(offset, length)
+            with self._lock:
+                self._continue_run(offset, length)
+
+    def _continue_run(self, offset: int, length: int) -> int | None:
+        """Record a read: where the forward run it continues began, or None (it continues
+        none: the kernel keeps a few of a reader's requests in flight, so the 8 most recent
+        ends count). Caller holds self._lock."""
+        begun = self._runs.pop(offset, None)
+        self._runs[offset + length] = offset if begun is None else begun
+        while len(self._runs) > 8:
+            self._runs.popitem(last=False)
+        return begun
 
     @property
     def blob_size(self) -> int:
@@ -414,9 +433,17 @@ class GzipSource:
         if self.kept is not None and self.kept(number):
             return  # stored meanwhile (a reader's decode): nothing to fetch or decode
         span = self._span(number)
-        with span.lock:
-            if not span.complete:
-                self._decode(span, span.end - span.start)
+        while True:
+            # A piece at a time, the lock let go in between: a reader that needs the start
+            # of the span (a request reaching into it from the one before) waits for that
+            # piece, not for the whole span.
+            with span.lock:
+                if span.complete:
+                    break
+                self._decode(span, len(span.data) + AHEAD_PIECE)
+            self._account(span)
+            if span.waiting:
+                time.sleep(0)  # let the reader take the lock before the next piece
         self._account(span)
 
     # -- decode-ahead -------------------------------------------------------------------------
@@ -426,12 +453,8 @@ class GzipSource:
         `decode_ahead` spans after the one it ends in on the worker threads, each from its
         own checkpoint. Random readers never trigger it."""
         with self._lock:
-            begun = self._runs.pop(offset, None)
-            forward = begun is not None
-            self._runs[offset + length] = offset if begun is None else begun
-            while len(self._runs) > 8:
-                self._runs.popitem(last=False)
-            if not forward or self._closed:
+            begun = self._continue_run(offset, length)
+            if begun is None or self._closed:
                 return
             number = bisect_right(self._starts, offset + length - 1) - 1
             wanted = []
