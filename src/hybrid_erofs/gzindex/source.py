@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 import zlib as _stdlib_zlib
 from bisect import bisect_right
 from collections import OrderedDict, deque
@@ -131,7 +130,6 @@ FIRST_PIECE = 64 << 10
 MAX_PIECE = 1 << 20
 OUTPUT_CAP = 4 << 20
 MIN_OUTPUT = 64 << 10
-AHEAD_PIECE = 1 << 20  # what a whole-span decode inflates at a time under the span's lock
 TRAILER_SIZE = 8  # RFC 1952: CRC32 and ISIZE after each member's deflate data
 
 
@@ -228,7 +226,6 @@ class _Span:
     # start (checkpoint 0, or after a member boundary); None when it began mid-member.
     crc: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    waiting: int = 0  # readers about to take `lock` (a hint: a whole-span decode lets them in)
 
     @property
     def complete(self) -> bool:
@@ -379,14 +376,10 @@ class GzipSource:
             span = self._span(number)
             size = min(end, span.end) - offset
             rel = offset - span.start
-            span.waiting += 1
-            try:
-                with span.lock:
-                    if len(span.data) < rel + size:
-                        self._decode(span, rel + size)
-                    take(span.data, rel, size, offset - start)
-            finally:
-                span.waiting -= 1
+            with span.lock:
+                if len(span.data) < rel + size:
+                    self._decode(span, rel + size)
+                take(span.data, rel, size, offset - start)
             self._account(span)
             offset += size
         if self._ahead:  # only after a read that worked: a failing source gets no extra load
@@ -433,17 +426,9 @@ class GzipSource:
         if self.kept is not None and self.kept(number):
             return  # stored meanwhile (a reader's decode): nothing to fetch or decode
         span = self._span(number)
-        while True:
-            # A piece at a time, the lock let go in between: a reader that needs the start
-            # of the span (a request reaching into it from the one before) waits for that
-            # piece, not for the whole span.
-            with span.lock:
-                if span.complete:
-                    break
-                self._decode(span, len(span.data) + AHEAD_PIECE)
-            self._account(span)
-            if span.waiting:
-                time.sleep(0)  # let the reader take the lock before the next piece
+        with span.lock:
+            if not span.complete:
+                self._decode(span, span.end - span.start)
         self._account(span)
 
     # -- decode-ahead -------------------------------------------------------------------------
