@@ -357,6 +357,31 @@ def test_an_image_published_before_profile_zinfos_mounts_as_before(
         layers.unmount(layer, mnt)
 
 
+def test_mount_ref_fetches_the_profile_its_image_binds_first(
+        published: dict[str, Any], tmp_path: Path, runtime: dict[str, str]) -> None:
+    """`mount REF` (one layer, its index found in the registry) uses the prefetch profile the
+    image binds, as mount-image and the snapshotter do: the profile's spans come in before any
+    read while the rest waits for its quiet period; the tag, whose index is only attached, gets
+    no profile."""
+    repository = published["ref"].rsplit(":", 1)[0]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    since = _lines(published["log"])
+    _cli("mount", "--via", "fuse", "--fetch-delay", "600", "--cache-dir", str(tmp_path / "c"),
+         f"{repository}@{published['manifest']}", str(mnt), env=runtime)
+    try:
+        entry = _wait_fetch(runtime, lambda entry, fetch: fetch.get("spans_local", 0)
+                            >= len(published["spans"]))
+        assert "--_prefetch" in _daemon_argv(runtime)
+        fetch = fetch_status(entry["stats"]["layers"][0]) or {}
+        assert fetch["state"] == "waiting"  # the rest waits: only the profile came
+        assert fetch["spans_local"] == len(published["spans"])
+        assert _blob_gets(published["log"], since)  # fetched before any read of the tree
+        assert (mnt / "data/random.bin").read_bytes() == published["contents"]["data/random.bin"]
+    finally:
+        _cli("umount", str(mnt), env=runtime)
+
+
 # -- a daemon that died before the zinfo came: `mount --reattach` ------------------------------
 
 def _layer_tree(published: dict[str, Any]) -> dict[str, tuple[str, str]]:

@@ -101,7 +101,7 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
                                    f"for a .tar.gz); only registry images carry their index")
         from ..mounting.discovery import discover_layer
 
-        source, meta, zinfo, registry, trust = discover_layer(
+        source, meta, zinfo, registry, trust, prefetch = discover_layer(
             source, registry=registry, policy=policy,
             progress=lambda line: click.echo(line, err=True))
     if meta is None:
@@ -115,7 +115,7 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
         return
     record = mount_layer(source, mountpoint, meta=meta, zinfo=zinfo, registry=registry,
                          via=via, timeout_s=timeout_s, metrics_address=metrics_address,
-                         trust=trust, fetch=fetch)
+                         trust=trust, fetch=fetch, prefetch=prefetch)
     assert record is not None
     click.echo(f"mounted {record.source} on {record.mountpoint} (via {record.transport}, "
                f"daemon pid {record.daemon_pid}, log {record.log_file}"

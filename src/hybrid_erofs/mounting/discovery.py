@@ -95,6 +95,13 @@ class DiscoveredImage:
         directory = self.layer_dirs[layer.digest]
         return directory / names["meta"], directory / names["zinfo"]
 
+    def prefetch_path(self, layer: LayerEntry) -> Path | None:
+        """`layer`'s prefetch profile, when its index has one the image binds (fetched and
+        verified with the layer's other files; unbound indexes' profiles are dropped)."""
+        if layer.prefetch is None:
+            return None
+        return self.layer_dirs[layer.digest] / layer.prefetch.name
+
 
 def indexes_dir(registry: RegistryOptions) -> Path:
     return (registry.cache_dir or default_cache_dir()) / "indexes"
@@ -350,9 +357,10 @@ def _pinned(reference: str, manifest: str) -> str:
 def discover_layer(reference: str, *, registry: RegistryOptions,
                    policy: TrustPolicy | None = None,
                    progress: Callable[[str], None] | None = None
-                   ) -> tuple[str, Path, Path, RegistryOptions, str]:
+                   ) -> tuple[str, Path, Path, RegistryOptions, str, Path | None]:
     """(source pinned to the indexed manifest, meta, zinfo, options naming the layer's blob,
-    how the index was obtained) for `mount REF` without --meta."""
+    how the index was obtained, the layer's prefetch profile or None) for `mount REF`
+    without --meta."""
     found = discover_image_index(
         reference, registry=registry, policy=policy, progress=progress,
         layers=lambda image: [choose_layer(image, registry, reference=reference)])
@@ -360,7 +368,8 @@ def discover_layer(reference: str, *, registry: RegistryOptions,
     layer = next(layer for layer in found.image.layers if layer.digest == digest)
     meta, zinfo = found.layer_paths(layer)
     return (_pinned(reference, found.image.manifest), meta, zinfo,
-            replace(registry, blob=digest, layer=None, platform=None), found.trust[digest])
+            replace(registry, blob=digest, layer=None, platform=None), found.trust[digest],
+            found.prefetch_path(layer))
 
 
 def discover_image_plan(reference: str, *, registry: RegistryOptions,
@@ -375,10 +384,9 @@ def discover_image_plan(reference: str, *, registry: RegistryOptions,
     layers = []
     for layer in found.image.layers:
         meta, zinfo = found.layer_paths(layer)
-        prefetch = (found.layer_dirs[layer.digest] / layer.prefetch.name
-                    if layer.prefetch is not None else None)  # verified with the rest
         layers.append(ImageLayer(source=pinned, meta=meta, zinfo=zinfo, blob=layer.digest,
-                                 trust=found.trust[layer.digest], prefetch=prefetch))
+                                 trust=found.trust[layer.digest],
+                                 prefetch=found.prefetch_path(layer)))
     if not layers:
         raise InvalidInput(f"{reference}: image {found.image.manifest} has no layers")
     return ImagePlan(found.image.platform, found.image.manifest, tuple(layers))
