@@ -61,8 +61,9 @@ def mount(arguments: tuple[str, ...], meta: Path | None, zinfo: Path | None,
     Without --meta/--zinfo, the index that `hybrid-erofs index REF --all-layers --push`
     published is found in the registry and cached: bound to the image (mount the pull_ref
     it printed), or attached to it and signed by a key this node trusts (--trusted-key);
-    an index that is neither is refused unless --accept-unbound (docs/security.md). A
-    prefetch profile the image binds (`hybrid-erofs profile`) has its spans fetched first.
+    an index that is neither is refused unless --accept-unbound (docs/security.md). The
+    prefetch profile of a bound or signed index (`hybrid-erofs profile`) has its spans
+    fetched first.
 
     Returns once the mount answers; a daemon keeps serving it (log and state under
     /run/hybrid-erofs). Reads fetch what they need at once; after --fetch-delay seconds the
