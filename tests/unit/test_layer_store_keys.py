@@ -67,6 +67,14 @@ def _forge(zinfo: Path, forged: Path) -> None:
         zinfo_size=len(data)), sidecar_path(forged))
 
 
+def _indexed(tmp_path: Path) -> tuple[Path, bytes, Path, Path]:
+    """(blob, its tar, its zinfo indexed here, the blob's cache directory for stores)."""
+    blob, tar = _layer(tmp_path)
+    zinfo = tmp_path / "layer.zinfo"
+    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
+    return blob, tar, zinfo, tmp_path / "blob-cache"
+
+
 def _read_tail(blob: Path, zinfo: Path, store: Path) -> bytes:
     layer = open_gzip_layer(FileSource(blob), zinfo=zinfo, name=str(blob), store_dir=store)
     try:
@@ -105,21 +113,11 @@ def test_spans_decoded_through_a_forged_profile_zinfo_are_not_served_to_the_zinf
     """The genuine sidecar and zinfo bound with a forged profile zinfo (gzindex/lazy.py):
     its windows decode the profile's spans before the zinfo comes to refuse it; those spans
     stay out of the store that mounts through the zinfo read."""
-    blob, tar = _layer(tmp_path)
-    zinfo = tmp_path / "layer.zinfo"
-    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
+    blob, tar, zinfo, store = _indexed(tmp_path)
     full = load_index(zinfo)
     last = len(full) - 1
-    forged_cp = dataclasses.replace(full.checkpoints[last],
-                                    window=bytes(b ^ 0x5A for b in full.checkpoints[last].window))
-    forged = profile_index(GzipIndex(full.span, (*full.checkpoints[:-1], forged_cp)), [last])
-    windows = LazyWindows(forged, [last], load=lambda: full, digest="sha256:" + hashlib.sha256(
-        dump_index(forged)).hexdigest())
-    store = tmp_path / "blob-cache"
-    layer = open_gzip_layer(FileSource(blob), zinfo=zinfo, name=str(blob), store_dir=store,
-                            windows=windows)
+    layer = _open(blob, zinfo, store, _profiled(zinfo, [last], forge=last))
     try:
-        assert isinstance(layer, StoredLayerSource)
         start = full.checkpoints[last].out_offset
         assert layer.pread(layer.size - start, start) != tar[start:]
         lazy_store = layer.store.data_path
@@ -157,10 +155,7 @@ def test_a_store_started_on_an_agreeing_profile_zinfo_becomes_the_zinfo_store(
         tmp_path: Path) -> None:
     """Mounted on its profile zinfo, read in full (the full zinfo comes and agrees), closed;
     opened again through the zinfo: every span is there, none is decoded again."""
-    blob, tar = _layer(tmp_path)
-    zinfo = tmp_path / "layer.zinfo"
-    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
-    store = tmp_path / "blob-cache"
+    blob, tar, zinfo, store = _indexed(tmp_path)
     windows = _profiled(zinfo, [1])
     layer = _open(blob, zinfo, store, windows)
     try:
@@ -194,10 +189,7 @@ def test_spans_stored_after_the_rekey_are_recorded_under_the_zinfo_store(
     checked (the next window was not in the profile zinfo), is served by this mount but
     recorded for the zinfo's only once the layer is verified: until then a mount through
     the zinfo decodes it itself (with the check)."""
-    blob, tar = _layer(tmp_path)
-    zinfo = tmp_path / "layer.zinfo"
-    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
-    store = tmp_path / "blob-cache"
+    blob, tar, zinfo, store = _indexed(tmp_path)
     windows = _profiled(zinfo, [1, 2])  # span 1 ends at a window it has, span 2 does not
     layer = _open(blob, zinfo, store, windows)
     last = layer.store.span_count - 1
@@ -231,11 +223,8 @@ def test_a_forged_profile_zinfo_never_becomes_the_zinfo_store(tmp_path: Path) ->
     """A profile zinfo with a forged window: its spans are decoded and stored, the full
     zinfo comes and is refused; the store never becomes the zinfo's (it is removed, nothing
     else is stored in it), and the zinfo's mount decodes the right bytes into its own."""
-    blob, tar = _layer(tmp_path)
-    zinfo = tmp_path / "layer.zinfo"
-    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
+    blob, tar, zinfo, store = _indexed(tmp_path)
     last = len(load_index(zinfo)) - 1
-    store = tmp_path / "blob-cache"
     windows = _profiled(zinfo, [last], forge=last)
     layer = _open(blob, zinfo, store, windows)
     try:
@@ -263,10 +252,7 @@ def test_a_forged_profile_zinfo_never_becomes_the_zinfo_store(tmp_path: Path) ->
 def test_a_zinfo_file_other_than_the_sidecar_names_is_not_adopted(tmp_path: Path) -> None:
     """The full zinfo LazyWindows was given agrees, but the file the zinfo's mounts read is
     not the one the sidecar names: the store stays the profile zinfo's."""
-    blob, _tar = _layer(tmp_path)
-    zinfo = tmp_path / "layer.zinfo"
-    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
-    store = tmp_path / "blob-cache"
+    blob, _tar, zinfo, store = _indexed(tmp_path)
     windows = _profiled(zinfo, [1])
     layer = _open(blob, zinfo, store, windows)
     try:
@@ -281,10 +267,7 @@ def test_a_zinfo_file_other_than_the_sidecar_names_is_not_adopted(tmp_path: Path
 def test_a_store_is_kept_apart_from_an_existing_zinfo_store(tmp_path: Path) -> None:
     """The zinfo's store exists already (a mount through the zinfo made it meanwhile): never
     replaced; both stores go on serving their own spans."""
-    blob, tar = _layer(tmp_path)
-    zinfo = tmp_path / "layer.zinfo"
-    index_layer(str(blob), zinfo=zinfo, meta=None, span=SPAN)
-    store = tmp_path / "blob-cache"
+    blob, tar, zinfo, store = _indexed(tmp_path)
     plain = _open(blob, zinfo, store)
     length, offset = plain.store.span_range(0)
     assert plain.pread(length, offset) == tar[:length]

@@ -84,18 +84,19 @@ class LazyWindows:
         """Call `callback()` once the full zinfo is here and agrees with the profile zinfo
         (at once when it is already): device.py rekeys the layer store there. Never called
         when the full zinfo is refused; an error it raises is logged, not passed on."""
-        with self._lock:
-            if self._full is None:
-                self._on_complete.append(callback)
-                return
-        self._call(callback)
+        self._when(lambda: self._full is not None, self._on_complete, callback)
 
     def when_refused(self, callback: Callable[[], object]) -> None:
         """Call `callback()` once the full zinfo is refused (at once when it was already),
         before `on_failure`: device.py discards the layer store there."""
+        self._when(lambda: self._failed is not None, self._on_refused, callback)
+
+    def _when(self, happened: Callable[[], bool], waiting: list[Callable[[], object]],
+              callback: Callable[[], object]) -> None:
+        """`callback()` now if `happened()`, else kept in `waiting` for when it does."""
         with self._lock:
-            if self._failed is None:
-                self._on_refused.append(callback)
+            if not happened():
+                waiting.append(callback)
                 return
         self._call(callback)
 

@@ -158,8 +158,8 @@ class _Pieces:
         self._starts.clear()
         self._size = 0
 
-    def copy(self, start: int, length: int) -> bytes:
-        """Bytes `start` to `start + length` (decoded already), in one copy."""
+    def _views(self, start: int, length: int) -> list[memoryview]:
+        """Views of bytes `start` to `start + length` (decoded already), part by part."""
         end = start + length
         if start < 0 or end > self._size:
             raise ValueError(f"bytes {start}..{end} of a span decoded to {self._size}")
@@ -170,23 +170,19 @@ class _Pieces:
             stop = min(end, at + len(part))
             views.append(memoryview(part)[start - at : stop - at])
             start, number = stop, number + 1
-        if len(views) == 1:
-            return bytes(views[0])
-        return b"".join(views)
+        return views
+
+    def copy(self, start: int, length: int) -> bytes:
+        """Bytes `start` to `start + length` (decoded already), in one copy."""
+        views = self._views(start, length)
+        return bytes(views[0]) if len(views) == 1 else b"".join(views)
 
     def copy_into(self, target: memoryview, start: int) -> None:
         """Fill `target` with the bytes from `start` on (decoded already)."""
-        end = start + len(target)
-        if start < 0 or end > self._size:
-            raise ValueError(f"bytes {start}..{end} of a span decoded to {self._size}")
-        number = bisect_right(self._starts, start) - 1
         done = 0
-        while start < end:
-            part, at = self._parts[number], self._starts[number]
-            stop = min(end, at + len(part))
-            target[done : done + stop - start] = memoryview(part)[start - at : stop - at]
-            done += stop - start
-            start, number = stop, number + 1
+        for view in self._views(start, len(target)):
+            target[done : done + len(view)] = view
+            done += len(view)
 
     def cut(self, size: int) -> bytes:
         """Keep the first `size` bytes; return those past it."""
