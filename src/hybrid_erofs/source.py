@@ -52,6 +52,17 @@ class Prefetching(Protocol):
     def prefetch(self, length: int, offset: int) -> None: ...
 
 
+@runtime_checkable
+class Releasing(Protocol):
+    """Optional capability of a stage that keeps data in memory which it can make again from
+    elsewhere (decode it again, read it back from disk): give that memory up, for an idle
+    mount. Data in use by a read and data that exists nowhere else are kept."""
+
+    def release_memory(self) -> int:
+        """Drop what can be made again; the bytes dropped."""
+        ...
+
+
 def read_into(source: ByteSource, buffer: memoryview, offset: int) -> None:
     """Fill `buffer` (writable, format "B") with the bytes of `source` at `offset`, or raise.
 

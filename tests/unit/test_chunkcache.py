@@ -281,6 +281,30 @@ def test_chunks_fetched_ahead_are_held_within_their_bound(open_cache: Open,
     assert set(_chunks_fetched(none.calls[1:])) == {0}
 
 
+def test_an_idle_release_drops_chunks_fetched_ahead_and_keeps_unstored_ones(
+        open_cache: Open, tmp_path: Path) -> None:
+    """release_memory (an idle mount) gives up the fetch buffers of chunks fetched ahead
+    (a read then finds them on disk) but never chunks that could not be stored: they exist
+    nowhere else."""
+    inner = CountingSource(DATA)
+    source = open_cache(inner, handoff_bytes=4 * CHUNK)
+
+    def gauge(name: str) -> int:
+        return int(next(s.value for s in source.metric_samples() if s.name == name))
+
+    _prefetch_and_wait(source, 2 * CHUNK, 0, 2)
+    assert gauge("chunk_cache_handoff_bytes") == 2 * CHUNK
+    assert source.release_memory() == 2 * CHUNK
+    assert gauge("chunk_cache_handoff_bytes") == 0 and source.release_memory() == 0
+    calls = len(inner.calls)
+    assert source.pread(2 * CHUNK, 0) == DATA[: 2 * CHUNK]
+    assert len(inner.calls) == calls  # from disk
+    source._remember(4, DATA[4 * CHUNK : 5 * CHUNK])  # as when the disk was full
+    assert gauge("chunk_cache_memory_bytes") == CHUNK
+    assert source.release_memory() == 0
+    assert gauge("chunk_cache_memory_bytes") == CHUNK
+
+
 def _prefetched(source: ChunkCacheSource, inner: CountingSource, count: int) -> Counter[int]:
     deadline = time.monotonic() + 5
     while source.stats.readahead_chunks < count and time.monotonic() < deadline:

@@ -256,7 +256,8 @@ def registry_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--memory-cache", "memory_cache_bytes", type=SizeType(),
                      default=DEFAULT_MEMORY_CACHE, show_default=True, metavar="SIZE",
                      help="Memory for one layer's caches: decoded data up to SIZE, compressed "
-                          "spans and chunks the disk cannot take up to SIZE/4 each."),
+                          "spans and chunks the disk cannot take up to SIZE/4 each (given up "
+                          "after 60 s without reads, but for unstored chunks)."),
         click.option("--failure-memory", "failure_ttl_s", type=click.FloatRange(min=0),
                      default=DEFAULT_TTL_S, show_default=True, metavar="SECONDS",
                      help="How long a range the registry failed to give is failed at once "

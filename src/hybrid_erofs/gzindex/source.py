@@ -336,6 +336,23 @@ class GzipSource:
             self._cached = 0
         self._inner.close()
 
+    def release_memory(self) -> int:
+        """Drop the decoded spans no reader or decode is working on (Releasing); a read of
+        one later decodes it again from its checkpoint. Returns the bytes dropped."""
+        dropped = 0
+        with self._lock:
+            for number, span in list(self._spans.items()):
+                if not span.lock.acquire(blocking=False):
+                    continue  # being read or decoded: it stays
+                try:
+                    del self._spans[number]
+                    self._cached -= span.accounted
+                    dropped += span.accounted
+                    span.accounted = 0
+                finally:
+                    span.lock.release()
+        return dropped
+
     def metric_samples(self) -> list[Sample]:
         return [counter("spans_decoded", self.spans_decoded,
                         "Decodes started at a zinfo checkpoint"),

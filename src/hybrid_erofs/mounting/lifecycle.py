@@ -30,7 +30,9 @@ from ..errors import HybridErofsError, MountBusy, MountError
 from ..metrics import DaemonMetrics, MetricsServer
 from ..oci.layout import is_layout_reference, parse_layout_reference
 from ..printable import printable_message
-from ..source import ByteSource
+from ..source import ByteSource, Releasing
+from ..sources.metered import MeteredSource, iter_stages
+from ..units import format_duration, format_size
 from .kernel import (
     detach_loop,
     loops_backed_by,
@@ -166,6 +168,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD = 8 << 20
 TRIM_THRESHOLD = 8 << 20  # free memory at an arena's top kept for reuse between trims
 TRIM_EVERY_S = 2.0  # how often free arena pages are given back (malloc_trim)
+# A layer without reads for this long gives up the memory its stages can fill again (decoded
+# spans, verified spans, chunks fetched ahead): an idle mount shrinks to its start-up size.
+IDLE_RELEASE_S = 60.0
 
 
 @functools.cache
@@ -288,13 +293,59 @@ def _daemon_status(daemon: DaemonBody, metrics: DaemonMetrics) -> dict[str, Any]
     return stats
 
 
+class IdleRelease:
+    """Per layer: once no read has come for `idle_s`, drop what its stages keep in memory and
+    can make again (`Releasing`: decoded spans, verified spans, chunks fetched ahead), and
+    again at each tick while it stays idle (a background fetch may fill them meanwhile). A
+    read after that decodes from the layer store, the chunk cache or the blob again."""
+
+    def __init__(self, idle_s: float = IDLE_RELEASE_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.idle_s = idle_s
+        self._clock = clock
+        self._seen: dict[str, tuple[int, float]] = {}  # layer -> (reads, since when)
+        self._logged: set[str] = set()  # layers whose release this idle spell was logged
+
+    def tick(self, layers: list[tuple[str, ByteSource]]) -> int:
+        """Look at each layer's reads; release the idle ones. Returns the bytes dropped."""
+        now = self._clock()
+        released = 0
+        for name, device in layers:
+            stages = list(iter_stages(device))
+            reads = sum(stage.stats.reads for stage in stages
+                        if isinstance(stage, MeteredSource))
+            seen = self._seen.get(name)
+            if seen is None or seen[0] != reads:
+                self._seen[name] = (reads, now)
+                self._logged.discard(name)
+                continue
+            if now - seen[1] < self.idle_s:
+                continue
+            dropped = sum(stage.release_memory() for stage in stages
+                          if isinstance(stage, Releasing))
+            if dropped and name not in self._logged:
+                log.info("%s: no reads for %s: released %s of cached layer data", name,
+                         format_duration(now - seen[1]), format_size(dropped))
+                self._logged.add(name)
+            released += dropped
+        return released
+
+
 def _serve(daemon: DaemonBody, metrics: DaemonMetrics, paths: StatePaths,
            stop: threading.Event) -> None:
     """Write the stats file every STATS_INTERVAL_S until a stop signal or the daemon is gone;
-    give free heap pages back every TRIM_EVERY_S."""
+    give free heap pages back every TRIM_EVERY_S, and the caches of layers idle for
+    IDLE_RELEASE_S."""
+    idle, failed = IdleRelease(), False
     while True:
         with contextlib.suppress(HybridErofsError):
             paths.save_stats(_daemon_status(daemon, metrics))
+        try:
+            idle.tick(daemon.layers())
+        except Exception:  # a bug here must not end the mount: log it once, serve on
+            if not failed:
+                log.exception("releasing the caches of idle layers failed")
+            failed = True
         trim_malloc()
         if stop.wait(min(STATS_INTERVAL_S, TRIM_EVERY_S)):
             return

@@ -365,6 +365,16 @@ class ChunkCacheSource:
                 self._store.discard(first, last - first + 1)
             self._count(invalidated_chunks=last - first + 1)
 
+    def release_memory(self) -> int:
+        """Drop the chunks fetched ahead and not read yet (Releasing): a read finds them on
+        disk (or among the chunks that could not be stored, which stay: they are nowhere else).
+        Returns the bytes of fetch buffers given up."""
+        with self._lock:
+            before = self._handoff_held
+            for number in list(self._handoff):
+                self._take_handoff(number)
+            return before - self._handoff_held
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

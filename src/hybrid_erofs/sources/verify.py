@@ -86,6 +86,14 @@ class VerifiedSource:
                 gauge("verified_cache_bytes", held,
                       "Verified compressed spans kept in memory")]
 
+    def release_memory(self) -> int:
+        """Drop the verified spans kept in memory (Releasing); a read of one later fetches
+        it from `inner` again and checks it again. Returns the bytes dropped."""
+        with self._lock:
+            dropped, self._held = self._held, 0
+            self._cache.clear()
+        return dropped
+
     def pread(self, length: int, offset: int) -> bytes:
         check_range(self, length, offset)
         if length == 0:
