@@ -120,3 +120,23 @@ def test_a_layer_idle_for_the_period_is_released_and_a_read_starts_the_wait_agai
         lines = [r.getMessage() for r in caplog.records if "no reads for" in r.getMessage()]
         assert len(lines) == 2  # once per idle spell, not at every tick
         assert lines[0].startswith("sha256:abc: no reads for 1m") and "released" in lines[0]
+
+
+def test_two_layers_of_one_blob_are_watched_each_on_its_own() -> None:
+    """An image may hold the same blob twice (same name): a read of one does not keep the
+    other from being released."""
+    now = [0.0]
+    idle = IdleRelease(idle_s=60, clock=lambda: now[0])
+    first, first_layer, _, _ = _stack()
+    second, second_layer, _, _ = _stack()
+    with contextlib.closing(first), contextlib.closing(second):
+        layers: list[tuple[str, ByteSource]] = [("sha256:abc", first), ("sha256:abc", second)]
+        _read_all(first)
+        _read_all(second)
+        idle.tick(layers)
+        for _ in range(4):
+            now[0] += 20
+            first.pread(1, 0)  # the first layer stays busy
+            idle.tick(layers)
+        assert _gauge(first_layer, "decoded_cache_bytes") > 0
+        assert _gauge(second_layer, "decoded_cache_bytes") == 0

@@ -303,30 +303,32 @@ class IdleRelease:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.idle_s = idle_s
         self._clock = clock
-        self._seen: dict[str, tuple[int, float]] = {}  # layer -> (reads, since when)
-        self._logged: set[str] = set()  # layers whose release this idle spell was logged
+        # (position, name) of a layer (an image may hold one blob twice) -> (reads, since when)
+        self._seen: dict[tuple[int, str], tuple[int, float]] = {}
+        self._logged: set[tuple[int, str]] = set()  # layers logged in this idle spell
 
     def tick(self, layers: list[tuple[str, ByteSource]]) -> int:
         """Look at each layer's reads; release the idle ones. Returns the bytes dropped."""
         now = self._clock()
         released = 0
-        for name, device in layers:
+        for position, (name, device) in enumerate(layers):
+            key = (position, name)
             stages = list(iter_stages(device))
             reads = sum(stage.stats.reads for stage in stages
                         if isinstance(stage, MeteredSource))
-            seen = self._seen.get(name)
+            seen = self._seen.get(key)
             if seen is None or seen[0] != reads:
-                self._seen[name] = (reads, now)
-                self._logged.discard(name)
+                self._seen[key] = (reads, now)
+                self._logged.discard(key)
                 continue
             if now - seen[1] < self.idle_s:
                 continue
             dropped = sum(stage.release_memory() for stage in stages
                           if isinstance(stage, Releasing))
-            if dropped and name not in self._logged:
+            if dropped and key not in self._logged:
                 log.info("%s: no reads for %s: released %s of cached layer data", name,
                          format_duration(now - seen[1]), format_size(dropped))
-                self._logged.add(name)
+                self._logged.add(key)
             released += dropped
         return released
 
