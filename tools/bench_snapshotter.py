@@ -153,9 +153,11 @@ def _gzip_isize(f: Any) -> bytes:
     return data
 
 
-def index_and_push(ref: str, directory: Path) -> str:
-    """`index REF --all-layers --push`: the pull_ref (the image with its index bound)."""
+def index_and_push(ref: str, directory: Path, span: str | None = None) -> str:
+    """`index REF --all-layers --push` (with `--span SPAN`): the pull_ref (the image with its
+    index bound)."""
     proc = sh(*CLI, "index", ref, "--all-layers", "--min-layer-size", "0", "--push",
+              *(["--span", span] if span else []),
               "--insecure", "-o", str(directory), "--json", check=False)
     if proc.returncode != 0:
         raise SystemExit(f"index {ref}: {proc.stderr.strip()}")
@@ -163,7 +165,7 @@ def index_and_push(ref: str, directory: Path) -> str:
 
 
 def publish(registry: Registry, images: dict[str, RunImage], data: Path,
-            workload: tuple[str, ...]) -> dict[str, dict[str, str]]:
+            workload: tuple[str, ...], span: str | None = None) -> dict[str, dict[str, str]]:
     """Per image: `plain` = the pull_ref of the image with its index bound, `profile` = the
     pull_ref once a prefetch profile of `workload` is recorded and published with the index
     (`hybrid-erofs profile`, then `index --push` again: the profile is bound too)."""
@@ -174,7 +176,7 @@ def publish(registry: Registry, images: dict[str, RunImage], data: Path,
            image.ref(), f"docker://{ref}")
         directory = data / f"index-{name}"
         shutil.rmtree(directory, ignore_errors=True)  # profiles of another workload go too
-        plain = index_and_push(ref, directory)
+        plain = index_and_push(ref, directory, span)
         cache = data / f"profile-cache-{name}"
         shutil.rmtree(cache, ignore_errors=True)
         script = " ".join(shlex.quote(arg) for arg in workload)
@@ -185,7 +187,7 @@ def publish(registry: Registry, images: dict[str, RunImage], data: Path,
         if proc.returncode != 0:
             raise SystemExit(f"profile {ref}: {proc.stderr.strip()}")
         print(proc.stdout.strip(), file=sys.stderr)
-        refs[name] = {"plain": plain, "profile": index_and_push(ref, directory)}
+        refs[name] = {"plain": plain, "profile": index_and_push(ref, directory, span)}
         if refs[name]["profile"] == plain:
             raise SystemExit(f"{ref}: the profile did not change the bound image")
     return refs
@@ -239,6 +241,9 @@ def main() -> None:
     parser.add_argument("--images", default="small,big")
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data" / "snapshotter")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--span", metavar="SIZE",
+                        help="index the images with checkpoints SIZE apart (index --span; "
+                             "default: index's own, 4 MiB)")
     parser.add_argument("--kinds", default="hybrid-erofs,hybrid-erofs+profile,overlayfs",
                         help="what to measure, alternating: " + ", ".join(KINDS))
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="app",
@@ -260,14 +265,14 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     results: dict[str, Any] = {"images": {}, "runs": [], "workload": list(cmd),
-                               "loadavg": []}
+                               "span": args.span, "loadavg": []}
     with shaped_link():
         registry = Registry(work / "registry", address=NS_ADDR, netns=NETNS,
                             storage=data / "registry-storage")
         registry.start()
         ctrd: Containerd | None = None
         try:
-            refs = publish(registry, images, data, cmd)
+            refs = publish(registry, images, data, cmd, args.span)
             sn = SnapshotterProcess(work / "sn.sock", work / "sn-root", work / "sn.log")
             ctrd = Containerd(work / "containerd", sn.address, registry.host)
             ctrd.start()
