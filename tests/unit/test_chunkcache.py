@@ -282,7 +282,7 @@ def test_chunks_fetched_ahead_are_held_within_their_bound(open_cache: Open,
 
 
 def test_an_idle_release_drops_chunks_fetched_ahead_and_keeps_unstored_ones(
-        open_cache: Open, tmp_path: Path) -> None:
+        open_cache: Open) -> None:
     """release_memory (an idle mount) gives up the fetch buffers of chunks fetched ahead
     (a read then finds them on disk) but never chunks that could not be stored: they exist
     nowhere else."""
