@@ -105,11 +105,22 @@ class RangeGetter:
         self._lock = threading.Lock()
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._closed = False
+        # direct_for's answers per (client, scheme, host, port): httpx chose its proxies when
+        # the client was made, so they hold for the client's life (reading the environment
+        # again at every read took 60 us).
+        self._direct: dict[tuple[int, str, str, int | None], bool] = {}
 
-    @staticmethod
-    def direct_for(client: httpx.Client, url: httpx.URL) -> bool:
+    def direct_for(self, client: httpx.Client, url: httpx.URL) -> bool:
         """True when `client` would connect to `url` itself: no proxy in the environment, or
         NO_PROXY names the host (httpx's own reading of the variables decides)."""
+        key = (id(client), url.scheme, url.host, url.port)
+        found = self._direct.get(key)
+        if found is None:
+            found = self._direct[key] = self._decide(client, url)
+        return found
+
+    @staticmethod
+    def _decide(client: httpx.Client, url: httpx.URL) -> bool:
         if not urllib.request.getproxies():
             return True
         try:
