@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import random
 import shutil
@@ -30,6 +31,7 @@ from hybrid_erofs.gzindex.build import build_index
 from hybrid_erofs.gzindex.format import write_index
 from hybrid_erofs.source import ByteSource, MemorySource, check_range
 from tests.conftest import layer_tar
+from tests.doubles import CountingSource
 from tests.integration.conftest import require_fuse_and_erofs
 from tests.mounting import concat, kernel_mount, losetup_entries, walk_tree
 
@@ -280,3 +282,89 @@ def test_external_unmount_ends_the_export(tmp_path: Path) -> None:
 def test_mountpoint_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="not a directory"):
         FuseExport(MemorySource(b""), tmp_path / "missing").start()
+
+
+def _wait_for(condition: Any, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_miss_in_the_head_reads_it_ahead(layer: dict[str, Path], device_bytes: bytes,
+                                           tmp_path: Path) -> None:
+    """A block of the head (the meta image) read without readahead, as EROFS reads metadata,
+    brings the rest of the head into the page cache at once: the next blocks never reach the
+    source. Reads past the head ask for nothing more, and the export stops with the
+    read-ahead's descriptor gone (no EBUSY)."""
+    head = layer["meta"].stat().st_size
+    assert head > 4 * 4096
+    source = CountingSource(device_bytes)
+    with FuseExport(source, tmp_path, head_bytes=head) as export:
+        assert export.head is not None
+        fd = os.open(export.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead for this reader
+            assert os.pread(fd, 4096, 8192) == device_bytes[8192:12288]
+            _wait_for(lambda: any(offset <= 12288 and offset + length >= head
+                                  for length, offset in source.calls), "the head's read-ahead")
+            assert export.head.windows == 1
+            source.calls.clear()
+            for offset in range(8192, head, 4096):  # the window starts at the miss
+                assert os.pread(fd, 4096, offset) == device_bytes[offset:offset + 4096]
+            assert source.calls == []  # all of it from the page cache
+            past = head + (head % 4096 and 4096 - head % 4096) + 40960
+            assert os.pread(fd, 4096, past) == device_bytes[past:past + 4096]
+            assert source.calls == [(4096, past)]
+            assert export.head.windows == 1
+        finally:
+            os.close(fd)
+    assert not export.running
+    assert not [t for t in threading.enumerate() if t.name == "head-read-ahead"]
+
+
+@pytest.fixture(scope="module")
+def wide_device(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, int, Path]:
+    """A layer of 3,000 small files in 60 directories, as device bytes (meta || tar), the
+    meta's size, and the device file: metadata of many blocks."""
+    work = tmp_path_factory.mktemp("wide")
+    tar = work / "wide.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as archive:
+        for d in range(60):
+            info = tarfile.TarInfo(f"dir{d:02d}")
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, BUILD_TIME
+            archive.addfile(info)
+            for f in range(50):
+                data = f"{d}/{f}\n".encode() * (f % 7 + 1)
+                info = tarfile.TarInfo(f"dir{d:02d}/file-with-a-longer-name-{f:03d}")
+                info.size, info.mode, info.mtime = len(data), 0o644, BUILD_TIME
+                archive.addfile(info, io.BytesIO(data))
+    builder = MetaBuilder(build_time=BUILD_TIME)
+    builder.feed(tar.read_bytes())
+    meta = work / "wide.meta.erofs"
+    meta.write_bytes(builder.finish())
+    device = concat(meta, tar, work / "device.img")
+    return device.read_bytes(), meta.stat().st_size, device
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_a_cold_walk_of_the_kernel_mount_reads_the_head_at_once(
+        wide_device: tuple[bytes, int, Path], tmp_path: Path, head: bool) -> None:
+    """EROFS reads its metadata a block at a time: a cold walk of the tree makes a FUSE read
+    per block without the head's read-ahead and almost none with it (the oracle: the same walk
+    of the same mount without it; the tree: the device file mounted directly)."""
+    data, meta, device = wide_device
+    assert meta >= 32 * 4096
+    with kernel_mount(device, tmp_path / "reference", via="file") as mnt:
+        reference = walk_tree(mnt)
+    source = CountingSource(data)
+    (tmp_path / "fuse").mkdir()
+    with FuseExport(source, tmp_path / "fuse", head_bytes=meta if head else 0) as export, \
+            kernel_mount(export.path, tmp_path / "mnt", via="file") as mnt:
+        assert walk_tree(mnt) == reference
+        small = [(length, offset) for length, offset in source.calls
+                 if offset < meta and length <= 8192]
+    if head:
+        assert len(small) <= 8, small
+    else:
+        assert len(small) >= 16, small

@@ -143,13 +143,14 @@ def serve(layer: str, meta: Path, zinfo: Path | None, socket_path: Path | None,
     device = open_device(layer, meta=meta, zinfo=zinfo, registry=registry, store_reads=False)
     with contextlib.closing(device):
         if fuse_dir is not None:
-            _serve_fuse(device, fuse_dir, file_name=file_name, allow_other=allow_other)
+            _serve_fuse(device, fuse_dir, file_name=file_name, allow_other=allow_other,
+                        head_bytes=meta.stat().st_size)
         else:
             _serve_nbd(device, socket_path=socket_path, address=address, name=name)
 
 
 def _serve_fuse(device: ByteSource, fuse_dir: Path, *, file_name: str,
-                allow_other: bool) -> None:
+                allow_other: bool, head_bytes: int) -> None:
     from ..export.fuse import serve_fuse  # mfusepy is an optional dependency
     created = not fuse_dir.exists()
     if created:
@@ -164,7 +165,8 @@ def _serve_fuse(device: ByteSource, fuse_dir: Path, *, file_name: str,
                  f"  unmount MOUNTPOINT before stopping this server")
 
         logging.getLogger("fuse").setLevel(max(logging.getLogger().level, logging.WARNING))
-        serve_fuse(device, fuse_dir, name=file_name, ready=ready, allow_other=allow_other)
+        serve_fuse(device, fuse_dir, name=file_name, ready=ready, allow_other=allow_other,
+                   head_bytes=head_bytes)
     finally:
         if created:
             with contextlib.suppress(OSError):

@@ -34,6 +34,10 @@ CACHE_TIMEOUT_S = 86400.0
 # FUSE reads follow the bdi readahead (128 KiB by default); 1 MiB halves the per-request cost.
 DEFAULT_READ_AHEAD_KB = 1024
 MAX_THREADS = 16
+# EROFS reads its metadata (the meta image at the start of the device) one 4 KiB block at a
+# time, without readahead: each block a FUSE round trip of its own. A small read in that head
+# of the device reads this much of it ahead (HeadReadAhead).
+HEAD_READ_AHEAD = 4 << 20
 _START_TIMEOUT_S = 30.0
 _MNT_DETACH = 2
 
@@ -88,6 +92,102 @@ def load_mfusepy() -> ModuleType:
     return module
 
 
+class HeadReadAhead:
+    """Reads the head of the exported file (the meta image) ahead into the kernel's page cache
+    when the kernel misses a block of it.
+
+    EROFS reads metadata a block at a time through the page cache of the FUSE file, with no
+    readahead: a cold walk of a tree (a container's start, `find`, `tar -c`) waits for one
+    FUSE round trip per inode or directory block. `missed(offset, caller)` (called from
+    read_buf, so it never blocks) asks a thread of its own to open the exported file and
+    `posix_fadvise(WILLNEED)` the next `window` bytes of the head: the kernel sends that as
+    asynchronous readahead, served like any read (from the meta file: a splice; its requests
+    name this thread, so they are not taken for misses), and the blocks EROFS asks for next
+    are in the page cache or on their way (a block being read ahead is waited for, never read
+    twice). A miss inside the window waiting for the thread, or inside the one it is asking
+    for, asks nothing; any other miss (the pages were dropped meanwhile, or never came) asks
+    again: advice on pages the cache holds costs a lookup each. Advice only: a failure is
+    logged once (debug) and the reads go on as before.
+
+    `close()` (FuseExport.stop, before the unmount) ends the thread, after an open or advice
+    under way (a descriptor open then would keep the mount busy); a miss after it asks nothing.
+    """
+
+    def __init__(self, path: Path, head: int, *, window: int = HEAD_READ_AHEAD) -> None:
+        self.path = path
+        self.head = head
+        self._window = window
+        self._lock = threading.Condition()
+        self._wanted: tuple[int, int] | None = None  # the window the thread is to ask for
+        self._asking = (0, 0)  # the window it is asking for
+        self._closed = False
+        self._failed = False
+        self._thread: threading.Thread | None = None
+        self._tid = 0  # the thread's id: the kernel's readahead for it names it
+        self.windows = 0  # statistics: windows asked for
+
+    def missed(self, offset: int, caller: int) -> None:
+        """The kernel read `offset` of the head (it was not in its page cache) for `caller`,
+        the thread id in the request: the read-ahead's own reads are not misses."""
+        if caller == self._tid:
+            return
+        with self._lock:
+            if self._closed or any(start <= offset < end for start, end in
+                                   (self._wanted or (0, 0), self._asking)):
+                return
+            start = offset - offset % 4096
+            self._wanted = (start, min(self.head, start + self._window))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="head-read-ahead",
+                                                daemon=True)
+                self._thread.start()
+            self._lock.notify()
+
+    def _run(self) -> None:
+        self._tid = threading.get_native_id()
+        while True:
+            with self._lock:
+                while self._wanted is None and not self._closed:
+                    self._lock.wait()
+                if self._closed or self._wanted is None:
+                    return
+                start, end = self._asking = self._wanted
+                self._wanted = None
+            # Not under the lock: the open is a FUSE request that a worker thread answers, and
+            # workers call missed(). Closed at once: an open descriptor would keep the mount
+            # busy (the readahead it started goes on without it).
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+                self.windows += 1
+            except OSError as exc:
+                if not self._failed:
+                    self._failed = True
+                    log.debug("%s: no read-ahead of bytes %d-%d: %s", self.path, start, end - 1,
+                              exc)
+            with self._lock:
+                self._asking = (0, 0)
+
+    def close(self) -> None:
+        """End the thread (after an open or advice under way)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(5.0)
+
+    def reopen(self) -> None:
+        """Read ahead again after `close()` (the unmount it was closed for was refused)."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return  # close() gave up waiting for it: it ends on its own, stays closed
+            self._closed, self._thread, self._wanted = False, None, None
+
+
 class _DiskOperations:
     """mfusepy callbacks for a directory holding exactly one read-only file.
 
@@ -100,8 +200,11 @@ class _DiskOperations:
     flag_nopath = True
     flag_nullpath_ok = True
 
-    def __init__(self, source: ByteSource, name: str, initialized: threading.Event) -> None:
+    def __init__(self, source: ByteSource, name: str, initialized: threading.Event,
+                 head: HeadReadAhead | None = None) -> None:
         self._source = source
+        self._head = head
+        self._context: Callable[[], tuple[int, int, int]] | None = None
         self._size = source.size
         # isinstance against a runtime Protocol looks at every member: once, not per read.
         self._ranged = isinstance(source, FileRanged)
@@ -159,6 +262,8 @@ class _DiskOperations:
         meta file, stored layer data), else with the bytes read. libfuse frees what we
         malloc here (fuse_free_buf: the vector, and `mem` of memory buffers)."""
         length = max(0, min(size, self._size - offset))
+        if self._head is not None and offset < self._head.head and length < HEAD_READ_AHEAD:
+            self._head.missed(offset, self._caller())
         where = None
         if length and self._ranged:
             where = self._guarded(lambda: cast(FileRanged, self._source).file_range(length,
@@ -193,6 +298,12 @@ class _DiskOperations:
             buf.mem = memory
         bufpp[0] = ctypes.cast(vector, type(bufpp[0]))
         return 0
+
+    def _caller(self) -> int:
+        """The process (or thread) that made the current request."""
+        if self._context is None:
+            self._context = load_mfusepy().fuse_get_context
+        return int(self._context()[2])
 
     def _read(self, length: int, offset: int) -> bytes:
         return self._guarded(lambda: self._source.pread(length, offset), length, offset)
@@ -231,11 +342,14 @@ class FuseExport:
         name: the file's name inside the mount (default "disk.img").
         allow_other: let users other than the mounting one read the file (FUSE `allow_other`).
         read_ahead_kb: raise the mount's readahead to this (root only; None keeps the kernel's).
+        head_bytes: the file's first bytes are metadata the kernel reads a block at a time
+            (the meta image): read them ahead when it misses one (HeadReadAhead). 0: never.
     """
 
     def __init__(self, source: ByteSource, mountpoint: str | os.PathLike[str], *,
                  name: str = "disk.img", allow_other: bool = False,
-                 read_ahead_kb: int | None = DEFAULT_READ_AHEAD_KB) -> None:
+                 read_ahead_kb: int | None = DEFAULT_READ_AHEAD_KB,
+                 head_bytes: int = 0) -> None:
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"'name' must be a plain file name (got {name!r})")
         self.source = source
@@ -244,6 +358,8 @@ class FuseExport:
         self.path = self.mountpoint / name
         self._allow_other = allow_other
         self._read_ahead_kb = read_ahead_kb
+        self.head = (HeadReadAhead(self.path, min(head_bytes, source.size)) if head_bytes > 0
+                     else None)
         self._initialized = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -267,7 +383,7 @@ class FuseExport:
             raise ExportError(f"{self.mountpoint}: mountpoint is not a directory")
         mfusepy = load_mfusepy()
         fuse_class = _fuse_class(mfusepy)
-        operations = _DiskOperations(self.source, self.name, self._initialized)
+        operations = _DiskOperations(self.source, self.name, self._initialized, self.head)
         options: dict[str, Any] = {
             "foreground": True, "ro": True, "fsname": "hybrid-erofs", "subtype": "hybrid-erofs",
             "default_permissions": True, "max_threads": MAX_THREADS,
@@ -313,19 +429,8 @@ class FuseExport:
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
-    def users(self) -> list[str]:
-        """Mounts and loop devices that hold the exported file (why an unmount is EBUSY)."""
-        return file_users(self.path)
-
-    def stop(self, *, force: bool = False, timeout_s: float = 10.0) -> None:
-        """Unmount and wait for the loop to end.
-
-        Without `force`, refuses (ExportBusy) while the file is in use, so an EROFS mount on it
-        never loses its backing store. With `force`, detaches lazily: later reads through a
-        mount still on it fail with an I/O error, and the loop ends once the last user is gone.
-        """
-        if self._thread is None or not self._thread.is_alive():
-            return
+    def _unmount(self, *, force: bool) -> None:
+        """umount2 (lazily with `force`); ExportBusy while the file is in use."""
         if force:
             _unmount(self.mountpoint, lazy=True)
         else:
@@ -342,6 +447,30 @@ class FuseExport:
                             f"{self.path}: still in use ({', '.join(users) or 'open files'}); "
                             f"unmount that first") from None
                     time.sleep(0.05)
+
+    def users(self) -> list[str]:
+        """Mounts and loop devices that hold the exported file (why an unmount is EBUSY)."""
+        return file_users(self.path)
+
+    def stop(self, *, force: bool = False, timeout_s: float = 10.0) -> None:
+        """Unmount and wait for the loop to end.
+
+        Without `force`, refuses (ExportBusy) while the file is in use, so an EROFS mount on it
+        never loses its backing store. With `force`, detaches lazily: later reads through a
+        mount still on it fail with an I/O error, and the loop ends once the last user is gone.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            if self.head is not None:
+                self.head.close()
+            return
+        if self.head is not None:
+            self.head.close()  # a descriptor it has open would keep the mount busy
+        try:
+            self._unmount(force=force)
+        except ExportBusy:
+            if self.head is not None:
+                self.head.reopen()
+            raise
         if not self.wait(timeout_s) and not force:
             raise ExportError(f"{self.mountpoint}: FUSE loop still running {timeout_s:.0f}s "
                               f"after the unmount")
@@ -461,19 +590,19 @@ def _stop_requests() -> Iterator[list[int]]:
 @overload
 def serve_fuse(source: ByteSource, mountpoint: str | os.PathLike[str], *, name: str = ...,
                foreground: Literal[True] = ..., ready: Callable[[], None] | None = ...,
-               allow_other: bool = ...) -> None: ...
+               allow_other: bool = ..., head_bytes: int = ...) -> None: ...
 
 
 @overload
 def serve_fuse(source: ByteSource, mountpoint: str | os.PathLike[str], *, name: str = ...,
                foreground: Literal[False], ready: Callable[[], None] | None = ...,
-               allow_other: bool = ...) -> FuseExport: ...
+               allow_other: bool = ..., head_bytes: int = ...) -> FuseExport: ...
 
 
 def serve_fuse(source: ByteSource, mountpoint: str | os.PathLike[str], *,
                name: str = "disk.img", foreground: bool = True,
                ready: Callable[[], None] | None = None,
-               allow_other: bool = False) -> FuseExport | None:
+               allow_other: bool = False, head_bytes: int = 0) -> FuseExport | None:
     """Export `source` as `mountpoint/name`; `ready()` runs once the file can be used.
 
     foreground=True (main thread): serve until SIGTERM, SIGINT or SIGHUP, or until someone
@@ -482,7 +611,8 @@ def serve_fuse(source: ByteSource, mountpoint: str | os.PathLike[str], *,
     and returns (users then see I/O errors). foreground=False: return the running FuseExport;
     the caller stops it. The source stays owned by the caller either way.
     """
-    export = FuseExport(source, mountpoint, name=name, allow_other=allow_other)
+    export = FuseExport(source, mountpoint, name=name, allow_other=allow_other,
+                        head_bytes=head_bytes)
     if not foreground:
         export.start()
         if ready is not None:

@@ -248,7 +248,9 @@ class LayerMount:
         from ..export.fuse import FuseExport
         assert self.device is not None
         self.fuse_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.export = FuseExport(self.device, self.fuse_dir, name=DISK_NAME)
+        # The meta image is the device's head: EROFS reads it a block at a time.
+        self.export = FuseExport(self.device, self.fuse_dir, name=DISK_NAME,
+                                 head_bytes=self.meta.stat().st_size)
         self.export.start()
         disk = str(self.export.path)
         if not force_loop:
