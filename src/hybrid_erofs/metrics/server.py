@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import start_http_server
-
 from ..errors import HybridErofsError
 from .daemon import DaemonMetrics
 
@@ -24,6 +22,8 @@ class MetricsServer:
     until `close()`. `port` 0 picks a free port (see `.port`). Raises MetricsError."""
 
     def __init__(self, metrics: DaemonMetrics, host: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
         try:
             self._server, self._thread = start_http_server(port, addr=host,
                                                            registry=metrics.registry)
