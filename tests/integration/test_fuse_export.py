@@ -167,10 +167,10 @@ def test_file_has_size_and_bytes_of_device(stack: ByteSource, device_bytes: byte
 
 
 @pytest.mark.parametrize("via", ["file", "loop"])
-def test_kernel_mounts_the_fuse_file(stack: ByteSource, reference_tree: Tree, tmp_path: Path,
-                                     via: str) -> None:
+def test_kernel_mounts_the_fuse_file(stack: ByteSource, reference_tree: Tree,
+                                     layer: dict[str, Path], tmp_path: Path, via: str) -> None:
     (tmp_path / "fuse").mkdir()
-    with FuseExport(stack, tmp_path / "fuse") as export, \
+    with FuseExport(stack, tmp_path / "fuse", head_bytes=layer["meta"].stat().st_size) as export, \
             kernel_mount(export.path, tmp_path / "mnt", via=via) as mnt:
         assert walk_tree(mnt) == reference_tree
         # The EROFS mount holds the file: the export must refuse to go away under it.
@@ -178,7 +178,12 @@ def test_kernel_mounts_the_fuse_file(stack: ByteSource, reference_tree: Tree, tm
             export.stop()
         assert str(tmp_path / "mnt") in str(info.value)
         assert export.running
+        # ... and serve on, the meta read ahead again after the refused stop.
+        assert export.head is not None
+        windows = export.head.windows
+        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
         assert walk_tree(mnt) == reference_tree
+        assert export.head.windows > windows
     assert not export.running
 
 
