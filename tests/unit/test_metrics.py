@@ -193,3 +193,20 @@ def test_prometheus_client_is_imported_only_when_something_needs_it() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_registry_that_describes_its_collectors_is_accepted() -> None:
+    """A registry given by the caller may collect while registering (auto_describe): the
+    metrics' own lock is not held then (it would deadlock)."""
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    made: list[DaemonMetrics] = []
+    thread = threading.Thread(target=lambda: made.append(
+        DaemonMetrics(registry=CollectorRegistry(auto_describe=True))), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert made, "DaemonMetrics hung registering with an auto-describing registry"
+    made[0].add_layer("x", MeteredSource(MemorySource(b"ab")))
+    assert b"hybrid_erofs_read_bytes_total" in generate_latest(made[0].registry)
