@@ -208,3 +208,31 @@ def test_schemes() -> None:
     assert RegistryClient("ghcr.io/a").base_url == "https://ghcr.io"
     assert RegistryClient("alpine").base_url == "https://registry-1.docker.io"
     assert RegistryClient("reg.lan:5000/a", insecure=True).base_url == "http://reg.lan:5000"
+
+
+def test_clients_share_one_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every RegistryClient of a process uses the one TLS context (default_ssl_context):
+    making one loads no CA bundle (28 ms each, per layer a snapshotter resolves), also
+    with proxies from the environment (each proxy gets a transport of its own)."""
+    import ssl
+
+    from hybrid_erofs.oci.client import RegistryClient
+    from hybrid_erofs.oci.rangeget import default_ssl_context
+
+    shared = default_ssl_context()
+    loads: list[object] = []
+    real = ssl.SSLContext.load_verify_locations
+
+    def counting(self: ssl.SSLContext, *args: object, **kwargs: object) -> None:
+        loads.append(args)
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", counting)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    clients = [RegistryClient(f"registry.example/app/{n}:1") for n in range(3)]
+    try:
+        assert loads == []
+        assert default_ssl_context() is shared
+    finally:
+        for client in clients:
+            client.http.close()
