@@ -236,3 +236,24 @@ def test_clients_share_one_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         for client in clients:
             client.http.close()
+
+
+def test_warm_up_loads_the_http_stack_and_the_tls_context() -> None:
+    """`warm_up` (the snapshotter runs it as it starts) leaves nothing for the first client to
+    import or load: in a fresh interpreter, a client made after it imports no module."""
+    import subprocess
+    import sys
+
+    script = """if True:
+        import sys
+        from hybrid_erofs.oci.client import RegistryClient, warm_up
+        assert "httpcore" not in sys.modules
+        warm_up()
+        before = set(sys.modules)
+        RegistryClient("registry.example/app:1").http.close()
+        assert set(sys.modules) == before, sorted(set(sys.modules) - before)
+        print("ok")
+    """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -74,6 +74,7 @@ def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
     """
     from ..device import RegistryOptions
     from ..metrics.server import MetricsServer
+    from ..oci.client import warm_up
     from ..snapshotter.hosts import HostsConfig
     from ..snapshotter.metrics import SnapshotterMetrics
     from ..snapshotter.remote import LazyLayers, TrustPolicy
@@ -109,6 +110,8 @@ def snapshotter_command(address: Path, root: Path, accept_unbound_indexes: bool,
         # Serving first: containerd's calls must not wait for layers to be mounted again
         # (a Prepare or Mounts that needs one mounts it itself).
         threading.Thread(target=restore, name="restore", daemon=True).start()
+        if remote is not None:  # the first pull after a start need not load the HTTP stack
+            threading.Thread(target=warm_up, name="registry-warm-up", daemon=True).start()
 
     try:
         serve(snapshotter, address, ready=restore_in_background)
