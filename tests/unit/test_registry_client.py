@@ -257,3 +257,15 @@ def test_warm_up_loads_the_http_stack_and_the_tls_context() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_warm_up_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It runs in a thread of its own: a failure (a CA file it cannot read) is left for the
+    first client to report, never a traceback."""
+    from hybrid_erofs.oci import client as module
+
+    def broken() -> None:
+        raise OSError("no CA bundle")
+
+    monkeypatch.setattr(module, "default_ssl_context", broken)
+    module.warm_up()

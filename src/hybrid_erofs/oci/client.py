@@ -212,10 +212,14 @@ def warm_up() -> None:
     """Do now what a process's first registry request would wait for: import httpcore
     (httpx imports it when its first client is made: 20-100 ms) and build the shared TLS
     context (about 28 ms). A long-running daemon calls it in a thread as it starts, so the
-    first pull after a start (a node's boot) does not pay for it."""
-    import httpcore  # noqa: F401  (its import is the point)
+    first pull after a start (a node's boot) does not pay for it. Never raises: what fails
+    here fails again, reported, when a client is made."""
+    try:
+        import httpcore  # noqa: F401  (its import is the point)
 
-    default_ssl_context()
+        default_ssl_context()
+    except Exception as exc:
+        log.debug("registry warm-up: %s", exc)
 
 
 class RegistryClient:
