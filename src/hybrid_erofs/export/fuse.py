@@ -204,7 +204,8 @@ class _DiskOperations:
                  head: HeadReadAhead | None = None) -> None:
         self._source = source
         self._head = head
-        self._context: Callable[[], tuple[int, int, int]] | None = None
+        # Who made a request (the head's own readahead is not a miss); mfusepy is loaded.
+        self._context = load_mfusepy().fuse_get_context if head is not None else None
         self._size = source.size
         # isinstance against a runtime Protocol looks at every member: once, not per read.
         self._ranged = isinstance(source, FileRanged)
@@ -263,7 +264,8 @@ class _DiskOperations:
         malloc here (fuse_free_buf: the vector, and `mem` of memory buffers)."""
         length = max(0, min(size, self._size - offset))
         if self._head is not None and offset < self._head.head and length < HEAD_READ_AHEAD:
-            self._head.missed(offset, self._caller())
+            assert self._context is not None
+            self._head.missed(offset, int(self._context()[2]))
         where = None
         if length and self._ranged:
             where = self._guarded(lambda: cast(FileRanged, self._source).file_range(length,
@@ -298,12 +300,6 @@ class _DiskOperations:
             buf.mem = memory
         bufpp[0] = ctypes.cast(vector, type(bufpp[0]))
         return 0
-
-    def _caller(self) -> int:
-        """The process (or thread) that made the current request."""
-        if self._context is None:
-            self._context = load_mfusepy().fuse_get_context
-        return int(self._context()[2])
 
     def _read(self, length: int, offset: int) -> bytes:
         return self._guarded(lambda: self._source.pread(length, offset), length, offset)
@@ -459,12 +455,10 @@ class FuseExport:
         never loses its backing store. With `force`, detaches lazily: later reads through a
         mount still on it fail with an I/O error, and the loop ends once the last user is gone.
         """
-        if self._thread is None or not self._thread.is_alive():
-            if self.head is not None:
-                self.head.close()
-            return
         if self.head is not None:
             self.head.close()  # a descriptor it has open would keep the mount busy
+        if self._thread is None or not self._thread.is_alive():
+            return
         try:
             self._unmount(force=force)
         except ExportBusy:
