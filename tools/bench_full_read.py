@@ -9,6 +9,8 @@ Methods, in a rotating order each round:
                    mount's FUSE file, page cache dropped and then the whole FUSE file read
                    once (its pages cached, the daemon idle), the tar read of that mount: the
                    least a cold read through EROFS over FUSE can take, whatever the daemon does
+                   (not in the default methods: run it on its own, as on a 2-vCPU VM the
+                   methods run after it in the same run were 10-40 % slower)
   disk-cold        the tar read of an extracted copy on local disk, page cache dropped
   mount-file-cold  `hybrid-erofs mount` of the local .tar.gz, page cache dropped, tar read
   mount-cold       `hybrid-erofs mount` from a loopback registry (Debian's docker-registry),
@@ -285,7 +287,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True,
                         help="scratch directory (extracted copies, registry storage, caches)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--methods", default="tar-xzf,floor-tmpfs,floor-inflate,floor-erofs,disk-cold,"
+    parser.add_argument("--methods", default="tar-xzf,floor-tmpfs,floor-inflate,disk-cold,"
                         "mount-file-cold,mount-cold,mount-local,remount-local")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument("--baseline", type=Path,
