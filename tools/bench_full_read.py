@@ -177,8 +177,10 @@ class Bench:
         second.mkdir(exist_ok=True)
         try:
             daemon = self._daemon()
-            device = next(line.split()[0] for line in Path("/proc/mounts").read_text()
-                          .splitlines() if line.split()[1] == str(self.mnt))
+            device = next((line.split()[0] for line in Path("/proc/mounts").read_text()
+                           .splitlines() if line.split()[1] == str(self.mnt)), None)
+            if device is None:  # (a path /proc/mounts escapes, e.g. with a space)
+                raise RuntimeError(f"{self.mnt}: the mount's FUSE file not found in /proc/mounts")
             drop_caches()
             subprocess.run(["cat", device], stdout=subprocess.DEVNULL, check=True)
             subprocess.run(["mount", "-t", "erofs", "-o", "ro", device, str(second)],
